@@ -1,0 +1,235 @@
+"""CapsNetEMModel: the network, spread loss, optimiser and summaries of the EM-routing paper.
+
+Hinton, Sabour, Frosst, *Matrix Capsules with EM Routing*, ICLR 2018, section 3 (architecture,
+figure 1) and section 4 (spread loss, eq. 3). Graph assembly only: hyperparameters come in as a
+plain `HParams` object, flags are read in main.py alone.
+
+Network (paper MNIST config, A=B=C=D=32, batch N):
+  images            [N, 28, 28, 1]
+  relu_conv1        [N, 12, 12, A]      5x5 conv, stride 2, ReLU
+  primary_caps      [N, 12, 12, B, 4, 4] + activations [N, 12, 12, B]
+  conv_caps1        [N, 5, 5, C, 4, 4]   K=3, stride 2
+  conv_caps2        [N, 3, 3, D, 4, 4]   K=3, stride 1
+  class_caps        [N, 10, 4, 4] + activations [N, 10] (coordinate addition)
+"""
+
+import collections
+import dataclasses
+import math
+
+import tensorflow.compat.v1 as tf
+
+import capsule_layers as cl
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    """Every architecture, routing and optimisation setting of a run."""
+
+    # Architecture (paper section 3: A, B, C, D and kernel sizes).
+    conv1_filters: int = 32  # A
+    conv1_kernel: int = 5
+    conv1_stride: int = 2
+    primary_types: int = 32  # B
+    primary_kernel: int = 1
+    conv_caps1_types: int = 32  # C
+    conv_caps1_kernel: int = 3
+    conv_caps1_stride: int = 2
+    conv_caps2_types: int = 32  # D
+    conv_caps2_kernel: int = 3
+    conv_caps2_stride: int = 1
+    padding: str = "VALID"
+    num_classes: int = 10
+    image_size: int = 28
+    image_channels: int = 1
+    # Routing (paper Procedure 1; lambda schedule of the official code).
+    iterations: int = 3
+    final_lambda: float = 0.01
+    class_final_lambda: float = 0.01
+    weight_stddev: float = 0.5  # conv-capsule transformation matrices ~ N(0, stddev^2)
+    class_weight_stddev: float = 0.5
+    beta_v_init: float = 0.0
+    beta_a_init: float = 0.0
+    class_beta_v_init: float = 0.0
+    class_beta_a_init: float = 0.0
+    # Spread loss margin (paper section 4: m rises from 0.2 to 0.9 during training).
+    margin_schedule: str = "sigmoid"  # 'sigmoid' (official code) or 'linear'
+    margin_ramp_steps: int = 400000  # 'sigmoid': 0.2 + 0.79 sigmoid(min(10, 8 step / ramp - 4))
+    # Optimisation (official code: Adam, lr decay 0.96 every 20k steps, weight decay 2e-7).
+    learning_rate: float = 3e-3
+    lr_decay_rate: float = 0.96
+    lr_decay_steps: int = 20000
+    weight_decay: float = 2e-7
+
+
+PRESETS = {
+    # The paper's MNIST network (310K parameters in the paper).
+    "paper": HParams(),
+    # The paper's small network of section 5 (68K parameters): A=64, B=8, C=D=16.
+    "small": HParams(conv1_filters=64, primary_types=8, conv_caps1_types=16, conv_caps2_types=16, iterations=2),
+}
+
+# Spread-loss margin end points (paper section 4) and the official code's sigmoid ramp.
+MARGIN_START = 0.2
+MARGIN_END = 0.9
+_SIGMOID_MARGIN_RANGE = 0.79  # official: 0.2 + 0.79 * sigmoid(...), tends to 0.99
+_SIGMOID_ARG_START = -4.0  # official: sigmoid(step / 50000 - 4)
+_SIGMOID_ARG_MAX = 10.0  # official: min(10, ...)
+_SIGMOID_ARG_SPAN = 8.0  # ramp_steps = 400000 reproduces step / 50000: 400000 / 8 = 50000
+
+Inference = collections.namedtuple("Inference", ["activations", "poses", "predictions", "end_points"])
+Loss = collections.namedtuple("Loss", ["total", "spread", "weight_decay", "margin"])
+TrainGraph = collections.namedtuple(
+    "TrainGraph", ["train_op", "loss", "accuracy", "predictions", "margin", "learning_rate", "global_step",
+                   "summary_op", "inference"]
+)
+
+
+def hparams_for(preset, **overrides):
+    """The named preset with `overrides` applied (`ValueError` for an unknown preset or field)."""
+    if preset not in PRESETS:
+        raise ValueError("unknown preset %r (choose from %s)" % (preset, ", ".join(sorted(PRESETS))))
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def margin_schedule(step, hparams):
+    """Spread-loss margin m at `step` (a tensor or a number).
+
+    'sigmoid': 0.2 + 0.79 * sigmoid(min(10, 8 * step / ramp - 4)), the official code's schedule
+    with its 50000 written as ramp / 8 (ramp = 400000 gives it exactly).
+    'linear': 0.2 + (0.9 - 0.2) * min(1, step / ramp).
+    """
+    step = tf.cast(step, tf.float32)
+    ramp = float(hparams.margin_ramp_steps)
+    if hparams.margin_schedule == "sigmoid":
+        arg = tf.minimum(_SIGMOID_ARG_MAX, _SIGMOID_ARG_SPAN * step / ramp + _SIGMOID_ARG_START)
+        return MARGIN_START + _SIGMOID_MARGIN_RANGE * tf.sigmoid(arg)
+    if hparams.margin_schedule == "linear":
+        return MARGIN_START + (MARGIN_END - MARGIN_START) * tf.minimum(1.0, step / ramp)
+    raise ValueError("margin_schedule must be 'sigmoid' or 'linear', got %r" % hparams.margin_schedule)
+
+
+def spread_loss(activations, labels, margin):
+    """Spread loss (paper eq. 3): L = sum_{i != t} max(0, m - (a_t - a_i))^2, averaged over the batch.
+
+    Args:
+      activations: class activations `[N, C]`.
+      labels: int `[N]`.
+      margin: scalar m.
+
+    Returns:
+      scalar loss.
+    """
+    with tf.name_scope("spread_loss"):
+        num_classes = activations.shape[-1]
+        target = tf.one_hot(labels, num_classes, dtype=activations.dtype)  # [N, C]
+        a_t = tf.reduce_sum(activations * target, axis=1, keepdims=True)  # [N, 1]
+        gaps = tf.square(tf.nn.relu(margin - (a_t - activations))) * (1.0 - target)  # [N, C], 0 at i = t
+        return tf.reduce_mean(tf.reduce_sum(gaps, axis=1))
+
+
+class CapsNetEMModel:
+    """The paper's network: relu_conv1 -> primary_caps -> conv_caps1 -> conv_caps2 -> class_caps."""
+
+    def __init__(self, hparams):
+        self.hparams = hparams
+
+    def inference(self, images):
+        """Forward pass.
+
+        Args:
+          images: `[N, 28, 28, 1]` in [0, 1].
+
+        Returns:
+          `Inference`: class activations `[N, C]`, class poses `[N, C, 4, 4]`, predictions `[N]` and
+          end_points (per-layer activations and the layers themselves).
+        """
+        hp = self.hparams
+        conv_init = lambda stddev: tf.random_normal_initializer(stddev=stddev)  # noqa: E731
+        with tf.variable_scope("relu_conv1"):
+            kernel = tf.get_variable("kernel", [hp.conv1_kernel, hp.conv1_kernel, hp.image_channels, hp.conv1_filters],
+                                     initializer=tf.glorot_uniform_initializer())
+            bias = tf.get_variable("bias", [hp.conv1_filters], initializer=tf.zeros_initializer())
+            strides = [1, hp.conv1_stride, hp.conv1_stride, 1]
+            features = tf.nn.relu(tf.nn.conv2d(images, kernel, strides, hp.padding) + bias)  # [N, 12, 12, A]
+        primary = cl.PrimaryCaps(hp.primary_types, hp.primary_kernel, padding=hp.padding)
+        poses, activations = primary(features)  # [N, 12, 12, B, 4, 4], [N, 12, 12, B]
+        end_points = {"relu_conv1": features, "primary_caps": activations}
+        layers = [primary]
+        for name, types, kernel_size, stride in (
+            ("conv_caps1", hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
+            ("conv_caps2", hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride),
+        ):
+            layer = cl.ConvCaps(
+                types, kernel_size, stride, hp.padding, hp.iterations, hp.final_lambda,
+                weights_initializer=conv_init(hp.weight_stddev),
+                beta_v_initializer=tf.constant_initializer(hp.beta_v_init),
+                beta_a_initializer=tf.constant_initializer(hp.beta_a_init), name=name,
+            )
+            poses, activations = layer(poses, activations)
+            end_points[name] = activations
+            layers.append(layer)
+        class_layer = cl.ClassCaps(
+            hp.num_classes, hp.iterations, hp.class_final_lambda, coordinate_addition=True,
+            weights_initializer=conv_init(hp.class_weight_stddev),
+            beta_v_initializer=tf.constant_initializer(hp.class_beta_v_init),
+            beta_a_initializer=tf.constant_initializer(hp.class_beta_a_init), name="class_caps",
+        )
+        class_poses, class_activations = class_layer(poses, activations)  # [N, C, 4, 4], [N, C]
+        end_points["class_caps"] = class_activations
+        end_points["layers"] = layers + [class_layer]
+        predictions = tf.argmax(class_activations, axis=1)  # [N]
+        return Inference(class_activations, class_poses, predictions, end_points)
+
+    def loss(self, activations, labels, global_step):
+        """Spread loss with the margin schedule, plus weight decay on every weight matrix/kernel."""
+        hp = self.hparams
+        margin = margin_schedule(global_step, hp)
+        spread = spread_loss(activations, labels, margin)
+        weights = [v for v in tf.trainable_variables() if "beta" not in v.op.name and "bias" not in v.op.name]
+        decay = hp.weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in weights])
+        return Loss(spread + decay, spread, decay, margin)
+
+    def train(self, images, labels):
+        """Builds the training graph: inference, loss, Adam with exponential lr decay, summaries.
+
+        Every gradient passes a finite check before any variable is updated: a non-finite loss or
+        gradient fails the step with an error naming the tensor, and no variable changes.
+
+        Returns:
+          `TrainGraph`.
+        """
+        hp = self.hparams
+        global_step = tf.train.get_or_create_global_step()
+        inference = self.inference(images)
+        loss = self.loss(inference.activations, labels, global_step)
+        learning_rate = tf.train.exponential_decay(hp.learning_rate, global_step, hp.lr_decay_steps,
+                                                   hp.lr_decay_rate)
+        optimizer = tf.train.AdamOptimizer(learning_rate)
+        grads_and_vars = optimizer.compute_gradients(loss.total)
+        checks = [tf.debugging.check_numerics(loss.total, "loss")]
+        checks += [tf.debugging.check_numerics(g, "gradient of %s" % v.op.name) for g, v in grads_and_vars]
+        with tf.control_dependencies(checks):  # all checks pass before any update
+            grads_and_vars = [(tf.identity(g), v) for g, v in grads_and_vars]
+        train_op = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(inference.predictions, labels), tf.float32))
+        summary_op = self._summaries(loss, accuracy, learning_rate, inference.end_points)
+        return TrainGraph(train_op, loss.total, accuracy, inference.predictions, loss.margin, learning_rate,
+                          global_step, summary_op, inference)
+
+    @staticmethod
+    def _summaries(loss, accuracy, learning_rate, end_points):
+        scalars = [
+            tf.summary.scalar("loss/total", loss.total), tf.summary.scalar("loss/spread", loss.spread),
+            tf.summary.scalar("loss/margin", loss.margin), tf.summary.scalar("accuracy/train_batch", accuracy),
+            tf.summary.scalar("learning_rate", learning_rate),
+        ]
+        for name in ("primary_caps", "conv_caps1", "conv_caps2", "class_caps"):
+            scalars.append(tf.summary.scalar("mean_activation/" + name, tf.reduce_mean(end_points[name])))
+        histograms = [tf.summary.histogram(v.op.name, v) for v in tf.trainable_variables() if "beta" in v.op.name]
+        return tf.summary.merge(scalars + histograms)
+
+
+def count_parameters(variables):
+    """Total number of scalars in `variables`."""
+    return sum(int(math.prod(v.shape.as_list())) for v in variables)
