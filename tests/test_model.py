@@ -1,0 +1,197 @@
+"""Tests for model.py: network shapes, parameter counts, spread loss, margin schedule, training step.
+
+Hinton, Sabour, Frosst, *Matrix Capsules with EM Routing*, ICLR 2018: section 3 (architecture),
+section 4 (spread loss, eq. 3, and the margin rising from 0.2 to 0.9).
+"""
+
+import math
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+from absl.testing import parameterized
+
+import model as capsnet
+
+_BATCH = 2  # images per forward pass; small enough for the paper network on two cores
+_IMAGE_SHAPE = [28, 28, 1]
+_POSE = 4 * 4  # entries of a 4x4 pose matrix
+# Trainable parameters stated in model.py's PRESETS comments and main.py's start-up line.
+_DOCUMENTED_PARAMETERS = {"paper": 318964, "small": 68444}
+_SCOPES = ("relu_conv1", "primary_caps", "conv_caps1", "conv_caps2", "class_caps")
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _expected_parameters(hp):
+    """Trainable scalars of the network, counted by hand from the architecture (paper section 3)."""
+    a, b, c, d = hp.conv1_filters, hp.primary_types, hp.conv_caps1_types, hp.conv_caps2_types
+    k1, kp, kc1, kc2 = hp.conv1_kernel, hp.primary_kernel, hp.conv_caps1_kernel, hp.conv_caps2_kernel
+    conv1 = k1 * k1 * hp.image_channels * a + a  # kernel + bias
+    primary = kp * kp * a * b * _POSE + b * _POSE + kp * kp * a * b + b  # pose kernel/bias, activation kernel/bias
+    conv_caps1 = kc1 * kc1 * b * c * _POSE + 2 * c  # W [K, K, I, O, 4, 4] + beta_v, beta_a [O]
+    conv_caps2 = kc2 * kc2 * c * d * _POSE + 2 * d
+    class_caps = d * hp.num_classes * _POSE + 2 * hp.num_classes  # W [I, C, 4, 4] + beta_v, beta_a [C]
+    return conv1 + primary + conv_caps1 + conv_caps2 + class_caps
+
+
+class ArchitectureTest(tf.test.TestCase, parameterized.TestCase):
+
+    @parameterized.parameters("paper", "small")
+    def test_output_shapes(self, preset):
+        """Both presets build on a placeholder batch: activations [N, 10], poses [N, 10, 4, 4], predictions [N]."""
+        with tf.Graph().as_default():
+            images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
+            inference = capsnet.CapsNetEMModel(capsnet.hparams_for(preset)).inference(images)
+            self.assertEqual(inference.activations.shape.as_list(), [None, 10])
+            self.assertEqual(inference.poses.shape.as_list(), [None, 10, 4, 4])
+            self.assertEqual(inference.predictions.shape.as_list(), [None])
+            with self.session() as sess:
+                sess.run(tf.global_variables_initializer())
+                batch = np.random.RandomState(0).uniform(size=[_BATCH] + _IMAGE_SHAPE)
+                activations, poses = sess.run([inference.activations, inference.poses], {images: batch})
+        self.assertEqual(activations.shape, (_BATCH, 10))
+        self.assertEqual(poses.shape, (_BATCH, 10, 4, 4))
+        self.assertTrue(np.all(np.isfinite(activations)) and np.all(np.isfinite(poses)))
+
+    @parameterized.parameters("paper", "small")
+    def test_parameter_count(self, preset):
+        """Trainable parameters equal the hand count from the architecture and the documented total,
+        and live under the paper's layer scopes."""
+        hparams = capsnet.hparams_for(preset)
+        self.assertEqual(_expected_parameters(hparams), _DOCUMENTED_PARAMETERS[preset])
+        with tf.Graph().as_default():
+            images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
+            capsnet.CapsNetEMModel(hparams).inference(images)
+            variables = tf.trainable_variables()
+            self.assertEqual(capsnet.count_parameters(variables), _DOCUMENTED_PARAMETERS[preset])
+            self.assertEqual({v.op.name.split("/")[0] for v in variables}, set(_SCOPES))
+
+
+class SpreadLossTest(tf.test.TestCase):
+
+    def test_hand_computed(self):
+        """Paper eq. 3 on two examples, margin 0.5.
+
+        Example 0, target 0 (a_t = 0.9): class 1 max(0, 0.5 - 0.7)^2 = 0, class 2 max(0, 0.5 - 0.4)^2 = 0.01.
+        Example 1, target 1 (a_t = 0.8): class 0 max(0, 0.5 - 0.7)^2 = 0, class 2 max(0, 0.5 - 0.05)^2 = 0.2025.
+        Batch mean: (0.01 + 0.2025) / 2 = 0.10625.
+        """
+        activations = tf.constant([[0.9, 0.2, 0.5], [0.1, 0.8, 0.75]], tf.float64)
+        loss = capsnet.spread_loss(activations, tf.constant([0, 1]), 0.5)
+        self.assertAllClose(self.evaluate(loss), 0.10625)
+
+    def test_wrong_prediction(self):
+        """Target below another class: (0.2 - (0.2 - 0.9))^2 = 0.81."""
+        loss = capsnet.spread_loss(tf.constant([[0.2, 0.9]], tf.float64), tf.constant([0]), 0.2)
+        self.assertAllClose(self.evaluate(loss), 0.81)
+
+    def test_zero_when_gaps_exceed_margin(self):
+        """Every a_t - a_i (0.7 and 0.4; 0.7 and 0.05 + 0.65) larger than m = 0.3 gives loss 0."""
+        activations = tf.constant([[0.9, 0.2, 0.5], [0.1, 0.8, 0.1]], tf.float64)
+        loss = capsnet.spread_loss(activations, tf.constant([0, 1]), 0.3)
+        self.assertAllEqual(self.evaluate(loss), 0.0)
+
+
+class MarginScheduleTest(tf.test.TestCase):
+
+    def _margins(self, steps, **overrides):
+        """The margin at each of `steps` for the paper preset with `overrides`."""
+        with tf.Graph().as_default():
+            step = tf.placeholder(tf.int64, [None])
+            margin = capsnet.margin_schedule(step, capsnet.hparams_for("paper", **overrides))
+            with self.session() as sess:
+                return sess.run(margin, {step: steps})
+
+    def test_sigmoid_end_points(self):
+        """Sigmoid: 0.2 + 0.79 sigmoid(-4) at step 0, 0.2 + 0.79 sigmoid(4) at the ramp's end, and
+        0.2 + 0.79 sigmoid(10) (the cap) far beyond it."""
+        ramp = 1000
+        margins = self._margins([0, ramp, 10 ** 9], margin_schedule="sigmoid", margin_ramp_steps=ramp)
+        expected = [0.2 + 0.79 * _sigmoid(-4), 0.2 + 0.79 * _sigmoid(4), 0.2 + 0.79 * _sigmoid(10)]
+        self.assertAllClose(margins, expected, rtol=0, atol=1e-6)
+
+    def test_sigmoid_matches_official_formula(self):
+        """With ramp 400000 the margin is the official 0.2 + 0.79 sigmoid(min(10, step / 50000 - 4))."""
+        steps = [0, 25000, 50000, 123456, 200000, 400000, 700000, 2000000]
+        margins = self._margins(steps, margin_schedule="sigmoid", margin_ramp_steps=400000)
+        expected = [0.2 + 0.79 * _sigmoid(min(10.0, s / 50000.0 - 4.0)) for s in steps]
+        self.assertAllClose(margins, expected, rtol=0, atol=1e-6)
+
+    def test_linear(self):
+        """Linear: 0.2 at step 0, 0.55 halfway, 0.9 at the ramp's end and after it."""
+        ramp = 1000
+        margins = self._margins([0, ramp // 2, ramp, 5 * ramp], margin_schedule="linear", margin_ramp_steps=ramp)
+        self.assertAllClose(margins, [0.2, 0.55, 0.9, 0.9], rtol=0, atol=1e-6)
+
+    def test_unknown_schedule(self):
+        """A schedule other than sigmoid/linear is a ValueError."""
+        with self.assertRaises(ValueError):
+            capsnet.margin_schedule(tf.constant(0), capsnet.hparams_for("small", margin_schedule="cosine"))
+
+
+class HParamsTest(tf.test.TestCase):
+
+    def test_unknown_preset(self):
+        """An unknown preset name is a ValueError."""
+        with self.assertRaises(ValueError):
+            capsnet.hparams_for("big")
+
+    def test_overrides(self):
+        """Overrides replace exactly the named fields; the preset itself stays as it was."""
+        hparams = capsnet.hparams_for("small", iterations=3, padding="SAME", learning_rate=1e-4)
+        self.assertEqual((hparams.iterations, hparams.padding, hparams.learning_rate), (3, "SAME", 1e-4))
+        self.assertEqual(hparams.conv1_filters, capsnet.PRESETS["small"].conv1_filters)
+        self.assertEqual(capsnet.hparams_for("small"), capsnet.PRESETS["small"])
+        self.assertEqual(capsnet.PRESETS["small"].iterations, 2)
+
+
+class TrainStepTest(tf.test.TestCase):
+
+    def _build(self):
+        """Small-preset training graph on placeholders; returns (images, labels, TrainGraph)."""
+        tf.set_random_seed(1)
+        images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
+        labels = tf.placeholder(tf.int64, [None])
+        graph = capsnet.CapsNetEMModel(capsnet.hparams_for("small")).train(images, labels)
+        return images, labels, graph
+
+    def test_step_updates_every_variable(self):
+        """One step on random data gives a finite loss, increments the global step and changes every
+        trainable variable."""
+        random = np.random.RandomState(0)
+        feed_images = random.uniform(size=[4] + _IMAGE_SHAPE)
+        feed_labels = np.array([0, 3, 7, 9])
+        with tf.Graph().as_default():
+            images, labels, graph = self._build()
+            variables = tf.trainable_variables()
+            with self.session() as sess:
+                sess.run(tf.global_variables_initializer())
+                before = sess.run(variables)
+                _, loss = sess.run([graph.train_op, graph.loss], {images: feed_images, labels: feed_labels})
+                after = sess.run(variables)
+                self.assertEqual(sess.run(graph.global_step), 1)
+        self.assertTrue(np.isfinite(loss))
+        unchanged = [v.op.name for v, b, a in zip(variables, before, after) if np.array_equal(b, a)]
+        self.assertEqual(unchanged, [])
+
+    def test_non_finite_loss_updates_nothing(self):
+        """NaN images make the step fail with InvalidArgumentError, and no variable (weights, Adam slots,
+        global step) changes."""
+        feed_images = np.full([2] + _IMAGE_SHAPE, np.nan, np.float32)
+        with tf.Graph().as_default():
+            images, labels, graph = self._build()
+            variables = tf.global_variables()
+            with self.session() as sess:
+                sess.run(tf.global_variables_initializer())
+                before = sess.run(variables)
+                with self.assertRaises(tf.errors.InvalidArgumentError):
+                    sess.run(graph.train_op, {images: feed_images, labels: [1, 2]})
+                after = sess.run(variables)
+        for variable, old, new in zip(variables, before, after):
+            np.testing.assert_array_equal(old, new, err_msg=variable.op.name)
+
+
+if __name__ == "__main__":
+    tf.test.main()
