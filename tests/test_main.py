@@ -1,0 +1,151 @@
+"""End-to-end tests of the main.py command line: train, write the run directory, test.
+
+Every test runs `python main.py ...` in a subprocess on tiny generated IDX data (96 training and 40
+test images), except the smoke run on the real MNIST files in $MNIST_DIR (default
+<repo>/../shared/data/mnist), which is skipped only when that directory does not exist. No test
+reaches the network: the subprocesses get a proxy on a closed local port, so a download attempt
+fails at once.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow.compat.v1 as tf
+
+import utils
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(REPO_ROOT, "main.py")
+MNIST_DIR = os.environ.get("MNIST_DIR", os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
+TINY_TRAIN_IMAGES = 96
+TINY_TEST_IMAGES = 40  # fewer than the evaluation batch of 100: the remainder must not be dropped
+# The fast configuration of every training run here: 80 training images -> 10 steps per epoch.
+SMALL_RUN = ["--preset", "small", "--batch_size", "8", "--validation_size", "16"]
+_CLOSED_PORT_PROXY = "http://127.0.0.1:9"  # port 9 (discard) is closed: any download fails offline
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_SUBPROCESS_TIMEOUT_S = 600
+
+
+def main_env():
+    """The environment of a main.py subprocess: unbuffered output, every download sent to a closed port."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env[name] = _CLOSED_PORT_PROXY
+    for name in ("no_proxy", "NO_PROXY"):
+        env.pop(name, None)
+    return env
+
+
+def run_main(args, cwd):
+    """Runs `python main.py ARGS` in `cwd` to the end; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, MAIN] + [str(a) for a in args], cwd=str(cwd), env=main_env(),
+                          capture_output=True, text=True, timeout=_SUBPROCESS_TIMEOUT_S)
+
+
+def start_main(args, cwd, stdout, stderr):
+    """Starts `python main.py ARGS` in `cwd` with output going to the open files `stdout`, `stderr`."""
+    return subprocess.Popen([sys.executable, MAIN] + [str(a) for a in args], cwd=str(cwd), env=main_env(),
+                            stdout=stdout, stderr=stderr, text=True)
+
+
+def write_tiny_mnist(data_dir, train=TINY_TRAIN_IMAGES, test=TINY_TEST_IMAGES, seed=0):
+    """Writes the four MNIST .gz files with random 28x28 images and labels cycling through 0..9."""
+    os.makedirs(data_dir, exist_ok=True)
+    random = np.random.RandomState(seed)
+    for split, count in (("train", train), ("test", test)):
+        prefix = "train" if split == "train" else "t10k"
+        images = random.randint(0, 256, size=(count, 28, 28)).astype(np.uint8)
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        utils.write_idx(os.path.join(data_dir, prefix + "-images-idx3-ubyte.gz"), images)
+        utils.write_idx(os.path.join(data_dir, prefix + "-labels-idx1-ubyte.gz"), labels)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def assert_png(path):
+    with open(path, "rb") as f:
+        assert f.read(len(_PNG_MAGIC)) == _PNG_MAGIC, path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Trains 2 steps with `--test False` on tiny data; returns (workspace, run dir, CompletedProcess)."""
+    workspace = tmp_path_factory.mktemp("tiny")
+    data_dir = str(workspace / "data")
+    write_tiny_mnist(data_dir)
+    result = run_main(["--test", "False", "--data_dir", data_dir, "--result_dir", "run", "--max_steps", "2"]
+                      + SMALL_RUN, cwd=workspace)
+    return workspace, str(workspace / "run"), result
+
+
+def test_train_writes_run_directory(tiny_run):
+    """`--test False` trains: 2 steps write flags.json (resolved flags and hparams), a checkpoint of step 2
+    with its 'checkpoint' index, history.json with the step-2 validation; stdout names the steps."""
+    workspace, run_dir, result = tiny_run
+    assert result.returncode == 0, result.stderr
+    assert "training into run at step 0 of 2" in result.stdout
+    assert "finished at step 2" in result.stdout
+    saved = read_json(os.path.join(run_dir, "flags.json"))
+    flags = saved["flags"]
+    expected = {"preset": "small", "batch_size": 8, "validation_size": 16, "max_steps": 2, "result_dir": "run",
+                "data_dir": str(workspace / "data"), "test": "False", "seed": 1, "padding": None}
+    assert {name: flags.get(name) for name in expected} == expected
+    assert saved["hparams"]["conv1_filters"] == 64 and saved["hparams"]["iterations"] == 2
+    assert saved["hparams"]["padding"] == "VALID"
+    assert os.path.isfile(os.path.join(run_dir, "checkpoint"))
+    assert os.path.isfile(os.path.join(run_dir, "model.ckpt-2.index"))
+    assert tf.train.latest_checkpoint(run_dir) == os.path.join(run_dir, "model.ckpt-2")
+    history = read_json(os.path.join(run_dir, "history.json"))
+    assert history["val_step"] == [2] and len(history["val_accuracy"]) == 1
+
+
+def test_test_mode_writes_results(tiny_run):
+    """`--test True --result_dir DIR` evaluates every one of the 40 test images (no remainder dropped with
+    evaluation batches of 100) and writes test_results.json and the confusion-matrix picture."""
+    workspace, run_dir, _ = tiny_run
+    result = run_main(["--test", "True", "--result_dir", "run"], cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout and "on %d images" % TINY_TEST_IMAGES in result.stdout
+    results = read_json(os.path.join(run_dir, "test_results.json"))
+    assert {"accuracy", "error", "n", "per_class", "checkpoint", "global_step"} <= set(results)
+    assert results["n"] == TINY_TEST_IMAGES
+    assert results["global_step"] == 2
+    assert results["checkpoint"].endswith("model.ckpt-2")
+    assert len(results["per_class"]) == 10
+    matrix = np.array(results["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == TINY_TEST_IMAGES
+    assert results["accuracy"] == pytest.approx(np.trace(matrix) / TINY_TEST_IMAGES)
+    assert results["error"] == pytest.approx(1.0 - results["accuracy"])
+    assert_png(os.path.join(run_dir, "confusion_matrix.png"))
+
+
+def test_test_flag_any_case(tiny_run):
+    """`--test TRUE` means test, as `--test True` does."""
+    workspace, _, _ = tiny_run
+    result = run_main(["--test", "TRUE", "--result_dir", "run"], cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout and "(step 2)" in result.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason="MNIST directory %s not found" % MNIST_DIR)
+def test_real_mnist_smoke(tmp_path):
+    """On the real MNIST files: 3 training steps validate on 100 held-out images, then `--test True`
+    evaluates all 10,000 test images."""
+    train = run_main(["--preset", "small", "--max_steps", "3", "--batch_size", "8", "--validation_size", "100",
+                      "--data_dir", MNIST_DIR, "--result_dir", "run"], cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    assert "at step 0 of 3" in train.stdout and "finished at step 3" in train.stdout
+    assert "validation accuracy" in train.stdout and "on 100 images" in train.stdout
+    test = run_main(["--test", "True", "--result_dir", "run"], cwd=tmp_path)
+    assert test.returncode == 0, test.stderr
+    assert "test accuracy" in test.stdout and "on 10000 images" in test.stdout
+    results = read_json(os.path.join(str(tmp_path), "run", "test_results.json"))
+    assert results["n"] == 10000 and results["global_step"] == 3
+    assert np.array(results["confusion_matrix"]).sum() == 10000
