@@ -24,10 +24,12 @@ Capsule tensors: poses `[N, H, W, T, 4, 4]`, activations `[N, H, W, T]`.
   conv1 features [32, 12, 12, 32] -> primary_caps poses [32, 12, 12, 32, 4, 4]
   -> conv_caps1 [32, 5, 5, 32, 4, 4] -> conv_caps2 [32, 3, 3, 32, 4, 4] -> class_caps [32, 10, 4, 4].
 
-Routing layout. Inside routing, votes are kept child-major, `[children, NP, 4, O, 4]` (NP = N * P
-parent positions; the 4s are the vote's row and column), because one batched matmul per child
-capsule writes them in exactly this order, and every M-step sum runs over the leading axis. Only
-tensors without the 16 pose entries and the O parents are ever transposed.
+Routing layout. Inside routing, votes are parent-major, `[B, O, children, 16]` (B = N * P parent
+positions of a conv layer, or N for the class layer; children = K*K*I patch entries ordered
+(kh, kw, i), exactly the channel order of `tf.image.extract_patches`). Then the M-step sums
+(sum_i r V and sum_i r V^2) are batched matmuls over the votes and their squares, so is the
+E-step's Mahalanobis term, and per-child values move between patch and child layouts with a
+reshape, a fold and a patch extraction, never a transpose.
 
 Receptive fields. In a convolutional capsule layer a child is seen by every parent whose receptive
 field contains it (up to ceil(K/s)^2 positions times O types). The E-step normalises each child over
@@ -195,75 +197,81 @@ class ReceptiveField:
 # ----------------------------------------------------------------------------------------------
 
 
-def _m_step(weighted_assignments, votes, beta_v, beta_a, inverse_temperature):
-    """M-step: Gaussian of every parent from its weighted votes, and the parent's activation.
+def _m_step(weighted_assignments, votes, squared_votes, beta_v, beta_a, inverse_temperature):
+    """M-step: every parent's Gaussian from its weighted votes, then its activation.
+
+    The sums over children, sum_i r_ij V_ij and sum_i r_ij V_ij^2, are batched matmuls (one read of
+    the votes each); sigma^2 = E[V^2] - mu^2, clamped at 0 against float rounding.
 
     Args:
-      weighted_assignments: R_ij * a_i, `[children, NP, O]` (O may be 1 and broadcast).
-      votes: `[children, NP, 4, O, 4]`.
+      weighted_assignments: r_ij = R_ij * a_i, `[B, O, children]` (O may be 1 and broadcast).
+      votes, squared_votes: V and V^2, `[B, O, children, 16]`.
       beta_v, beta_a: `[O]`.
       inverse_temperature: lambda, a float.
 
     Returns:
-      mean `[NP, 4, O, 4]`, variance `[NP, 4, O, 4]`, squared deviations `[children, NP, 4, O, 4]`,
-      activations `[NP, O]` and their logs `[NP, O]` (stable log-sigmoid).
+      mean `[B, O, 16]`, variance `[B, O, 16]`, activations `[B, O]` and their logs `[B, O]`.
     """
     with tf.name_scope("m_step"):
-        r = weighted_assignments[:, :, None, :, None]  # [children, NP, 1, O, 1]
-        mass = tf.reduce_sum(weighted_assignments, axis=0)  # [NP, O], sum_i r_ij
-        mass_b = mass[:, None, :, None]  # [NP, 1, O, 1]
-        mean = _safe_divide(tf.reduce_sum(r * votes, axis=0), mass_b)  # [NP, 4, O, 4]
-        squared_deviation = tf.square(votes - mean[None])  # [children, NP, 4, O, 4]
-        variance = _safe_divide(tf.reduce_sum(r * squared_deviation, axis=0), mass_b) + _VARIANCE_FLOOR
+        r = weighted_assignments[:, :, None, :]  # [B, O, 1, children]
+        mass = tf.reduce_sum(weighted_assignments, axis=-1, keepdims=True)  # [B, O, 1], sum_i r_ij
+        mean = _safe_divide(tf.matmul(r, votes)[:, :, 0, :], mass)  # [B, O, 16]
+        mean_square = _safe_divide(tf.matmul(r, squared_votes)[:, :, 0, :], mass)  # [B, O, 16]
+        variance = tf.nn.relu(mean_square - tf.square(mean)) + _VARIANCE_FLOOR  # [B, O, 16]
         # cost_h = (beta_v + log sigma_h) * sum_i r_ij  (paper eq. 2; log sigma = log(sigma^2) / 2)
-        cost = (beta_v[:, None] + 0.5 * tf.log(variance)) * mass_b  # [NP, 4, O, 4]
-        logits = inverse_temperature * (beta_a - tf.reduce_sum(cost, axis=[1, 3]))  # [NP, O]
-        return mean, variance, squared_deviation, tf.sigmoid(logits), tf.log_sigmoid(logits)
+        cost = (beta_v[:, None] + 0.5 * tf.log(variance)) * mass  # [B, O, 16]
+        logits = inverse_temperature * (beta_a - tf.reduce_sum(cost, axis=-1))  # [B, O]
+        return mean, variance, tf.sigmoid(logits), tf.log_sigmoid(logits)
 
 
-def _e_step_log_numerators(squared_deviation, variance, log_activations):
-    """log(a_j p_ij): the E-step numerators in log space.
+def _e_step_log_numerators(votes, squared_votes, mean, variance, log_activations):
+    """log(a_j p_ij), the E-step numerators, in log space.
+
+    sum_h (V_h - mu_h)^2 / (2 sigma_h^2) = sum_h [V_h^2 / (2 sigma_h^2) - V_h mu_h / sigma_h^2]
+    + sum_h mu_h^2 / (2 sigma_h^2): the votes parts are two batched matrix-vector products.
 
     Args:
-      squared_deviation: (V_ijh - mu_jh)^2, `[children, NP, 4, O, 4]`.
-      variance: `[NP, 4, O, 4]`.
-      log_activations: `[NP, O]`.
+      votes, squared_votes: `[B, O, children, 16]`.
+      mean, variance: `[B, O, 16]`.
+      log_activations: `[B, O]`.
 
     Returns:
-      `[children, NP, O]`.
+      `[B, O, children]`.
     """
     with tf.name_scope("e_step"):
-        log_normaliser = -0.5 * tf.reduce_sum(tf.log(variance) + _LOG_2PI, axis=[1, 3])  # [NP, O]
-        mahalanobis = tf.reduce_sum(squared_deviation / (2.0 * variance[None]), axis=[2, 4])  # [children, NP, O]
-        return log_activations + log_normaliser - mahalanobis
+        linear = tf.matmul(votes, (mean / variance)[..., None])[..., 0]  # [B, O, children]
+        quadratic = tf.matmul(squared_votes, (0.5 / variance)[..., None])[..., 0]  # [B, O, children]
+        parent_part = tf.reduce_sum(0.5 * tf.square(mean) / variance + 0.5 * (tf.log(variance) + _LOG_2PI), -1)
+        return (log_activations - parent_part)[..., None] + linear - quadratic  # [B, O, children]
 
 
 def em_routing(votes, child_activations, initial_assignments, beta_v, beta_a, inverse_temps, normalise):
-    """EM routing (paper Procedure 1) in the child-major layout.
+    """EM routing (paper Procedure 1) in the parent-major layout.
 
     Args:
-      votes: `[children, NP, 4, O, 4]`.
-      child_activations: `[children, NP, 1]`, zero for padded children.
-      initial_assignments: R before the first M-step, broadcastable to `[children, NP, O]`.
+      votes: `[B, O, children, 16]`, B parent positions (N * P, or N for the class layer).
+      child_activations: `[B, 1, children]`, zero for padded children.
+      initial_assignments: R before the first M-step, broadcastable to `[B, O, children]`.
       beta_v, beta_a: `[O]`.
       inverse_temps: list of per-iteration lambdas; its length is the number of iterations.
-      normalise: maps E-step log numerators `[children, NP, O]` to assignments R `[children, NP, O]`
+      normalise: maps E-step log numerators `[B, O, children]` to assignments R `[B, O, children]`
         that sum to 1 over every parent of each child.
 
     Returns:
-      poses `[NP, 4, O, 4]` (the parent means), activations `[NP, O]`, the assignments used by the
-      last M-step (broadcastable to `[children, NP, O]`) and the list of per-iteration activations.
+      poses `[B, O, 16]` (the parent means), activations `[B, O]`, the assignments used by the last
+      M-step (broadcastable to `[B, O, children]`) and the list of per-iteration activations.
     """
+    squared_votes = tf.square(votes)  # [B, O, children, 16]
     assignments = initial_assignments
     activations_per_iteration = []
     for iteration, inverse_temperature in enumerate(inverse_temps):
         with tf.name_scope("iteration_%d" % iteration):
-            mean, variance, squared_deviation, activations, log_activations = _m_step(
-                assignments * child_activations, votes, beta_v, beta_a, inverse_temperature
-            )
+            weighted = assignments * child_activations  # [B, O, children]
+            mean, variance, activations, log_activations = _m_step(weighted, votes, squared_votes, beta_v, beta_a,
+                                                                   inverse_temperature)
             activations_per_iteration.append(activations)
             if iteration < len(inverse_temps) - 1:
-                log_numerators = _e_step_log_numerators(squared_deviation, variance, log_activations)
+                log_numerators = _e_step_log_numerators(votes, squared_votes, mean, variance, log_activations)
                 assignments = normalise(log_numerators)
     return mean, activations, assignments, activations_per_iteration
 
@@ -378,10 +386,9 @@ class _RoutedCapsuleLayer(_CapsuleLayer):
             poses, activations, assignments, per_iteration = em_routing(
                 votes, child_activations, initial_assignments, self.beta_v, self.beta_a, self.inverse_temps, normalise
             )
-        shape = tf.shape(votes)  # [children, NP, 4, O, 4]
         self.end_points = {
             "votes": votes,
-            "assignments": tf.broadcast_to(assignments, tf.stack([shape[0], shape[1], shape[3]])),
+            "assignments": tf.broadcast_to(assignments, tf.shape(votes)[:3]),
             "activations_per_iteration": per_iteration,
         }
         return poses, activations
@@ -395,8 +402,9 @@ class ConvCaps(_RoutedCapsuleLayer):
 
     Input poses `[N, H, W, I, 4, 4]`, activations `[N, H, W, I]`; output poses `[N, OH, OW, O, 4, 4]`,
     activations `[N, OH, OW, O]`. Variables: weights `[K, K, I, O, 4, 4]`, beta_v `[O]`, beta_a `[O]`.
-    end_points: 'votes' `[KKI, N*P, 4, O, 4]`, 'assignments' (final R) `[KKI, N*P, O]` with children
-    ordered (kh, kw, i) and parents (n, oh, ow), 'activations_per_iteration' (list of `[N*P, O]`).
+    end_points: 'votes' `[N*P, O, KKI, 16]`, 'assignments' (final R) `[N*P, O, KKI]` with parent
+    positions ordered (n, oh, ow) and children (kh, kw, i), 'activations_per_iteration' (list of
+    `[N*P, O]`).
     """
 
     def __init__(self, types, kernel_size=3, stride=1, padding="VALID", iterations=3,
@@ -415,67 +423,69 @@ class ConvCaps(_RoutedCapsuleLayer):
         self._build_routing_variables([k, k, self.input_types, self.types, POSE_SIZE, POSE_SIZE], self.types)
 
     def call(self, poses, activations):
-        field, k, in_types, out_types = self.field, self.kernel_size, self.input_types, self.types
-        out_h, out_w = field.out_height, field.out_width
-        positions, kki = out_h * out_w, k * k * in_types
+        field, out_types = self.field, self.types
+        kki = self.kernel_size * self.kernel_size * self.input_types
         batch = tf.shape(poses)[0]
+        votes = self._votes(poses, batch)  # [NP, O, KKI, 16]
+        child_activations = tf.reshape(field.extract(activations), [-1, 1, kki])  # [NP, 1, KKI]
+        initial = self._per_patch_constant(field.inverse_count / out_types, batch)  # uniform over seeing parents
+        pose_means, out_activations = self._route(votes, child_activations, initial, self._normalise)
+        out_shape = [batch, field.out_height, field.out_width, out_types]
+        out_poses = tf.reshape(pose_means, out_shape + [POSE_SIZE, POSE_SIZE])  # [N, OH, OW, O, 4, 4]
+        return out_poses, tf.reshape(out_activations, out_shape)  # [N, OH, OW, O]
+
+    def _votes(self, poses, batch):
+        """V_ij = M_i W_ij as one batched matmul per child capsule of the kernel: `[NP, O, KKI, 16]`."""
+        field, out_types = self.field, self.types
+        kki = self.kernel_size * self.kernel_size * self.input_types
         with tf.name_scope("votes"):
-            flat = tf.reshape(poses, [batch, field.height, field.width, in_types * POSE_ENTRIES])  # [N, H, W, I*16]
-            patches = field.extract(flat)  # [N, OH, OW, K*K*I*16]
-            patches = tf.reshape(patches, [batch * positions, kki, POSE_SIZE, POSE_SIZE])  # [NP, KKI, 4, 4]
-            patches = tf.transpose(patches, [1, 0, 2, 3])  # [KKI, NP, 4, 4]
-            rows = tf.reshape(patches, [kki, -1, POSE_SIZE])  # [KKI, NP*4, 4]
+            flat = tf.reshape(poses, [batch, field.height, field.width, -1])  # [N, H, W, I*16]
+            patches = tf.reshape(field.extract(flat), [-1, kki, POSE_SIZE, POSE_SIZE])  # [NP, KKI, 4, 4]
+            rows = tf.reshape(tf.transpose(patches, [1, 0, 2, 3]), [kki, -1, POSE_SIZE])  # [KKI, NP*4, 4]
             weights = tf.transpose(self.weights, [0, 1, 2, 4, 3, 5])  # [K, K, I, 4, O, 4]
             weights = tf.reshape(weights, [kki, POSE_SIZE, out_types * POSE_SIZE])  # [KKI, 4, O*4]
             votes = tf.matmul(rows, weights)  # [KKI, NP*4, O*4]
             votes = tf.reshape(votes, [kki, -1, POSE_SIZE, out_types, POSE_SIZE])  # [KKI, NP, 4, O, 4]
-        child_activations = self._to_child_major(field.extract(activations))[:, :, None]  # [KKI, NP, 1]
-        inverse_count = np.tile(field.inverse_count.T[:, None, None, :], [1, in_types, 1, 1])  # [KK, I, 1, P]
-        initial = tf.constant(inverse_count / out_types, dtype=self.dtype)  # uniform over seeing parents
-        initial = tf.reshape(initial * tf.ones([1, 1, batch, 1], self.dtype), [kki, -1, 1])  # [KKI, NP, 1]
-        pose_means, out_activations = self._route(votes, child_activations, initial, self._normalise)
-        pose_means = tf.transpose(pose_means, [0, 2, 1, 3])  # [NP, O, 4, 4]
-        out_poses = tf.reshape(pose_means, [batch, out_h, out_w, out_types, POSE_SIZE, POSE_SIZE])
-        out_activations = tf.reshape(out_activations, [batch, out_h, out_w, out_types])  # [N, OH, OW, O]
-        return out_poses, out_activations
+            votes = tf.transpose(votes, [1, 3, 0, 2, 4])  # [NP, O, KKI, 4, 4]
+            return tf.reshape(votes, [-1, out_types, kki, POSE_ENTRIES])  # [NP, O, KKI, 16]
 
-    def _to_child_major(self, patch_values):
-        """`[N, OH, OW, K*K*I]` -> `[KKI, N*P]`."""
+    def _per_patch_constant(self, values, batch):
+        """A per-(position, kernel offset) constant `[P, K*K]`, repeated over types and batch: `[NP, 1, KKI]`."""
         kki = self.kernel_size * self.kernel_size * self.input_types
-        flat = tf.reshape(patch_values, [-1, kki])  # [NP, KKI]
-        return tf.transpose(flat, [1, 0])  # [KKI, NP]
+        per_type = np.repeat(values, self.input_types, axis=1)  # [P, KKI]
+        return tf.reshape(tf.constant(per_type, self.dtype) * tf.ones([batch, 1, 1], self.dtype), [-1, 1, kki])
 
-    def _to_patch_major(self, child_major, batch):
-        """`[KKI, N*P]` -> `[N, OH, OW, K*K, I]`."""
+    def _to_patch_major(self, values, batch):
+        """`[NP, KKI]` -> `[N, OH, OW, K*K, I]` (a reshape: the layouts agree)."""
         field = self.field
         kk = self.kernel_size * self.kernel_size
-        flat = tf.transpose(child_major, [1, 0])  # [NP, KKI]
-        return tf.reshape(flat, [batch, field.out_height, field.out_width, kk, self.input_types])
+        return tf.reshape(values, [batch, field.out_height, field.out_width, kk, self.input_types])
+
+    def _extract(self, children):
+        """Child values `[N, H, W, I]` at every parent's patch: `[NP, 1, KKI]`."""
+        kki = self.kernel_size * self.kernel_size * self.input_types
+        return tf.reshape(self.field.extract(children), [-1, 1, kki])
 
     def _normalise(self, log_numerators):
         """E-step normalisation over every parent that sees each child, in log space.
 
         Args:
-          log_numerators: log(a_j p_ij), `[KKI, NP, O]`.
+          log_numerators: log(a_j p_ij), `[NP, O, KKI]`.
 
         Returns:
-          R `[KKI, NP, O]`: exp(log numerator - log sum over all parents of the child), 0 at padded
+          R `[NP, O, KKI]`: exp(log numerator - log sum over all parents of the child), 0 at padded
           offsets.
         """
         with tf.name_scope("receptive_field_normalise"):
-            batch = tf.shape(log_numerators)[1] // (self.field.out_height * self.field.out_width)
+            batch = tf.shape(log_numerators)[0] // (self.field.out_height * self.field.out_width)
             # A per-child shift (its largest numerator) makes every child's denominator >= 1.
-            local_max = self._to_patch_major(tf.reduce_max(log_numerators, axis=2), batch)  # [N, OH, OW, KK, I]
-            child_max = tf.stop_gradient(self.field.fold(local_max, "max"))  # [N, H, W, I]
-            shift = self._to_child_major(self.field.extract(child_max))  # [KKI, NP]
-            shifted = tf.exp(log_numerators - shift[:, :, None])  # [KKI, NP, O]
-            local_sum = self._to_patch_major(tf.reduce_sum(shifted, axis=2), batch)  # [N, OH, OW, KK, I]
-            child_log_sum = _safe_log(self.field.fold(local_sum, "sum"))  # [N, H, W, I]
-            log_denominator = self._to_child_major(self.field.extract(child_log_sum))  # [KKI, NP]
-            valid = np.tile(self.field.valid.T[:, None, None, :], [1, self.input_types, 1, 1])  # [KK, I, 1, P]
-            valid = tf.reshape(tf.constant(valid, self.dtype) * tf.ones([1, 1, batch, 1], self.dtype),
-                               [-1, batch * self.field.out_height * self.field.out_width, 1])  # [KKI, NP, 1]
-            return shifted * tf.exp(-log_denominator)[:, :, None] * valid
+            local_max = self._to_patch_major(tf.reduce_max(log_numerators, axis=1), batch)  # [N, OH, OW, KK, I]
+            shift = self._extract(tf.stop_gradient(self.field.fold(local_max, "max")))  # [NP, 1, KKI]
+            shifted = tf.exp(log_numerators - shift)  # [NP, O, KKI]
+            local_sum = self._to_patch_major(tf.reduce_sum(shifted, axis=1), batch)  # [N, OH, OW, KK, I]
+            log_denominator = self._extract(_safe_log(self.field.fold(local_sum, "sum")))  # [NP, 1, KKI]
+            valid = self._per_patch_constant(self.field.valid, batch)  # [NP, 1, KKI], 0 at padded offsets
+            return shifted * tf.exp(-log_denominator) * valid
 
 
 def conv_caps(poses, activations, types, kernel_size=3, stride=1, padding="VALID", iterations=3,
@@ -497,8 +507,8 @@ class ClassCaps(_RoutedCapsuleLayer):
 
     Input poses `[N, H, W, I, 4, 4]`, activations `[N, H, W, I]`; output poses `[N, C, 4, 4]`,
     activations `[N, C]`. Variables: weights `[I, C, 4, 4]`, beta_v `[C]`, beta_a `[C]`.
-    end_points: 'votes' `[I*H*W, N, 4, C, 4]`, 'assignments' `[I*H*W, N, C]` (children ordered
-    (i, h, w)), 'activations_per_iteration'.
+    end_points: 'votes' `[N, C, H*W*I, 16]`, 'assignments' `[N, C, H*W*I]` (children ordered
+    (h, w, i)), 'activations_per_iteration' (list of `[N, C]`).
     """
 
     def __init__(self, classes, iterations=3, final_lambda=DEFAULT_FINAL_LAMBDA, coordinate_addition=True,
@@ -514,32 +524,33 @@ class ClassCaps(_RoutedCapsuleLayer):
         self._build_routing_variables([self.input_types, self.classes, POSE_SIZE, POSE_SIZE], self.classes)
 
     def _coordinates(self):
-        """Coordinate-addition offsets `[I*H*W, 1, 4, 1, 4]`: zeros but entries [0, 3] and [1, 3]."""
-        offsets = np.zeros([self.input_types, self.height, self.width, POSE_SIZE, POSE_SIZE])
-        offsets[..., 0, POSE_SIZE - 1] = ((np.arange(self.height) + 0.5) / self.height)[:, None]  # scaled row
-        offsets[..., 1, POSE_SIZE - 1] = ((np.arange(self.width) + 0.5) / self.width)[None, :]  # scaled column
-        offsets = offsets.reshape(-1, 1, POSE_SIZE, 1, POSE_SIZE)  # [I*H*W, 1, 4, 1, 4]
-        return tf.constant(offsets, self.dtype)
+        """Coordinate-addition offsets `[1, 1, H*W*I, 16]`: zeros but entries [0, 3] and [1, 3]."""
+        offsets = np.zeros([self.height, self.width, self.input_types, POSE_SIZE, POSE_SIZE])
+        offsets[..., 0, POSE_SIZE - 1] = ((np.arange(self.height) + 0.5) / self.height)[:, None, None]  # scaled row
+        offsets[..., 1, POSE_SIZE - 1] = ((np.arange(self.width) + 0.5) / self.width)[None, :, None]  # scaled col
+        return tf.constant(offsets.reshape(1, 1, -1, POSE_ENTRIES), self.dtype)  # [1, 1, H*W*I, 16]
 
     def call(self, poses, activations):
         in_types, classes = self.input_types, self.classes
-        children = in_types * self.height * self.width
+        children = self.height * self.width * in_types
+        batch = tf.shape(poses)[0]
         with tf.name_scope("votes"):
-            child_major = tf.transpose(poses, [3, 1, 2, 0, 4, 5])  # [I, H, W, N, 4, 4]
-            rows = tf.reshape(child_major, [in_types, -1, POSE_SIZE])  # [I, H*W*N*4, 4]
+            type_major = tf.transpose(poses, [3, 0, 1, 2, 4, 5])  # [I, N, H, W, 4, 4]
+            rows = tf.reshape(type_major, [in_types, -1, POSE_SIZE])  # [I, N*H*W*4, 4]
             weights = tf.transpose(self.weights, [0, 2, 1, 3])  # [I, 4, C, 4]
             weights = tf.reshape(weights, [in_types, POSE_SIZE, classes * POSE_SIZE])  # [I, 4, C*4]
-            votes = tf.matmul(rows, weights)  # [I, H*W*N*4, C*4]
-            votes = tf.reshape(votes, [children, -1, POSE_SIZE, classes, POSE_SIZE])  # [I*H*W, N, 4, C, 4]
+            votes = tf.matmul(rows, weights)  # [I, N*H*W*4, C*4]
+            votes = tf.reshape(votes, [in_types, batch, self.height * self.width, POSE_SIZE, classes, POSE_SIZE])
+            votes = tf.transpose(votes, [1, 4, 2, 0, 3, 5])  # [N, C, H*W, I, 4, 4]
+            votes = tf.reshape(votes, [batch, classes, children, POSE_ENTRIES])  # [N, C, H*W*I, 16]
             if self.coordinate_addition:
                 votes = votes + self._coordinates()
-        child_activations = tf.reshape(tf.transpose(activations, [3, 1, 2, 0]), [children, -1, 1])  # [I*H*W, N, 1]
+        child_activations = tf.reshape(activations, [-1, 1, children])  # [N, 1, H*W*I]
         initial = tf.constant(1.0 / classes, self.dtype)  # every child sees every class
         pose_means, out_activations = self._route(
-            votes, child_activations, initial, lambda log_numerators: tf.nn.softmax(log_numerators, axis=-1)
+            votes, child_activations, initial, lambda log_numerators: tf.nn.softmax(log_numerators, axis=1)
         )
-        out_poses = tf.transpose(pose_means, [0, 2, 1, 3])  # [N, C, 4, 4]
-        return out_poses, out_activations
+        return tf.reshape(pose_means, [batch, classes, POSE_SIZE, POSE_SIZE]), out_activations  # [N, C, 4, 4], [N, C]
 
 
 def class_caps(poses, activations, classes, iterations=3, final_lambda=DEFAULT_FINAL_LAMBDA,

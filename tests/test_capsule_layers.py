@@ -157,11 +157,12 @@ class ConvCapsTest(tf.test.TestCase):
                 rng = np.random.RandomState(4)
                 layer, _, poses, activations, variables = self._build(rng, padding, stride)
                 sess.run(tf.global_variables_initializer())
-                assignments = sess.run(layer.end_points["assignments"])  # [KKI, N*P, O]
+                assignments = sess.run(layer.end_points["assignments"])  # [N*P, O, KKI]
             _, _, expected = ref.conv_caps_reference(poses, activations, *variables, 3, stride, padding, 3, 0.01)
             field = layer.field
             _, _, pad_top, pad_left = ref.conv_geometry(5, 5, 3, stride, padding)
-            r = assignments.reshape(3, 3, 2, 2, field.out_height, field.out_width, 3)
+            r = assignments.reshape(2, field.out_height, field.out_width, 3, 3, 3, 2)  # [N, OH, OW, O, K, K, I]
+            r = np.transpose(r, [4, 5, 6, 0, 1, 2, 3])  # [K, K, I, N, OH, OW, O]
             mapped = np.zeros_like(expected)
             for kh, kw, i, n, oh, ow in itertools.product(range(3), range(3), range(2), range(2),
                                                           range(field.out_height), range(field.out_width)):
@@ -174,11 +175,11 @@ class ConvCapsTest(tf.test.TestCase):
             self.assertAllClose(mapped, expected, atol=1e-9)
 
     def _child_sums(self, layer, assignments):
-        """Sums R [KKI, N*P, O] over every parent of each child: [N, H, W, I]."""
+        """Sums R [N*P, O, KKI] over every parent of each child: [N, H, W, I]."""
         field = layer.field
         kk, in_types = layer.kernel_size ** 2, layer.input_types
-        per_offset = tf.reduce_sum(assignments, axis=2)  # [KKI, NP]
-        per_offset = tf.reshape(tf.transpose(per_offset), [-1, field.out_height, field.out_width, kk, in_types])
+        per_offset = tf.reduce_sum(assignments, axis=1)  # [NP, KKI]
+        per_offset = tf.reshape(per_offset, [-1, field.out_height, field.out_width, kk, in_types])
         return field.fold(per_offset)
 
     def test_assignments_sum_to_one_per_child(self):
@@ -244,8 +245,8 @@ class ClassCapsTest(tf.test.TestCase):
         layer(tf.ones([1, 2, 4, 1, 4, 4], tf.float64), tf.ones([1, 2, 4, 1], tf.float64))
         with self.session() as sess:
             sess.run(tf.global_variables_initializer())
-            votes = sess.run(layer.end_points["votes"])  # [I*H*W, N, 4, C, 4]
-        votes = votes.reshape(2, 4, 4, 2, 4)  # [H, W, 4, C, 4]
+            votes = sess.run(layer.end_points["votes"])  # [N, C, H*W*I, 16]
+        votes = np.transpose(votes.reshape(2, 2, 4, 4, 4), [1, 2, 3, 0, 4])  # [H, W, 4, C, 4]
         self.assertAllClose(votes[:, :, 0, :, 3], np.broadcast_to([[0.25], [0.75]], [2, 4])[..., None] * np.ones(2))
         self.assertAllClose(votes[:, :, 1, :, 3], np.broadcast_to([0.125, 0.375, 0.625, 0.875], [2, 4])[..., None]
                             * np.ones(2))

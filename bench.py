@@ -1,0 +1,160 @@
+"""Throughput benchmark of CapsNetEMModel on random MNIST-shaped input (no dataset needed).
+
+  python bench.py --preset small --mode train --batch_size 64
+  python bench.py --preset paper --mode infer --batch_size 64 --profile
+
+Prints one human-readable row and one JSON line: preset, batch_size, mode, images_per_sec (median),
+step_ms (min/median/max), peak_rss_mb, flops_per_image (forward pass, see `forward_flops`), threads,
+the machine's measured fp32 matmul rate and the achieved fraction of it.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as main.py; README, performance
+
+import collections  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow.compat.v1 as tf  # noqa: E402
+from absl import flags  # noqa: E402
+
+import model as capsnet  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "small", "Network preset: paper or small.")
+flags.DEFINE_integer("batch_size", 64, "Images per step.")
+flags.DEFINE_string("mode", "train", "train (forward + loss + backward + Adam update) or infer (forward only).")
+flags.DEFINE_integer("steps", 10, "Timed steps (>= 10 for the README figures).")
+flags.DEFINE_integer("warmup", 3, "Untimed steps first (graph optimisation, allocator warm-up).")
+flags.DEFINE_integer("threads", 0, "Intra/inter-op threads (0: TensorFlow's default, every core).")
+flags.DEFINE_integer("iterations", None, "Routing iterations (default: the preset's).")
+flags.DEFINE_bool("xla", False, "Turn on XLA auto-clustering (global_jit_level ON_1).")
+flags.DEFINE_bool("profile", False, "Trace one extra step and print the 12 most expensive op types.")
+
+MATMUL_SIZE = 2048  # square fp32 matmul used to measure the machine's attainable rate
+MATMUL_REPEATS = 10
+KIB_PER_MIB = 1024.0
+MS_PER_S = 1000.0
+TOP_OPS = 12
+FLOPS_PER_MAC = 2
+# Routing cost per vote entry (one of 16 per child-parent pair), counted from the M- and E-step code:
+# M-step r*V, sum, V-mu, square, r*(V-mu)^2, sum = 6; E-step (V-mu)^2 / var, sum = 2.
+M_STEP_FLOPS_PER_ENTRY = 6
+E_STEP_FLOPS_PER_ENTRY = 2
+TRAIN_FLOP_FACTOR = 3  # backward ~ 2x forward
+
+
+def forward_flops(hp):
+    """Approximate forward FLOPs per image: convolutions, votes (4x4 @ 4x4 = 64 MACs) and routing."""
+    conv1_out = (hp.image_size - hp.conv1_kernel) // hp.conv1_stride + 1
+    flops = FLOPS_PER_MAC * conv1_out ** 2 * hp.conv1_kernel ** 2 * hp.image_channels * hp.conv1_filters
+    flops += FLOPS_PER_MAC * conv1_out ** 2 * hp.conv1_filters * hp.primary_types * 17  # 16 pose + 1 activation
+    grid, types = conv1_out, hp.primary_types
+    layers = [(hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
+              (hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride)]
+    routing_per_entry = hp.iterations * M_STEP_FLOPS_PER_ENTRY + (hp.iterations - 1) * E_STEP_FLOPS_PER_ENTRY
+    for out_types, kernel, stride in layers:
+        out_grid = (grid - kernel) // stride + 1
+        pairs = out_grid ** 2 * kernel ** 2 * types * out_types  # child-parent pairs
+        flops += pairs * (FLOPS_PER_MAC * 64 + 16 * routing_per_entry)
+        grid, types = out_grid, out_types
+    pairs = grid ** 2 * types * hp.num_classes
+    flops += pairs * (FLOPS_PER_MAC * 64 + 16 * routing_per_entry)
+    return flops
+
+
+def measure_matmul_rate(sess):
+    """fp32 FLOP/s of a square matmul on this machine (the attainable peak the README compares with)."""
+    a = tf.Variable(tf.random.normal([MATMUL_SIZE, MATMUL_SIZE]))
+    product = tf.reduce_sum(tf.matmul(a, a))
+    sess.run(a.initializer)
+    sess.run(product)
+    times = []
+    for _ in range(MATMUL_REPEATS):
+        started = time.perf_counter()
+        sess.run(product)
+        times.append(time.perf_counter() - started)
+    return FLOPS_PER_MAC * MATMUL_SIZE ** 3 / float(np.median(times))
+
+
+def top_ops(run_metadata, count=TOP_OPS):
+    """(op type, total ms) of the most expensive op types in one traced step."""
+    totals = collections.Counter()
+    for device in run_metadata.step_stats.dev_stats:
+        for node in device.node_stats:
+            op_type = node.timeline_label.split("(")[0].split(" = ")[-1].strip() or node.node_name
+            totals[op_type] += node.all_end_rel_micros / MS_PER_S
+    return totals.most_common(count)
+
+
+def build(hp, batch_size, mode):
+    images = tf.Variable(tf.random.uniform([batch_size, hp.image_size, hp.image_size, hp.image_channels]),
+                         trainable=False, name="bench_images")
+    labels = tf.Variable(tf.random.uniform([batch_size], maxval=hp.num_classes, dtype=tf.int64), trainable=False,
+                         name="bench_labels")
+    net = capsnet.CapsNetEMModel(hp)
+    if mode == "train":
+        graph = net.train(images, labels)
+        return [graph.train_op, graph.loss]
+    return [net.inference(images).activations]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise SystemExit("error: unexpected arguments %s" % argv[1:])
+    if FLAGS.mode not in ("train", "infer"):
+        raise SystemExit("error: --mode must be train or infer")
+    tf.disable_v2_behavior()
+    overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
+    hp = capsnet.hparams_for(FLAGS.preset, **overrides)
+    fetches = build(hp, FLAGS.batch_size, FLAGS.mode)
+    config = tf.ConfigProto(intra_op_parallelism_threads=FLAGS.threads, inter_op_parallelism_threads=FLAGS.threads)
+    if FLAGS.xla:
+        config.graph_options.optimizer_options.global_jit_level = tf.OptimizerOptions.ON_1
+    with tf.Session(config=config) as sess:
+        sess.run(tf.global_variables_initializer())
+        for _ in range(FLAGS.warmup):
+            sess.run(fetches)
+        times = []
+        for _ in range(FLAGS.steps):
+            started = time.perf_counter()
+            sess.run(fetches)
+            times.append(time.perf_counter() - started)
+        if FLAGS.profile:
+            metadata = tf.RunMetadata()
+            sess.run(fetches, options=tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE), run_metadata=metadata)
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
+        matmul_rate = measure_matmul_rate(sess)
+    median = float(np.median(times))
+    images_per_sec = FLAGS.batch_size / median
+    flops = forward_flops(hp)
+    factor = TRAIN_FLOP_FACTOR if FLAGS.mode == "train" else 1
+    result = {
+        "preset": FLAGS.preset, "batch_size": FLAGS.batch_size, "mode": FLAGS.mode, "iterations": hp.iterations,
+        "images_per_sec": round(images_per_sec, 2),
+        "step_ms": {k: round(MS_PER_S * v, 1) for k, v in
+                    (("min", min(times)), ("median", median), ("max", max(times)))},
+        "peak_rss_mb": round(peak_rss_mb, 1), "flops_per_image": flops, "threads": FLAGS.threads or os.cpu_count(),
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "xla": FLAGS.xla,
+        "matmul_gflops": round(matmul_rate / 1e9, 1),
+        "fraction_of_matmul_rate": round(flops * factor * images_per_sec / matmul_rate, 4),
+    }
+    print("%s %s batch %d: %.1f img/s, step %.0f ms (min %.0f, max %.0f), peak RSS %.0f MB, %.1f MFLOP/img, "
+          "%.1f%% of %.0f GFLOP/s" % (FLAGS.preset, FLAGS.mode, FLAGS.batch_size, images_per_sec,
+                                      result["step_ms"]["median"], result["step_ms"]["min"], result["step_ms"]["max"],
+                                      peak_rss_mb, flops / 1e6, 100 * result["fraction_of_matmul_rate"],
+                                      result["matmul_gflops"]))
+    if FLAGS.profile:
+        for op_type, ms in top_ops(metadata):
+            print("  %-28s %8.1f ms" % (op_type, ms))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    FLAGS(sys.argv)
+    main(FLAGS(sys.argv))
