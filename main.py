@@ -375,6 +375,9 @@ def train(values, result_dir, resumed):
     hparams = resolve_hparams(values)
     utils.ensure_mnist(values["data_dir"])
     images, labels = utils.load_mnist(values["data_dir"], "train")
+    if values["validation_size"] >= len(images):
+        raise UsageError("--validation_size must be smaller than the %d training images in %s, got %d"
+                         % (len(images), values["data_dir"], values["validation_size"]))
     data = utils.split_train_validation(images, labels, values["validation_size"], values["seed"])
     os.makedirs(result_dir, exist_ok=True)
     write_json_atomically(os.path.join(result_dir, FLAGS_FILE),
