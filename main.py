@@ -173,15 +173,19 @@ def write_json_atomically(path, payload):
 
 
 def read_run_flags(result_dir):
-    """The flag values saved in DIR/flags.json (UsageError when absent or unreadable)."""
+    """The flag values saved in DIR/flags.json (UsageError when absent, unreadable or invalid)."""
     path = os.path.join(result_dir, FLAGS_FILE)
     try:
         with open(path) as f:
-            return json.load(f)["flags"]
+            saved = json.load(f)["flags"]
+        validate_flags(saved)  # the file may have been edited by hand
     except FileNotFoundError:
         raise UsageError("%s holds no %s: not a run directory of this program" % (result_dir, FLAGS_FILE))
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise UsageError("%s is unreadable: %s" % (path, error))
+    except UsageError as error:
+        raise UsageError("%s: %s" % (path, error))
+    return saved
 
 
 def new_result_dir():
