@@ -304,8 +304,9 @@ class _CapsuleLayer:
 
     def __call__(self, *inputs):
         inputs = [tf.convert_to_tensor(x, dtype=self.dtype) for x in inputs]
-        scope = self._scope if self._scope is not None else None
-        with tf.variable_scope(scope, default_name=self.name, reuse=self.built or None) as self._scope:
+        # reuse=None inherits the enclosing scope's reuse, so a whole model rebuilt under reuse=True
+        # shares its variables; a second layer of the same name otherwise fails like tf.get_variable.
+        with tf.variable_scope(self._scope or self.name, reuse=self.built or None) as self._scope:
             if not self.built:
                 self.build(*[x.shape for x in inputs])
                 self.built = True
