@@ -65,11 +65,13 @@ def write_tiny_mnist(data_dir, train=TINY_TRAIN_IMAGES, test=TINY_TEST_IMAGES, s
 
 
 def read_json(path):
+    """The parsed JSON file at `path`."""
     with open(path) as f:
         return json.load(f)
 
 
 def assert_png(path):
+    """The file at `path` starts with the PNG signature."""
     with open(path, "rb") as f:
         assert f.read(len(_PNG_MAGIC)) == _PNG_MAGIC, path
 

@@ -21,6 +21,7 @@ _SCOPES = ("relu_conv1", "primary_caps", "conv_caps1", "conv_caps2", "class_caps
 
 
 def _sigmoid(x):
+    """The logistic function 1 / (1 + e^-x)."""
     return 1.0 / (1.0 + math.exp(-x))
 
 
