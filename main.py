@@ -113,6 +113,7 @@ RESULTS_FILE = "test_results.json"
 CHECKPOINT_PREFIX = "model.ckpt"
 EXIT_USAGE = 2
 EXIT_NON_FINITE = 3
+EXIT_INTERRUPTED_AT_START = 130  # the shell's code for a SIGINT-ended command
 MAX_CHECKPOINTS = 3
 EVAL_BATCH_SIZE = 100
 SAMPLE_IMAGES = 100  # digits in the test-sample picture
@@ -209,6 +210,8 @@ def training_run_flags(values, given):
       (result_dir, flag values to train with, resumed?).
     """
     result_dir = values["result_dir"] or new_result_dir()
+    if os.path.exists(result_dir) and not os.path.isdir(result_dir):
+        raise UsageError("--result_dir %s exists and is not a folder" % result_dir)
     if not os.path.exists(os.path.join(result_dir, FLAGS_FILE)):
         if os.path.isdir(result_dir) and os.listdir(result_dir):
             raise UsageError("%s is not empty and holds no %s: refusing to write a run into it"
@@ -475,6 +478,7 @@ def main(argv):
         if len(remaining) > 1:
             raise UsageError("unexpected arguments: %s (flags take the form --name=value)" % " ".join(remaining[1:]))
         values = {name: FLAGS[name].value for name in PROGRAM_FLAGS}
+        values["data_dir"] = os.path.abspath(values["data_dir"])  # saved runs work from any folder
         testing = parse_test_flag(values["test"])
         validate_flags(values)
         tf.get_logger().setLevel("ERROR")
@@ -490,6 +494,9 @@ def main(argv):
     except (UsageError, utils.DataError) as error:
         print("error: %s" % error, file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before training started (during start-up): nothing to save
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED_AT_START
 
 
 if __name__ == "__main__":

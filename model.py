@@ -89,6 +89,9 @@ def hparams_for(preset, **overrides):
     """The named preset with `overrides` applied (`ValueError` for an unknown preset or field)."""
     if preset not in PRESETS:
         raise ValueError("unknown preset %r (choose from %s)" % (preset, ", ".join(sorted(PRESETS))))
+    unknown = set(overrides) - {field.name for field in dataclasses.fields(HParams)}
+    if unknown:
+        raise ValueError("unknown hyperparameters: %s" % ", ".join(sorted(unknown)))
     return dataclasses.replace(PRESETS[preset], **overrides)
 
 
