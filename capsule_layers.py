@@ -367,8 +367,11 @@ class _RoutedCapsuleLayer(_CapsuleLayer):
     """Shared variables and routing settings of the convolutional and class capsule layers."""
 
     def __init__(self, name, dtype, iterations, final_lambda, weights_initializer, beta_v_initializer,
-                 beta_a_initializer):
+                 beta_a_initializer, beta_a_scale):
         super().__init__(name, dtype)
+        # beta_a = beta_a_scale * (the variable): the official code's activation bias enters the logit
+        # scaled by 5000, so Adam moves it that much faster than the other weights; 1.0 is the plain form.
+        self.beta_a_scale = beta_a_scale
         if iterations < 1:
             raise ValueError("%s: routing iterations must be >= 1, got %r" % (name, iterations))
         self.iterations = iterations
@@ -385,7 +388,8 @@ class _RoutedCapsuleLayer(_CapsuleLayer):
     def _route(self, votes, child_activations, initial_assignments, normalise):
         with tf.name_scope("em_routing"):
             poses, activations, assignments, per_iteration = em_routing(
-                votes, child_activations, initial_assignments, self.beta_v, self.beta_a, self.inverse_temps, normalise
+                votes, child_activations, initial_assignments, self.beta_v, self.beta_a_scale * self.beta_a,
+                self.inverse_temps, normalise
             )
         self.end_points = {
             "votes": votes,
@@ -410,9 +414,9 @@ class ConvCaps(_RoutedCapsuleLayer):
 
     def __init__(self, types, kernel_size=3, stride=1, padding="VALID", iterations=3,
                  final_lambda=DEFAULT_FINAL_LAMBDA, weights_initializer=None, beta_v_initializer=None,
-                 beta_a_initializer=None, name="conv_caps", dtype=tf.float32):
+                 beta_a_initializer=None, beta_a_scale=1.0, name="conv_caps", dtype=tf.float32):
         super().__init__(name, dtype, iterations, final_lambda, weights_initializer, beta_v_initializer,
-                         beta_a_initializer)
+                         beta_a_initializer, beta_a_scale)
         conv_geometry(kernel_size, kernel_size, kernel_size, stride, padding)  # validates padding
         self.types, self.kernel_size, self.stride, self.padding = types, kernel_size, stride, padding
 
@@ -513,10 +517,10 @@ class ClassCaps(_RoutedCapsuleLayer):
     """
 
     def __init__(self, classes, iterations=3, final_lambda=DEFAULT_FINAL_LAMBDA, coordinate_addition=True,
-                 weights_initializer=None, beta_v_initializer=None, beta_a_initializer=None, name="class_caps",
-                 dtype=tf.float32):
+                 weights_initializer=None, beta_v_initializer=None, beta_a_initializer=None, beta_a_scale=1.0,
+                 name="class_caps", dtype=tf.float32):
         super().__init__(name, dtype, iterations, final_lambda, weights_initializer, beta_v_initializer,
-                         beta_a_initializer)
+                         beta_a_initializer, beta_a_scale)
         self.classes, self.coordinate_addition = classes, coordinate_addition
 
     def build(self, pose_shape, activation_shape):

@@ -63,6 +63,8 @@ flags.DEFINE_string("preset", "paper", "Network size: 'paper' (A=B=C=D=32, 3 ite
                     "(A=64, B=8, C=D=16, 2 iterations).")
 flags.DEFINE_string("padding", None, "Padding of the conv and conv-capsule layers: VALID or SAME "
                     "(default: the preset's, VALID).")
+flags.DEFINE_string("hparams", "", "Comma-separated name=value overrides of any HParams field of model.py, "
+                    "e.g. 'weight_stddev=0.3,beta_a_init=-0.5'; applied after the preset and the flags below.")
 # ---- routing ---------------------------------------------------------------------------------------
 flags.DEFINE_integer("iterations", None, "EM routing iterations, >= 1 (default: the preset's).")
 flags.DEFINE_float("final_lambda", None, "Final inverse temperature of the conv-capsule layers; "
@@ -100,7 +102,7 @@ flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0: TensorFlow's
 PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]))
 
 # Flags that define the architecture, the optimisation or the data of a run: a resumed run must keep them.
-RUN_DEFINING_FLAGS = ("preset", "padding", "iterations", "final_lambda", "class_final_lambda", "batch_size",
+RUN_DEFINING_FLAGS = ("preset", "hparams", "padding", "iterations", "final_lambda", "class_final_lambda", "batch_size",
                       "learning_rate", "lr_decay_rate", "lr_decay_steps", "weight_decay", "margin_schedule",
                       "margin_ramp_steps", "data_dir", "validation_size", "seed")
 # Flags that override a field of the preset's HParams when given.
@@ -153,15 +155,33 @@ def validate_flags(values):
         raise UsageError("--iterations must be >= 1, got %r" % values["iterations"])
     if values.get("margin_schedule") not in (None, "sigmoid", "linear"):
         raise UsageError("--margin_schedule must be sigmoid or linear, got %r" % values["margin_schedule"])
+    parse_hparams(values.get("hparams") or "")
     if values["validation_size"] < 0:
         raise UsageError("--validation_size must be >= 0, got %r" % values["validation_size"])
     if values["threads"] < 0:
         raise UsageError("--threads must be >= 0, got %r" % values["threads"])
 
 
+def parse_hparams(text):
+    """'name=value,name=value' -> {name: value}, each value converted to the HParams field's type."""
+    types = {field.name: field.type for field in dataclasses.fields(capsnet.HParams)}
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in types:
+            raise UsageError("--hparams: unknown hyperparameter %r (see HParams in model.py)" % name)
+        try:
+            overrides[name] = types[name](value.strip())
+        except ValueError:
+            raise UsageError("--hparams: %s=%r is not a valid %s" % (name, value, types[name].__name__))
+    return overrides
+
+
 def resolve_hparams(values):
-    """The preset's HParams with every given hyperparameter flag applied."""
+    """The preset's HParams with every given hyperparameter flag, then --hparams, applied."""
     overrides = {name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None}
+    overrides.update(parse_hparams(values.get("hparams") or ""))
     return capsnet.hparams_for(values["preset"], **overrides)
 
 

@@ -52,6 +52,7 @@ class HParams:
     beta_a_init: float = 0.0
     class_beta_v_init: float = 0.0
     class_beta_a_init: float = 0.0
+    beta_a_scale: float = 1.0  # effective beta_a = scale * variable (official code: 5000 * b_a)
     # Spread loss margin (paper section 4: m rises from 0.2 to 0.9 during training).
     margin_schedule: str = "sigmoid"  # 'sigmoid' (official code) or 'linear'
     margin_ramp_steps: int = 400000  # 'sigmoid': 0.2 + 0.79 sigmoid(min(10, 8 step / ramp - 4))
@@ -167,7 +168,7 @@ class CapsNetEMModel:
                 types, kernel_size, stride, hp.padding, hp.iterations, hp.final_lambda,
                 weights_initializer=conv_init(hp.weight_stddev),
                 beta_v_initializer=tf.constant_initializer(hp.beta_v_init),
-                beta_a_initializer=tf.constant_initializer(hp.beta_a_init), name=name,
+                beta_a_initializer=tf.constant_initializer(hp.beta_a_init), beta_a_scale=hp.beta_a_scale, name=name,
             )
             poses, activations = layer(poses, activations)
             end_points[name] = activations
@@ -176,7 +177,8 @@ class CapsNetEMModel:
             hp.num_classes, hp.iterations, hp.class_final_lambda, coordinate_addition=True,
             weights_initializer=conv_init(hp.class_weight_stddev),
             beta_v_initializer=tf.constant_initializer(hp.class_beta_v_init),
-            beta_a_initializer=tf.constant_initializer(hp.class_beta_a_init), name="class_caps",
+            beta_a_initializer=tf.constant_initializer(hp.class_beta_a_init), beta_a_scale=hp.beta_a_scale,
+            name="class_caps",
         )
         class_poses, class_activations = class_layer(poses, activations)  # [N, C, 4, 4], [N, C]
         end_points["class_caps"] = class_activations

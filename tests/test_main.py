@@ -151,3 +151,16 @@ def test_real_mnist_smoke(tmp_path):
     results = read_json(os.path.join(str(tmp_path), "run", "test_results.json"))
     assert results["n"] == 10000 and results["global_step"] == 3
     assert np.array(results["confusion_matrix"]).sum() == 10000
+
+
+def test_hparams_flag_parsing():
+    """--hparams 'name=value,...' converts values to the HParams field types; unknown names and bad values fail."""
+    import main
+
+    assert main.parse_hparams("weight_stddev=0.3, iterations=2,padding=SAME") == {
+        "weight_stddev": 0.3, "iterations": 2, "padding": "SAME"}
+    assert main.parse_hparams("") == {}
+    with pytest.raises(main.UsageError, match="unknown hyperparameter 'nonsense'"):
+        main.parse_hparams("nonsense=1")
+    with pytest.raises(main.UsageError, match="not a valid int"):
+        main.parse_hparams("iterations=two")
