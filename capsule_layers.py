@@ -495,7 +495,10 @@ class ConvCaps(_RoutedCapsuleLayer):
 
 def conv_caps(poses, activations, types, kernel_size=3, stride=1, padding="VALID", iterations=3,
               final_lambda=DEFAULT_FINAL_LAMBDA, name="conv_caps", dtype=tf.float32, **initializers):
-    """Functional form of `ConvCaps`: (`[N, H, W, I, 4, 4]`, `[N, H, W, I]`) -> (`[N, OH, OW, O, 4, 4]`, `[N, OH, OW, O]`)."""
+    """Functional form of `ConvCaps`.
+
+    (poses `[N, H, W, I, 4, 4]`, activations `[N, H, W, I]`) -> (`[N, OH, OW, O, 4, 4]`, `[N, OH, OW, O]`).
+    """
     layer = ConvCaps(types, kernel_size, stride, padding, iterations, final_lambda, name=name, dtype=dtype,
                      **initializers)
     return layer(poses, activations)

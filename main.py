@@ -174,7 +174,7 @@ def parse_hparams(text):
         try:
             overrides[name] = types[name](value.strip())
         except ValueError:
-            raise UsageError("--hparams: %s=%r is not a valid %s" % (name, value, types[name].__name__))
+            raise UsageError("--hparams: %s=%r is not a valid %s" % (name, value, types[name].__name__)) from None
     return overrides
 
 
@@ -201,11 +201,11 @@ def read_run_flags(result_dir):
             saved = json.load(f)["flags"]
         validate_flags(saved)  # the file may have been edited by hand
     except FileNotFoundError:
-        raise UsageError("%s holds no %s: not a run directory of this program" % (result_dir, FLAGS_FILE))
+        raise UsageError("%s holds no %s: not a run directory of this program" % (result_dir, FLAGS_FILE)) from None
     except (ValueError, KeyError, TypeError) as error:
-        raise UsageError("%s is unreadable: %s" % (path, error))
+        raise UsageError("%s is unreadable: %s" % (path, error)) from None
     except UsageError as error:
-        raise UsageError("%s: %s" % (path, error))
+        raise UsageError("%s: %s" % (path, error)) from None
     return saved
 
 
@@ -286,7 +286,7 @@ def restore_latest(sess, saver, result_dir):
     except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
         first_line = str(error.message).strip().splitlines()[0]
         raise UsageError("checkpoint %s does not match the architecture in %s: %s"
-                         % (checkpoint, FLAGS_FILE, first_line[:200]))
+                         % (checkpoint, FLAGS_FILE, first_line[:200])) from None
     return checkpoint
 
 
@@ -494,7 +494,7 @@ def main(argv):
         try:
             remaining = FLAGS(argv)
         except flags.Error as error:
-            raise UsageError(str(error).splitlines()[0])
+            raise UsageError(str(error).splitlines()[0]) from None
         if len(remaining) > 1:
             raise UsageError("unexpected arguments: %s (flags take the form --name=value)" % " ".join(remaining[1:]))
         values = {name: FLAGS[name].value for name in PROGRAM_FLAGS}

@@ -63,7 +63,8 @@ class ReceptiveFieldTest(tf.test.TestCase):
             patches = rng.normal(size=[1, field.out_height, field.out_width, 3, 3, 2])
             expected = np.full([1, 5, 5, 2], -np.inf)
             _, _, pad_top, pad_left = ref.conv_geometry(5, 5, 3, stride, padding)
-            for oh, ow, kh, kw in itertools.product(range(field.out_height), range(field.out_width), range(3), range(3)):
+            offsets = itertools.product(range(field.out_height), range(field.out_width), range(3), range(3))
+            for oh, ow, kh, kw in offsets:
                 h, w = oh * stride + kh - pad_top, ow * stride + kw - pad_left
                 if 0 <= h < 5 and 0 <= w < 5:
                     expected[0, h, w] = np.maximum(expected[0, h, w], patches[0, oh, ow, kh, kw])
