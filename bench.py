@@ -156,5 +156,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    FLAGS(sys.argv)
     main(FLAGS(sys.argv))
