@@ -425,14 +425,14 @@ class ConvCaps(_RoutedCapsuleLayer):
         height, width, self.input_types = int(pose_shape[1]), int(pose_shape[2]), int(pose_shape[3])
         self.field = ReceptiveField(height, width, self.kernel_size, self.stride, self.padding)
         k = self.kernel_size
+        self.patch_children = k * k * self.input_types  # KKI
         self._build_routing_variables([k, k, self.input_types, self.types, POSE_SIZE, POSE_SIZE], self.types)
 
     def call(self, poses, activations):
         field, out_types = self.field, self.types
-        kki = self.kernel_size * self.kernel_size * self.input_types
         batch = tf.shape(poses)[0]
         votes = self._votes(poses, batch)  # [NP, O, KKI, 16]
-        child_activations = tf.reshape(field.extract(activations), [-1, 1, kki])  # [NP, 1, KKI]
+        child_activations = self._extract(activations)  # [NP, 1, KKI]
         initial = self._per_patch_constant(field.inverse_count / out_types, batch)  # uniform over seeing parents
         pose_means, out_activations = self._route(votes, child_activations, initial, self._normalise)
         out_shape = [batch, field.out_height, field.out_width, out_types]
@@ -441,8 +441,7 @@ class ConvCaps(_RoutedCapsuleLayer):
 
     def _votes(self, poses, batch):
         """V_ij = M_i W_ij as one batched matmul per child capsule of the kernel: `[NP, O, KKI, 16]`."""
-        field, out_types = self.field, self.types
-        kki = self.kernel_size * self.kernel_size * self.input_types
+        field, out_types, kki = self.field, self.types, self.patch_children
         with tf.name_scope("votes"):
             flat = tf.reshape(poses, [batch, field.height, field.width, -1])  # [N, H, W, I*16]
             patches = tf.reshape(field.extract(flat), [-1, kki, POSE_SIZE, POSE_SIZE])  # [NP, KKI, 4, 4]
@@ -456,9 +455,9 @@ class ConvCaps(_RoutedCapsuleLayer):
 
     def _per_patch_constant(self, values, batch):
         """A per-(position, kernel offset) constant `[P, K*K]`, repeated over types and batch: `[NP, 1, KKI]`."""
-        kki = self.kernel_size * self.kernel_size * self.input_types
         per_type = np.repeat(values, self.input_types, axis=1)  # [P, KKI]
-        return tf.reshape(tf.constant(per_type, self.dtype) * tf.ones([batch, 1, 1], self.dtype), [-1, 1, kki])
+        ones = tf.ones([batch, 1, 1], self.dtype)
+        return tf.reshape(tf.constant(per_type, self.dtype) * ones, [-1, 1, self.patch_children])
 
     def _to_patch_major(self, values, batch):
         """`[NP, KKI]` -> `[N, OH, OW, K*K, I]` (a reshape: the layouts agree)."""
@@ -468,8 +467,7 @@ class ConvCaps(_RoutedCapsuleLayer):
 
     def _extract(self, children):
         """Child values `[N, H, W, I]` at every parent's patch: `[NP, 1, KKI]`."""
-        kki = self.kernel_size * self.kernel_size * self.input_types
-        return tf.reshape(self.field.extract(children), [-1, 1, kki])
+        return tf.reshape(self.field.extract(children), [-1, 1, self.patch_children])
 
     def _normalise(self, log_numerators):
         """E-step normalisation over every parent that sees each child, in log space.
