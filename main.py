@@ -321,6 +321,7 @@ class _TrainingRun:
         self.writer = tf.summary.FileWriter(result_dir)
         self.history = self._load_history()
         self.stop_signals = []
+        self._checkpoint_step = None  # step of the last checkpoint this process wrote
 
     def _load_history(self):
         path = os.path.join(self.result_dir, HISTORY_FILE)
@@ -331,9 +332,12 @@ class _TrainingRun:
 
     def save(self, step):
         """A checkpoint (TF writes it to temporary files and renames, then updates 'checkpoint' atomically),
-        the history and the training-curve picture."""
-        self.saver.save(self.sess, os.path.join(self.result_dir, CHECKPOINT_PREFIX), global_step=step,
-                        write_meta_graph=False)
+        the history and the training-curve picture. A step already checkpointed (a periodic save that
+        falls on an epoch end or the last step) is not written twice."""
+        if step != self._checkpoint_step:
+            self.saver.save(self.sess, os.path.join(self.result_dir, CHECKPOINT_PREFIX), global_step=step,
+                            write_meta_graph=False)
+            self._checkpoint_step = step
         write_json_atomically(os.path.join(self.result_dir, HISTORY_FILE), self.history)
         if self.history["step"]:
             utils.plot_training_curves(self.history, os.path.join(self.result_dir, "training_curves.png"))
