@@ -197,15 +197,75 @@ class ReceptiveField:
 # ----------------------------------------------------------------------------------------------
 
 
-def _m_step(weighted_assignments, votes, squared_votes, beta_v, beta_a, inverse_temperature):
+class _VoteContractions:
+    """The routing's only uses of the votes, and their hand-written gradient.
+
+    EM routing touches the votes V `[B, O, children, 16]` in exactly two ways: the M-step sums
+    sum_i r_i V_i and sum_i r_i V_i^2 (`weighted_sums`), and the E-step's Mahalanobis term
+    V a + V^2 b per child (`quadratic_forms`, a and b per parent). Autodiff would write one
+    vote-sized gradient per use and iteration (an outer product each) and add them up. Every one of
+    these gradients is an outer product u (x) w of a per-child vector u `[B, O, children]` and a
+    per-parent vector w `[B, O, 16]` (times 2V for the V^2 uses), so their total is
+        dL/dV = U W_lin + 2 V * (U W_sq),   U `[B, O, children, k]`, W `[B, O, k, 16]`,
+    one batched matmul with k = (M-steps + E-steps) columns. The routing sees the votes through
+    `tf.stop_gradient`, autodiff gives the per-use gradients (dL/d sum, dL/d form), and
+    `votes_gradient` assembles dL/dV from them.
+    """
+
+    def __init__(self, votes):
+        self.votes = tf.stop_gradient(votes)  # [B, O, children, 16]
+        self.squared_votes = tf.square(self.votes)  # [B, O, children, 16]
+        self._sums = []  # (r `[B, O, children]`, sum r V `[B, O, 1, 16]`, sum r V^2 `[B, O, 1, 16]`)
+        self._forms = []  # (a `[B, O, 16]`, b `[B, O, 16]`, V a + V^2 b `[B, O, children]`)
+
+    def weighted_sums(self, weights):
+        """sum_i r_i V_i and sum_i r_i V_i^2 for r `[B, O, children]` (O may be 1): two `[B, O, 16]`."""
+        r = weights[:, :, None, :]  # [B, O, 1, children]
+        vote_sum = tf.matmul(r, self.votes)  # [B, O, 1, 16]
+        squared_sum = tf.matmul(r, self.squared_votes)  # [B, O, 1, 16]
+        self._sums.append((weights, vote_sum, squared_sum))
+        return vote_sum[:, :, 0, :], squared_sum[:, :, 0, :]
+
+    def quadratic_forms(self, linear, quadratic):
+        """sum_h V_ih a_h + V_ih^2 b_h for every child: a, b `[B, O, 16]` -> `[B, O, children]`."""
+        forms = (tf.matmul(self.votes, linear[..., None])[..., 0]
+                 + tf.matmul(self.squared_votes, quadratic[..., None])[..., 0])  # [B, O, children]
+        self._forms.append((linear, quadratic, forms))
+        return forms
+
+    def votes_gradient(self, outputs, output_gradients, inputs):
+        """dL/dV and dL/d inputs, given dL/d outputs (None where an output is unused).
+
+        Returns a list: the votes gradient `[B, O, children, 16]`, then one gradient per tensor of
+        `inputs` (None where it does not reach the outputs).
+        """
+        used = [(y, dy) for y, dy in zip(outputs, output_gradients) if dy is not None]
+        sums = [t for _, vote_sum, squared_sum in self._sums for t in (vote_sum, squared_sum)]
+        forms = [form for _, _, form in self._forms]
+        grads = tf.gradients([y for y, _ in used], sums + forms + list(inputs), [dy for _, dy in used])
+        grads = [tf.zeros_like(x) if g is None and i < len(sums) + len(forms) else g
+                 for i, (x, g) in enumerate(zip(sums + forms + list(inputs), grads))]
+        sum_grads, form_grads = grads[:len(sums)], grads[len(sums):len(sums) + len(forms)]
+        shape = tf.shape(self.votes)[:3]
+        # Column k of U is the per-child factor of use k; row k of W_lin / W_sq its per-parent factor.
+        per_child = [tf.broadcast_to(r, shape) for r, _, _ in self._sums] + form_grads  # k x [B, O, children]
+        lin_rows = sum_grads[0::2] + [a[:, :, None, :] for a, _, _ in self._forms]  # k x [B, O, 1, 16]
+        sq_rows = sum_grads[1::2] + [b[:, :, None, :] for _, b, _ in self._forms]  # k x [B, O, 1, 16]
+        u_transposed = tf.stack(per_child, axis=2)  # [B, O, k, children]
+        lin = tf.matmul(u_transposed, tf.concat(lin_rows, axis=2), transpose_a=True)  # [B, O, children, 16]
+        sq = tf.matmul(u_transposed, tf.concat(sq_rows, axis=2), transpose_a=True)  # [B, O, children, 16]
+        votes_grad = lin + 2.0 * self.votes * sq  # [B, O, children, 16]
+        return [votes_grad] + grads[len(sums) + len(forms):]
+
+
+def _m_step(weighted_assignments, contractions, beta_v, beta_a, inverse_temperature):
     """M-step: every parent's Gaussian from its weighted votes, then its activation.
 
-    The sums over children, sum_i r_ij V_ij and sum_i r_ij V_ij^2, are batched matmuls (one read of
-    the votes each); sigma^2 = E[V^2] - mu^2, clamped at 0 against float rounding.
+    sigma^2 = E[V^2] - mu^2, clamped at 0 against float rounding.
 
     Args:
       weighted_assignments: r_ij = R_ij * a_i, `[B, O, children]` (O may be 1 and broadcast).
-      votes, squared_votes: V and V^2, `[B, O, children, 16]`.
+      contractions: the `_VoteContractions` of the votes.
       beta_v, beta_a: `[O]`.
       inverse_temperature: lambda, a float.
 
@@ -213,10 +273,10 @@ def _m_step(weighted_assignments, votes, squared_votes, beta_v, beta_a, inverse_
       mean `[B, O, 16]`, variance `[B, O, 16]`, activations `[B, O]` and their logs `[B, O]`.
     """
     with tf.name_scope("m_step"):
-        r = weighted_assignments[:, :, None, :]  # [B, O, 1, children]
         mass = tf.reduce_sum(weighted_assignments, axis=-1, keepdims=True)  # [B, O, 1], sum_i r_ij
-        mean = _safe_divide(tf.matmul(r, votes)[:, :, 0, :], mass)  # [B, O, 16]
-        mean_square = _safe_divide(tf.matmul(r, squared_votes)[:, :, 0, :], mass)  # [B, O, 16]
+        vote_sum, squared_sum = contractions.weighted_sums(weighted_assignments)  # [B, O, 16] each
+        mean = _safe_divide(vote_sum, mass)  # [B, O, 16]
+        mean_square = _safe_divide(squared_sum, mass)  # [B, O, 16]
         variance = tf.nn.relu(mean_square - tf.square(mean)) + _VARIANCE_FLOOR  # [B, O, 16]
         # cost_h = (beta_v + log sigma_h) * sum_i r_ij  (paper eq. 2; log sigma = log(sigma^2) / 2)
         cost = (beta_v[:, None] + 0.5 * tf.log(variance)) * mass  # [B, O, 16]
@@ -224,14 +284,14 @@ def _m_step(weighted_assignments, votes, squared_votes, beta_v, beta_a, inverse_
         return mean, variance, tf.sigmoid(logits), tf.log_sigmoid(logits)
 
 
-def _e_step_log_numerators(votes, squared_votes, mean, variance, log_activations):
+def _e_step_log_numerators(contractions, mean, variance, log_activations):
     """log(a_j p_ij), the E-step numerators, in log space.
 
     sum_h (V_h - mu_h)^2 / (2 sigma_h^2) = sum_h [V_h^2 / (2 sigma_h^2) - V_h mu_h / sigma_h^2]
-    + sum_h mu_h^2 / (2 sigma_h^2): the votes parts are two batched matrix-vector products.
+    + sum_h mu_h^2 / (2 sigma_h^2): the votes part is one quadratic form per child.
 
     Args:
-      votes, squared_votes: `[B, O, children, 16]`.
+      contractions: the `_VoteContractions` of the votes `[B, O, children, 16]`.
       mean, variance: `[B, O, 16]`.
       log_activations: `[B, O]`.
 
@@ -239,14 +299,16 @@ def _e_step_log_numerators(votes, squared_votes, mean, variance, log_activations
       `[B, O, children]`.
     """
     with tf.name_scope("e_step"):
-        linear = tf.matmul(votes, (mean / variance)[..., None])[..., 0]  # [B, O, children]
-        quadratic = tf.matmul(squared_votes, (0.5 / variance)[..., None])[..., 0]  # [B, O, children]
+        votes_part = contractions.quadratic_forms(mean / variance, -0.5 / variance)  # [B, O, children]
         parent_part = tf.reduce_sum(0.5 * tf.square(mean) / variance + 0.5 * (tf.log(variance) + _LOG_2PI), -1)
-        return (log_activations - parent_part)[..., None] + linear - quadratic  # [B, O, children]
+        return (log_activations - parent_part)[..., None] + votes_part  # [B, O, children]
 
 
 def em_routing(votes, child_activations, initial_assignments, beta_v, beta_a, inverse_temps, normalise):
     """EM routing (paper Procedure 1) in the parent-major layout.
+
+    The votes gradient is assembled by `_VoteContractions` (one batched matmul), the gradients of
+    all other inputs by autodiff.
 
     Args:
       votes: `[B, O, children, 16]`, B parent positions (N * P, or N for the class layer).
@@ -261,18 +323,31 @@ def em_routing(votes, child_activations, initial_assignments, beta_v, beta_a, in
       poses `[B, O, 16]` (the parent means), activations `[B, O]`, the assignments used by the last
       M-step (broadcastable to `[B, O, children]`) and the list of per-iteration activations.
     """
-    squared_votes = tf.square(votes)  # [B, O, children, 16]
-    assignments = initial_assignments
-    activations_per_iteration = []
-    for iteration, inverse_temperature in enumerate(inverse_temps):
-        with tf.name_scope("iteration_%d" % iteration):
-            weighted = assignments * child_activations  # [B, O, children]
-            mean, variance, activations, log_activations = _m_step(weighted, votes, squared_votes, beta_v, beta_a,
-                                                                   inverse_temperature)
-            activations_per_iteration.append(activations)
-            if iteration < len(inverse_temps) - 1:
-                log_numerators = _e_step_log_numerators(votes, squared_votes, mean, variance, log_activations)
-                assignments = normalise(log_numerators)
+
+    @tf.custom_gradient
+    def route(votes, child_activations, initial_assignments, beta_v, beta_a):
+        contractions = _VoteContractions(votes)
+        assignments = initial_assignments
+        activations_per_iteration = []
+        for iteration, inverse_temperature in enumerate(inverse_temps):
+            with tf.name_scope("iteration_%d" % iteration):
+                weighted = assignments * child_activations  # [B, O, children]
+                mean, variance, activations, log_activations = _m_step(weighted, contractions, beta_v, beta_a,
+                                                                       inverse_temperature)
+                activations_per_iteration.append(activations)
+                if iteration < len(inverse_temps) - 1:
+                    log_numerators = _e_step_log_numerators(contractions, mean, variance, log_activations)
+                    assignments = normalise(log_numerators)
+        outputs = [mean, activations, assignments] + activations_per_iteration
+
+        def gradient(*output_gradients):
+            other_inputs = [child_activations, initial_assignments, beta_v, beta_a]
+            return contractions.votes_gradient(outputs, output_gradients, other_inputs)
+
+        return outputs, gradient
+
+    mean, activations, assignments, *activations_per_iteration = route(
+        votes, child_activations, initial_assignments, beta_v, beta_a)
     return mean, activations, assignments, activations_per_iteration
 
 
