@@ -51,6 +51,7 @@ _VARIANCE_FLOOR = 5e-4  # added to every sigma^2, as in the official code: keeps
 _SAFE_DIVIDE_EPSILON = 1e-9  # a parent with no active children has mass 0: its mean becomes 0
 _LOG_FLOOR = 1e-30  # log of an empty E-step denominator (a child no parent sees) stays finite
 _LOG_2PI = math.log(2.0 * math.pi)  # Gaussian normaliser
+_COST_VARIANCE_EPSILON = 1e-6  # standardised costs: sqrt stays differentiable when all costs are equal
 
 # Inverse temperature schedule of the official code: lambda_i = final_lambda * (1 - 0.95^(i+1)).
 _LAMBDA_DECAY = 0.95
@@ -258,7 +259,22 @@ class _VoteContractions:
         return [votes_grad] + grads[len(sums) + len(forms):]
 
 
-def _m_step(weighted_assignments, contractions, beta_v, beta_a, inverse_temperature):
+def _activation_logits(cost, beta_a, inverse_temperature, standardise_costs):
+    """The M-step's activation logit of every parent from its total cost `[B, O]`: `[B, O]`.
+
+    Paper form: lambda (beta_a - cost). With `standardise_costs`, the costs of the O parent types at
+    one position are first standardised to mean 0 and variance 1 -- lambda (beta_a + (mean - cost) /
+    std) -- which keeps the logit's scale independent of how many children a parent has (not in the
+    paper; the gyang274 and IBM (Gritzman, 2019) TensorFlow implementations do this).
+    """
+    if not standardise_costs:
+        return inverse_temperature * (beta_a - cost)
+    mean = tf.reduce_mean(cost, axis=1, keepdims=True)  # [B, 1]
+    variance = tf.reduce_mean(tf.square(cost - mean), axis=1, keepdims=True)  # [B, 1]
+    return inverse_temperature * (beta_a + (mean - cost) * tf.rsqrt(variance + _COST_VARIANCE_EPSILON))
+
+
+def _m_step(weighted_assignments, contractions, beta_v, beta_a, inverse_temperature, standardise_costs):
     """M-step: every parent's Gaussian from its weighted votes, then its activation.
 
     sigma^2 = E[V^2] - mu^2, clamped at 0 against float rounding.
@@ -268,6 +284,7 @@ def _m_step(weighted_assignments, contractions, beta_v, beta_a, inverse_temperat
       contractions: the `_VoteContractions` of the votes.
       beta_v, beta_a: `[O]`.
       inverse_temperature: lambda, a float.
+      standardise_costs: see `_activation_logits`.
 
     Returns:
       mean `[B, O, 16]`, variance `[B, O, 16]`, activations `[B, O]` and their logs `[B, O]`.
@@ -280,7 +297,8 @@ def _m_step(weighted_assignments, contractions, beta_v, beta_a, inverse_temperat
         variance = tf.nn.relu(mean_square - tf.square(mean)) + _VARIANCE_FLOOR  # [B, O, 16]
         # cost_h = (beta_v + log sigma_h) * sum_i r_ij  (paper eq. 2; log sigma = log(sigma^2) / 2)
         cost = (beta_v[:, None] + 0.5 * tf.log(variance)) * mass  # [B, O, 16]
-        logits = inverse_temperature * (beta_a - tf.reduce_sum(cost, axis=-1))  # [B, O]
+        logits = _activation_logits(tf.reduce_sum(cost, axis=-1), beta_a, inverse_temperature,
+                                    standardise_costs)  # [B, O]
         return mean, variance, tf.sigmoid(logits), tf.log_sigmoid(logits)
 
 
@@ -304,7 +322,8 @@ def _e_step_log_numerators(contractions, mean, variance, log_activations):
         return (log_activations - parent_part)[..., None] + votes_part  # [B, O, children]
 
 
-def em_routing(votes, child_activations, initial_assignments, beta_v, beta_a, inverse_temps, normalise):
+def em_routing(votes, child_activations, initial_assignments, beta_v, beta_a, inverse_temps, normalise,
+               standardise_costs=False):
     """EM routing (paper Procedure 1) in the parent-major layout.
 
     The votes gradient is assembled by `_VoteContractions` (one batched matmul), the gradients of
@@ -318,6 +337,7 @@ def em_routing(votes, child_activations, initial_assignments, beta_v, beta_a, in
       inverse_temps: list of per-iteration lambdas; its length is the number of iterations.
       normalise: maps E-step log numerators `[B, O, children]` to assignments R `[B, O, children]`
         that sum to 1 over every parent of each child.
+      standardise_costs: see `_activation_logits`.
 
     Returns:
       poses `[B, O, 16]` (the parent means), activations `[B, O]`, the assignments used by the last
@@ -333,7 +353,7 @@ def em_routing(votes, child_activations, initial_assignments, beta_v, beta_a, in
             with tf.name_scope("iteration_%d" % iteration):
                 weighted = assignments * child_activations  # [B, O, children]
                 mean, variance, activations, log_activations = _m_step(weighted, contractions, beta_v, beta_a,
-                                                                       inverse_temperature)
+                                                                       inverse_temperature, standardise_costs)
                 activations_per_iteration.append(activations)
                 if iteration < len(inverse_temps) - 1:
                     log_numerators = _e_step_log_numerators(contractions, mean, variance, log_activations)
@@ -442,8 +462,9 @@ class _RoutedCapsuleLayer(_CapsuleLayer):
     """Shared variables and routing settings of the convolutional and class capsule layers."""
 
     def __init__(self, name, dtype, iterations, final_lambda, weights_initializer, beta_v_initializer,
-                 beta_a_initializer, beta_a_scale):
+                 beta_a_initializer, beta_a_scale, standardise_costs):
         super().__init__(name, dtype)
+        self.standardise_costs = standardise_costs
         # beta_a = beta_a_scale * (the variable): the official code's activation bias enters the logit
         # scaled by 5000, so Adam moves it that much faster than the other weights; 1.0 is the plain form.
         self.beta_a_scale = beta_a_scale
@@ -464,7 +485,7 @@ class _RoutedCapsuleLayer(_CapsuleLayer):
         with tf.name_scope("em_routing"):
             poses, activations, assignments, per_iteration = em_routing(
                 votes, child_activations, initial_assignments, self.beta_v, self.beta_a_scale * self.beta_a,
-                self.inverse_temps, normalise
+                self.inverse_temps, normalise, self.standardise_costs
             )
         self.end_points = {
             "votes": votes,
@@ -489,9 +510,10 @@ class ConvCaps(_RoutedCapsuleLayer):
 
     def __init__(self, types, kernel_size=3, stride=1, padding="VALID", iterations=3,
                  final_lambda=DEFAULT_FINAL_LAMBDA, weights_initializer=None, beta_v_initializer=None,
-                 beta_a_initializer=None, beta_a_scale=1.0, name="conv_caps", dtype=tf.float32):
+                 beta_a_initializer=None, beta_a_scale=1.0, standardise_costs=False, name="conv_caps",
+                 dtype=tf.float32):
         super().__init__(name, dtype, iterations, final_lambda, weights_initializer, beta_v_initializer,
-                         beta_a_initializer, beta_a_scale)
+                         beta_a_initializer, beta_a_scale, standardise_costs)
         conv_geometry(kernel_size, kernel_size, kernel_size, stride, padding)  # validates padding
         self.types, self.kernel_size, self.stride, self.padding = types, kernel_size, stride, padding
 
@@ -594,9 +616,9 @@ class ClassCaps(_RoutedCapsuleLayer):
 
     def __init__(self, classes, iterations=3, final_lambda=DEFAULT_FINAL_LAMBDA, coordinate_addition=True,
                  weights_initializer=None, beta_v_initializer=None, beta_a_initializer=None, beta_a_scale=1.0,
-                 name="class_caps", dtype=tf.float32):
+                 standardise_costs=False, name="class_caps", dtype=tf.float32):
         super().__init__(name, dtype, iterations, final_lambda, weights_initializer, beta_v_initializer,
-                         beta_a_initializer, beta_a_scale)
+                         beta_a_initializer, beta_a_scale, standardise_costs)
         self.classes, self.coordinate_addition = classes, coordinate_addition
 
     def build(self, pose_shape, activation_shape):

@@ -162,6 +162,14 @@ def validate_flags(values):
         raise UsageError("--threads must be >= 0, got %r" % values["threads"])
 
 
+def _parse_bool(text):
+    """'true'/'false' (any case) -> bool; anything else is a ValueError (bool('False') would be True)."""
+    lowered = text.strip().lower()
+    if lowered not in ("true", "false"):
+        raise ValueError(text)
+    return lowered == "true"
+
+
 def parse_hparams(text):
     """'name=value,name=value' -> {name: value}, each value converted to the HParams field's type."""
     types = {field.name: field.type for field in dataclasses.fields(capsnet.HParams)}
@@ -172,7 +180,7 @@ def parse_hparams(text):
         if name not in types:
             raise UsageError("--hparams: unknown hyperparameter %r (see HParams in model.py)" % name)
         try:
-            overrides[name] = types[name](value.strip())
+            overrides[name] = _parse_bool(value) if types[name] is bool else types[name](value.strip())
         except ValueError:
             raise UsageError("--hparams: %s=%r is not a valid %s" % (name, value, types[name].__name__)) from None
     return overrides

@@ -53,6 +53,7 @@ class HParams:
     class_beta_v_init: float = 0.0
     class_beta_a_init: float = 0.0
     beta_a_scale: float = 1.0  # effective beta_a = scale * variable (official code: 5000 * b_a)
+    standardise_costs: bool = False  # standardise each position's costs over its parent types (not in the paper)
     # Spread loss margin (paper section 4: m rises from 0.2 to 0.9 during training).
     margin_schedule: str = "sigmoid"  # 'sigmoid' (official code) or 'linear'
     margin_ramp_steps: int = 400000  # 'sigmoid': 0.2 + 0.79 sigmoid(min(10, 8 step / ramp - 4))
@@ -168,7 +169,8 @@ class CapsNetEMModel:
                 types, kernel_size, stride, hp.padding, hp.iterations, hp.final_lambda,
                 weights_initializer=conv_init(hp.weight_stddev),
                 beta_v_initializer=tf.constant_initializer(hp.beta_v_init),
-                beta_a_initializer=tf.constant_initializer(hp.beta_a_init), beta_a_scale=hp.beta_a_scale, name=name,
+                beta_a_initializer=tf.constant_initializer(hp.beta_a_init), beta_a_scale=hp.beta_a_scale,
+                standardise_costs=hp.standardise_costs, name=name,
             )
             poses, activations = layer(poses, activations)
             end_points[name] = activations
@@ -178,7 +180,7 @@ class CapsNetEMModel:
             weights_initializer=conv_init(hp.class_weight_stddev),
             beta_v_initializer=tf.constant_initializer(hp.class_beta_v_init),
             beta_a_initializer=tf.constant_initializer(hp.class_beta_a_init), beta_a_scale=hp.beta_a_scale,
-            name="class_caps",
+            standardise_costs=hp.standardise_costs, name="class_caps",
         )
         class_poses, class_activations = class_layer(poses, activations)  # [N, C, 4, 4], [N, C]
         end_points["class_caps"] = class_activations

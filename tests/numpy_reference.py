@@ -19,6 +19,7 @@ POSE_DIM = 4  # capsule poses are POSE_DIM x POSE_DIM matrices
 POSE_SIZE = POSE_DIM * POSE_DIM  # number of entries in a flattened pose / vote
 VAR_FLOOR = 5e-4  # added to every routing variance so log(var) stays finite
 LAMBDA_DECAY = 0.95  # inverse-temperature schedule: lam_t = final * (1 - LAMBDA_DECAY**(t+1))
+COST_VAR_EPS = 1e-6  # standardised costs: added to the variance of a position's costs
 CELL_CENTRE = 0.5  # coordinate addition uses the centre (h + CELL_CENTRE) of each grid cell
 
 
@@ -120,7 +121,7 @@ def primary_caps_reference(x, pose_kernel, pose_bias, act_kernel, act_bias, stri
 
 
 def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, iterations,
-                         final_lambda):
+                         final_lambda, standardise_costs=False):
     """EM routing (paper Procedure 1) for ONE example over an explicit bipartite graph.
 
     Args:
@@ -130,6 +131,9 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
         beta_v, beta_a: [num_parent_types].
         parent_type: int [num_parents], o(j).
         iterations, final_lambda: number of routing iterations (>= 1), final inverse temperature.
+        standardise_costs: if True, the activation logit is lam * (beta_a + (mean - cost) /
+            sqrt(var + 1e-6)), mean and var over the parents of one position (parent j's position
+            is j // number of parent types).
 
     Returns:
         mu [num_parents, 16], parent_acts [num_parents], R [num_children, num_parents] (the
@@ -152,6 +156,7 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
     var = np.zeros((num_parents, POSE_SIZE), np.float64)
     parent_acts = np.zeros(num_parents, np.float64)
     log_parent_acts = np.zeros(num_parents, np.float64)  # log a_j, exact even if a_j underflows
+    total_cost = np.zeros(num_parents, np.float64)  # sum_h cost_h of each parent
     history = []
     for t in range(iterations):
         lam = final_lambda * (1.0 - LAMBDA_DECAY ** (t + 1))
@@ -164,7 +169,15 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
             var[j] = sum(r[i] * (votes[i, j] - mu[j]) ** 2 for i in children_of[j]) / s_j
             var[j] += VAR_FLOOR
             cost = (beta_v[o] + 0.5 * np.log(var[j])) * s_j
-            log_parent_acts[j] = _log_sigmoid(lam * (beta_a[o] - np.sum(cost)))
+            total_cost[j] = np.sum(cost)
+        for j in range(num_parents):
+            o = parent_type[j]
+            if standardise_costs:
+                group = total_cost[[k for k in range(num_parents) if k // len(beta_a) == j // len(beta_a)]]
+                logit = lam * (beta_a[o] + (group.mean() - total_cost[j]) / math.sqrt(group.var() + COST_VAR_EPS))
+            else:
+                logit = lam * (beta_a[o] - total_cost[j])
+            log_parent_acts[j] = _log_sigmoid(logit)
             parent_acts[j] = math.exp(log_parent_acts[j])
         history.append(parent_acts.copy())
         if t == iterations - 1:
@@ -189,7 +202,7 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
 
 
 def conv_caps_reference(poses, acts, weights, beta_v, beta_a, kernel_size, stride, padding,
-                        iterations, final_lambda):
+                        iterations, final_lambda, standardise_costs=False):
     """ConvCaps layer with EM routing.
 
     Args:
@@ -198,7 +211,7 @@ def conv_caps_reference(poses, acts, weights, beta_v, beta_a, kernel_size, strid
         weights: [K, K, I, O, 4, 4].
         beta_v, beta_a: [O].
         kernel_size: int or (kh, kw); stride: int or (sh, sw); padding: 'VALID' or 'SAME'.
-        iterations, final_lambda: routing settings.
+        iterations, final_lambda, standardise_costs: routing settings.
 
     Returns:
         out_poses [N, OH, OW, O, 4, 4], out_acts [N, OH, OW, O], and a list (one per example)
@@ -228,14 +241,15 @@ def conv_caps_reference(poses, acts, weights, beta_v, beta_a, kernel_size, strid
                     votes[child, parent] = vote.reshape(POSE_SIZE)
         child_acts = acts[b].reshape(num_children)  # row-major == (h*W + w)*I + i
         mu, parent_acts, assign, _ = em_routing_reference(
-            votes, child_acts, sees, beta_v, beta_a, parent_type, iterations, final_lambda)
+            votes, child_acts, sees, beta_v, beta_a, parent_type, iterations, final_lambda, standardise_costs)
         out_poses[b] = mu.reshape(out_h, out_w, num_out, POSE_DIM, POSE_DIM)
         out_acts[b] = parent_acts.reshape(out_h, out_w, num_out)
         assignments.append(assign)
     return out_poses, out_acts, assignments
 
 
-def class_caps_reference(poses, acts, weights, beta_v, beta_a, iterations, final_lambda):
+def class_caps_reference(poses, acts, weights, beta_v, beta_a, iterations, final_lambda,
+                         standardise_costs=False):
     """ClassCaps layer: every grid cell is a child; votes get coordinate addition.
 
     Args:
@@ -243,7 +257,7 @@ def class_caps_reference(poses, acts, weights, beta_v, beta_a, iterations, final
         acts: [N, H, W, I].
         weights: [I, C, 4, 4], shared over positions.
         beta_v, beta_a: [C].
-        iterations, final_lambda: routing settings.
+        iterations, final_lambda, standardise_costs: routing settings.
 
     Returns:
         out_poses [N, C, 4, 4], out_acts [N, C]. (Child index (h*W + w)*I + i, parent c.)
@@ -270,7 +284,7 @@ def class_caps_reference(poses, acts, weights, beta_v, beta_a, iterations, final
                         votes[child, c] = vote.reshape(POSE_SIZE)
         mu, parent_acts, _, _ = em_routing_reference(
             votes, acts[b].reshape(num_children), sees, beta_v, beta_a,
-            list(range(num_classes)), iterations, final_lambda)
+            list(range(num_classes)), iterations, final_lambda, standardise_costs)
         out_poses[b] = mu.reshape(num_classes, POSE_DIM, POSE_DIM)
         out_acts[b] = parent_acts
     return out_poses, out_acts

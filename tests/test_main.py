@@ -164,3 +164,7 @@ def test_hparams_flag_parsing():
         main.parse_hparams("nonsense=1")
     with pytest.raises(main.UsageError, match="not a valid int"):
         main.parse_hparams("iterations=two")
+    assert main.parse_hparams("standardise_costs=False") == {"standardise_costs": False}
+    assert main.parse_hparams("standardise_costs=TRUE") == {"standardise_costs": True}
+    with pytest.raises(main.UsageError, match="not a valid bool"):
+        main.parse_hparams("standardise_costs=yes")
