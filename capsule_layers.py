@@ -29,7 +29,9 @@ positions of a conv layer, or N for the class layer; children = K*K*I patch entr
 (kh, kw, i), exactly the channel order of `tf.image.extract_patches`). Then the M-step sums
 (sum_i r V and sum_i r V^2) are batched matmuls over the votes and their squares, so is the
 E-step's Mahalanobis term, and per-child values move between patch and child layouts with a
-reshape, a fold and a patch extraction, never a transpose.
+reshape, a fold and a patch extraction, never a transpose. The routing's gradient with respect to
+the votes is assembled by hand (`_VoteContractions`): one batched matmul instead of one vote-sized
+gradient per use of the votes.
 
 Receptive fields. In a convolutional capsule layer a child is seen by every parent whose receptive
 field contains it (up to ceil(K/s)^2 positions times O types). The E-step normalises each child over
