@@ -19,8 +19,9 @@ BATCH_SIZE = 32
 TEST_IMAGES = 1000
 SEED = 1
 EVAL_BATCH = 100
-# Calibrated from runs of this exact test on the 2-core dev machine: 0.650 twice (the run is deterministic
-# there). Chance is 0.10; 0.5 is five times chance and leaves room for float-rounding differences on other
+# Calibrated from runs of this exact test on the 2-core dev machine: 0.650 twice, and 0.657 twice after the
+# hand-written routing gradient (equal math, different float rounding; the run is deterministic there).
+# Chance is 0.10; 0.5 is five times chance and leaves room for float-rounding differences on other
 # CPUs (oneDNN on or off, other instruction sets) changing the trajectory a little.
 MIN_ACCURACY = 0.5
 
