@@ -245,10 +245,12 @@ class _VoteContractions:
         used = [(y, dy) for y, dy in zip(outputs, output_gradients) if dy is not None]
         sums = [t for _, vote_sum, squared_sum in self._sums for t in (vote_sum, squared_sum)]
         forms = [form for _, _, form in self._forms]
-        grads = tf.gradients([y for y, _ in used], sums + forms + list(inputs), [dy for _, dy in used])
-        grads = [tf.zeros_like(x) if g is None and i < len(sums) + len(forms) else g
-                 for i, (x, g) in enumerate(zip(sums + forms + list(inputs), grads))]
-        sum_grads, form_grads = grads[:len(sums)], grads[len(sums):len(sums) + len(forms)]
+        contractions = sums + forms
+        grads = tf.gradients([y for y, _ in used], contractions + list(inputs), [dy for _, dy in used])
+        input_grads = grads[len(contractions):]
+        # A contraction that does not reach the used outputs contributes nothing to dL/dV.
+        grads = [tf.zeros_like(x) if g is None else g for x, g in zip(contractions, grads[:len(contractions)])]
+        sum_grads, form_grads = grads[:len(sums)], grads[len(sums):]
         shape = tf.shape(self.votes)[:3]
         # Column k of U is the per-child factor of use k; row k of W_lin / W_sq its per-parent factor.
         per_child = [tf.broadcast_to(r, shape) for r, _, _ in self._sums] + form_grads  # k x [B, O, children]
@@ -258,7 +260,7 @@ class _VoteContractions:
         lin = tf.matmul(u_transposed, tf.concat(lin_rows, axis=2), transpose_a=True)  # [B, O, children, 16]
         sq = tf.matmul(u_transposed, tf.concat(sq_rows, axis=2), transpose_a=True)  # [B, O, children, 16]
         votes_grad = lin + 2.0 * self.votes * sq  # [B, O, children, 16]
-        return [votes_grad] + grads[len(sums) + len(forms):]
+        return [votes_grad] + input_grads
 
 
 def _activation_logits(cost, beta_a, inverse_temperature, standardise_costs):
