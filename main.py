@@ -133,11 +133,19 @@ class Interrupted(Exception):
 # ---- flags and the run directory ----------------------------------------------------------------------
 
 
-def parse_test_flag(value):
-    """'True'/'False' (any case) -> bool; anything else is a usage error."""
+def parse_bool(value):
+    """'True'/'False' (any case) -> bool; anything else is a ValueError (Python's bool('False') is True)."""
     if value.lower() not in BOOLEAN_WORDS:
-        raise UsageError("--test must be True or False, got %r" % value)
+        raise ValueError(value)
     return BOOLEAN_WORDS[value.lower()]
+
+
+def parse_test_flag(value):
+    """--test's value as a bool; anything but True/False (any case) is a usage error."""
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise UsageError("--test must be True or False, got %r" % value) from None
 
 
 def validate_flags(values):
@@ -162,14 +170,6 @@ def validate_flags(values):
         raise UsageError("--threads must be >= 0, got %r" % values["threads"])
 
 
-def _parse_bool(text):
-    """'true'/'false' (any case) -> bool; anything else is a ValueError (bool('False') would be True)."""
-    lowered = text.strip().lower()
-    if lowered not in ("true", "false"):
-        raise ValueError(text)
-    return lowered == "true"
-
-
 def parse_hparams(text):
     """'name=value,name=value' -> {name: value}, each value converted to the HParams field's type."""
     types = {field.name: field.type for field in dataclasses.fields(capsnet.HParams)}
@@ -180,7 +180,8 @@ def parse_hparams(text):
         if name not in types:
             raise UsageError("--hparams: unknown hyperparameter %r (see HParams in model.py)" % name)
         try:
-            overrides[name] = _parse_bool(value) if types[name] is bool else types[name](value.strip())
+            converter = parse_bool if types[name] is bool else types[name]
+            overrides[name] = converter(value.strip())
         except ValueError:
             raise UsageError("--hparams: %s=%r is not a valid %s" % (name, value, types[name].__name__)) from None
     return overrides
