@@ -243,19 +243,20 @@ class _VoteContractions:
         `inputs` (None where it does not reach the outputs).
         """
         used = [(y, dy) for y, dy in zip(outputs, output_gradients) if dy is not None]
-        sums = [t for _, vote_sum, squared_sum in self._sums for t in (vote_sum, squared_sum)]
-        forms = [form for _, _, form in self._forms]
-        contractions = sums + forms
+        num_sums = len(self._sums)
+        contractions = ([vote_sum for _, vote_sum, _ in self._sums] + [squared for _, _, squared in self._sums]
+                        + [form for _, _, form in self._forms])
         grads = tf.gradients([y for y, _ in used], contractions + list(inputs), [dy for _, dy in used])
         input_grads = grads[len(contractions):]
         # A contraction that does not reach the used outputs contributes nothing to dL/dV.
         grads = [tf.zeros_like(x) if g is None else g for x, g in zip(contractions, grads[:len(contractions)])]
-        sum_grads, form_grads = grads[:len(sums)], grads[len(sums):]
+        vote_sum_grads, squared_sum_grads = grads[:num_sums], grads[num_sums:2 * num_sums]  # [B, O, 1, 16] each
+        form_grads = grads[2 * num_sums:]  # [B, O, children] each
         shape = tf.shape(self.votes)[:3]
         # Column k of U is the per-child factor of use k; row k of W_lin / W_sq its per-parent factor.
         per_child = [tf.broadcast_to(r, shape) for r, _, _ in self._sums] + form_grads  # k x [B, O, children]
-        lin_rows = sum_grads[0::2] + [a[:, :, None, :] for a, _, _ in self._forms]  # k x [B, O, 1, 16]
-        sq_rows = sum_grads[1::2] + [b[:, :, None, :] for _, b, _ in self._forms]  # k x [B, O, 1, 16]
+        lin_rows = vote_sum_grads + [a[:, :, None, :] for a, _, _ in self._forms]  # k x [B, O, 1, 16]
+        sq_rows = squared_sum_grads + [b[:, :, None, :] for _, b, _ in self._forms]  # k x [B, O, 1, 16]
         u_transposed = tf.stack(per_child, axis=2)  # [B, O, k, children]
         lin = tf.matmul(u_transposed, tf.concat(lin_rows, axis=2), transpose_a=True)  # [B, O, children, 16]
         sq = tf.matmul(u_transposed, tf.concat(sq_rows, axis=2), transpose_a=True)  # [B, O, children, 16]
