@@ -31,7 +31,9 @@ flags.DEFINE_integer("batch_size", 64, "Images per step.")
 flags.DEFINE_string("mode", "train", "train (forward + loss + backward + Adam update) or infer (forward only).")
 flags.DEFINE_integer("steps", 10, "Timed steps (>= 10 for the README figures).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (graph optimisation, allocator warm-up).")
-flags.DEFINE_integer("threads", 0, "Intra/inter-op threads (0: TensorFlow's default, every core).")
+flags.DEFINE_integer("threads", 0, "CPU threads (0: every core); as main.py's --threads.")
+flags.DEFINE_integer("micro_batch_size", None, "Images per micro-batch (0: no split; default: as main.py's "
+                     "--micro_batch_size).")
 flags.DEFINE_integer("iterations", None, "Routing iterations (default: the preset's).")
 flags.DEFINE_bool("xla", False, "Turn on XLA auto-clustering (global_jit_level ON_1).")
 flags.DEFINE_bool("profile", False, "Trace one extra step and print the 12 most expensive op types.")
@@ -68,17 +70,20 @@ def forward_flops(hp):
     return flops
 
 
-def measure_matmul_rate(sess):
-    """fp32 FLOP/s of a square matmul on this machine (the attainable peak the README compares with)."""
-    a = tf.Variable(tf.random.normal([MATMUL_SIZE, MATMUL_SIZE]))
-    product = tf.reduce_sum(tf.matmul(a, a))
-    sess.run(a.initializer)
-    sess.run(product)
-    times = []
-    for _ in range(MATMUL_REPEATS):
-        started = time.perf_counter()
-        sess.run(product)
-        times.append(time.perf_counter() - started)
+def measure_matmul_rate(threads):
+    """fp32 FLOP/s of a square matmul on `threads` cores (0: all; the attainable peak the README compares with)."""
+    with tf.Graph().as_default():
+        a = tf.Variable(tf.random.normal([MATMUL_SIZE, MATMUL_SIZE]))
+        product = tf.reduce_sum(tf.matmul(a, a))
+        config = tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
+        with tf.Session(config=config) as sess:
+            sess.run(a.initializer)
+            sess.run(product)
+            times = []
+            for _ in range(MATMUL_REPEATS):
+                started = time.perf_counter()
+                sess.run(product)
+                times.append(time.perf_counter() - started)
     return FLOPS_PER_MAC * MATMUL_SIZE ** 3 / float(np.median(times))
 
 
@@ -92,12 +97,12 @@ def top_ops(run_metadata, count=TOP_OPS):
     return totals.most_common(count)
 
 
-def build(hp, batch_size, mode):
+def build(net, batch_size, mode):
+    hp = net.hparams
     images = tf.Variable(tf.random.uniform([batch_size, hp.image_size, hp.image_size, hp.image_channels]),
                          trainable=False, name="bench_images")
     labels = tf.Variable(tf.random.uniform([batch_size], maxval=hp.num_classes, dtype=tf.int64), trainable=False,
                          name="bench_labels")
-    net = capsnet.CapsNetEMModel(hp)
     if mode == "train":
         graph = net.train(images, labels)
         return [graph.train_op, graph.loss]
@@ -110,10 +115,15 @@ def main(argv):
     if FLAGS.mode not in ("train", "infer"):
         raise SystemExit("error: --mode must be train or infer")
     tf.disable_v2_behavior()
+    matmul_rate = measure_matmul_rate(FLAGS.threads)  # first, on an idle process
     overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
     hp = capsnet.hparams_for(FLAGS.preset, **overrides)
-    fetches = build(hp, FLAGS.batch_size, FLAGS.mode)
-    config = tf.ConfigProto(intra_op_parallelism_threads=FLAGS.threads, inter_op_parallelism_threads=FLAGS.threads)
+    micro_batch_size = FLAGS.micro_batch_size
+    if micro_batch_size is None:
+        micro_batch_size = capsnet.default_micro_batch_size(hp)
+    net = capsnet.CapsNetEMModel(hp, capsnet.micro_batches_for(FLAGS.batch_size, micro_batch_size))
+    fetches = build(net, FLAGS.batch_size, FLAGS.mode)
+    config = capsnet.session_config(FLAGS.threads, net.micro_batches)
     if FLAGS.xla:
         config.graph_options.optimizer_options.global_jit_level = tf.OptimizerOptions.ON_1
     with tf.Session(config=config) as sess:
@@ -129,7 +139,6 @@ def main(argv):
             metadata = tf.RunMetadata()
             sess.run(fetches, options=tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE), run_metadata=metadata)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
-        matmul_rate = measure_matmul_rate(sess)
     median = float(np.median(times))
     images_per_sec = FLAGS.batch_size / median
     flops = forward_flops(hp)
@@ -140,12 +149,14 @@ def main(argv):
         "step_ms": {k: round(MS_PER_S * v, 1) for k, v in
                     (("min", min(times)), ("median", median), ("max", max(times)))},
         "peak_rss_mb": round(peak_rss_mb, 1), "flops_per_image": flops, "threads": FLAGS.threads or os.cpu_count(),
+        "micro_batch_size": micro_batch_size, "micro_batches": net.micro_batches,
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "xla": FLAGS.xla,
         "matmul_gflops": round(matmul_rate / 1e9, 1),
         "fraction_of_matmul_rate": round(flops * factor * images_per_sec / matmul_rate, 4),
     }
-    print("%s %s batch %d: %.1f img/s, step %.0f ms (min %.0f, max %.0f), peak RSS %.0f MB, %.1f MFLOP/img, "
-          "%.1f%% of %.0f GFLOP/s" % (FLAGS.preset, FLAGS.mode, FLAGS.batch_size, images_per_sec,
+    print("%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), peak RSS %.0f MB, "
+          "%.1f MFLOP/img, %.1f%% of %.0f GFLOP/s" % (FLAGS.preset, FLAGS.mode, FLAGS.batch_size, net.micro_batches,
+                                                       images_per_sec,
                                       result["step_ms"]["median"], result["step_ms"]["min"], result["step_ms"]["max"],
                                       peak_rss_mb, flops / 1e6, 100 * result["fraction_of_matmul_rate"],
                                       result["matmul_gflops"]))

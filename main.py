@@ -96,7 +96,11 @@ flags.DEFINE_integer("epochs", 10, "Training epochs (ignored when --max_steps is
 flags.DEFINE_integer("max_steps", None, "Stop after this many training steps in total (global step).")
 flags.DEFINE_integer("save_every_steps", 500, "Checkpoint interval in steps, > 0.")
 flags.DEFINE_integer("summary_every_steps", 50, "TensorBoard summary and curve interval in steps, > 0.")
-flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0: TensorFlow's default, all cores).")
+flags.DEFINE_integer("threads", 0, "CPU threads, >= 0 (0: every core). With micro-batches each thread runs one "
+                     "micro-batch at a time; without, every op uses them all.")
+flags.DEFINE_integer("micro_batch_size", None, "Images per micro-batch, >= 0: the batch is computed in parts of "
+                     "this size side by side, small enough to stay in cache; same results (0: no split; default: "
+                     "as many as fit model.CPU_VOTE_CACHE_BYTES of votes on a CPU (small: 4, paper: 0), 0 with a GPU).")
 
 # This program's flags (absl and TensorFlow define more of their own, which are not saved with a run).
 PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]))
@@ -166,8 +170,9 @@ def validate_flags(values):
     parse_hparams(values.get("hparams") or "")
     if values["validation_size"] < 0:
         raise UsageError("--validation_size must be >= 0, got %r" % values["validation_size"])
-    if values["threads"] < 0:
-        raise UsageError("--threads must be >= 0, got %r" % values["threads"])
+    for name in ("threads", "micro_batch_size"):
+        if values.get(name) is not None and values[name] < 0:
+            raise UsageError("--%s must be >= 0, got %r" % (name, values[name]))
 
 
 def parse_hparams(text):
@@ -279,10 +284,17 @@ def build_pipeline(hparams, batch_size, seed):
     return Pipeline(images_in, labels_in, handle, images, labels, train_iterator, eval_iterator)
 
 
-def new_session(threads):
-    """A session using `threads` intra/inter-op threads (0: TensorFlow's default, every core)."""
-    config = tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
-    return tf.Session(config=config)
+def new_model(hparams, values):
+    """The model, split into the micro-batches --micro_batch_size asks for at --batch_size."""
+    micro_batch_size = values.get("micro_batch_size")
+    if micro_batch_size is None:
+        micro_batch_size = capsnet.default_micro_batch_size(hparams)
+    return capsnet.CapsNetEMModel(hparams, capsnet.micro_batches_for(values["batch_size"], micro_batch_size))
+
+
+def new_session(threads, model):
+    """A session on `threads` CPU threads (0: every core), set up for `model`'s micro-batches."""
+    return tf.Session(config=capsnet.session_config(threads, model.micro_batches))
 
 
 def restore_latest(sess, saver, result_dir):
@@ -424,8 +436,9 @@ def train(values, result_dir, resumed):
                           {"flags": values, "hparams": dataclasses.asdict(hparams)})
     tf.set_random_seed(values["seed"])
     pipeline = build_pipeline(hparams, values["batch_size"], values["seed"])
-    graph = capsnet.CapsNetEMModel(hparams).train(pipeline.images, pipeline.labels)
-    with new_session(values["threads"]) as sess:
+    model = new_model(hparams, values)
+    graph = model.train(pipeline.images, pipeline.labels)
+    with new_session(values["threads"], model) as sess:
         sess.run(tf.global_variables_initializer())
         run = _TrainingRun(values, result_dir, sess, graph, pipeline, data)
         if resumed and tf.train.latest_checkpoint(result_dir):
@@ -472,9 +485,10 @@ def test(result_dir, data_dir_override):
     images, labels = utils.load_mnist(data_dir, "test")
     pipeline = build_pipeline(hparams, EVAL_BATCH_SIZE, values["seed"])
     tf.train.get_or_create_global_step()
-    inference = capsnet.CapsNetEMModel(hparams).inference(pipeline.images)
+    model = new_model(hparams, values)
+    inference = model.inference(pipeline.images)
     saver = tf.train.Saver()
-    with new_session(values.get("threads", 0)) as sess:
+    with new_session(values.get("threads", 0), model) as sess:
         checkpoint = restore_latest(sess, saver, result_dir)
         global_step = int(sess.run(tf.train.get_global_step()))
         predictions, true_labels = predict_all(sess, pipeline, inference.predictions, images, labels)

@@ -16,6 +16,7 @@ Network (paper MNIST config, A=B=C=D=32, batch N):
 import collections
 import dataclasses
 import math
+import os
 
 import tensorflow.compat.v1 as tf
 
@@ -79,6 +80,12 @@ _SIGMOID_ARG_START = -4.0  # official: sigmoid(step / 50000 - 4)
 _SIGMOID_ARG_MAX = 10.0  # official: min(10, ...)
 _SIGMOID_ARG_SPAN = 8.0  # ramp_steps = 400000 reproduces step / 50000: 400000 / 8 = 50000
 
+# Vote bytes per micro-batch on a CPU: a quarter of the dev machine's 32 MiB L3 cache, so that the
+# votes, their squares and gradients of the two micro-batches in flight mostly stay in it. Measured
+# (README, performance): `small` (1.8 MB of votes per image) trains fastest in micro-batches of 4.
+CPU_VOTE_CACHE_BYTES = 8 * 2 ** 20
+_FLOAT32_BYTES = 4
+
 Inference = collections.namedtuple("Inference", ["activations", "poses", "predictions", "end_points"])
 Loss = collections.namedtuple("Loss", ["total", "spread", "weight_decay", "margin"])
 TrainGraph = collections.namedtuple(
@@ -133,11 +140,99 @@ def spread_loss(activations, labels, margin):
         return tf.reduce_mean(tf.reduce_sum(gaps, axis=1))
 
 
-class CapsNetEMModel:
-    """The paper's network: relu_conv1 -> primary_caps -> conv_caps1 -> conv_caps2 -> class_caps."""
+class _ReluConv1:
+    """Layer A (paper section 3): a 5x5, stride-2 ReLU convolution; variables made on the first call."""
+
+    name = "relu_conv1"
 
     def __init__(self, hparams):
         self.hparams = hparams
+        self.kernel = self.bias = None
+
+    def __call__(self, images):
+        """`[n, 28, 28, 1]` -> `[n, 12, 12, A]`."""
+        hp = self.hparams
+        if self.kernel is None:
+            with tf.variable_scope(self.name):
+                self.kernel = tf.get_variable(
+                    "kernel", [hp.conv1_kernel, hp.conv1_kernel, hp.image_channels, hp.conv1_filters],
+                    initializer=tf.glorot_uniform_initializer())
+                self.bias = tf.get_variable("bias", [hp.conv1_filters], initializer=tf.zeros_initializer())
+        strides = [1, hp.conv1_stride, hp.conv1_stride, 1]
+        with tf.name_scope(self.name):
+            return tf.nn.relu(tf.nn.conv2d(images, self.kernel, strides, hp.padding) + self.bias)
+
+
+def split_batch(tensor, parts):
+    """`tensor` `[N, ...]` as `parts` equal micro-batches `[ceil(N / parts), ...]`, in order.
+
+    The last part is filled up with zeros when `parts` does not divide N (no part is empty, even
+    for N < parts); callers keep the first N rows of the concatenated outputs.
+    """
+    if parts == 1:
+        return [tensor]
+    batch = tf.shape(tensor)[0]
+    part_size = (batch + parts - 1) // parts
+    padding = [[0, part_size * parts - batch]] + [[0, 0]] * (tensor.shape.rank - 1)
+    return tf.split(tf.pad(tensor, padding), parts)  # parts x [ceil(N / parts), ...]
+
+
+def micro_batches_for(batch_size, micro_batch_size):
+    """How many micro-batches of at most `micro_batch_size` images a batch needs (1 when it is 0)."""
+    return -(-batch_size // micro_batch_size) if micro_batch_size else 1
+
+
+def vote_bytes_per_image(hparams):
+    """float32 bytes of one image's votes `[P, O, K*K*I, 16]` in the larger conv-capsule layer."""
+    hp = hparams
+    size = cl.conv_geometry(hp.image_size, hp.image_size, hp.conv1_kernel, hp.conv1_stride, hp.padding)[0]
+    size = cl.conv_geometry(size, size, hp.primary_kernel, 1, hp.padding)[0]  # primary capsule grid
+    children, largest = hp.primary_types, 0
+    for types, kernel, stride in ((hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
+                                  (hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride)):
+        size = cl.conv_geometry(size, size, kernel, stride, hp.padding)[0]
+        largest = max(largest, size * size * types * kernel * kernel * children * cl.POSE_ENTRIES * _FLOAT32_BYTES)
+        children = types
+    return largest
+
+
+def default_micro_batch_size(hparams):
+    """Images per micro-batch when --micro_batch_size is not given.
+
+    On a CPU, the most images whose votes fit in `CPU_VOTE_CACHE_BYTES` (`small`: 4; `paper`: 0,
+    one image's votes are larger, no split); 0 when TensorFlow sees a GPU.
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return 0
+    return CPU_VOTE_CACHE_BYTES // vote_bytes_per_image(hparams)
+
+
+def session_config(threads, micro_batches):
+    """Session settings for `threads` CPU threads (0: every core).
+
+    With micro-batches, each thread runs one micro-batch's ops at a time (inter-op `threads`,
+    intra-op 1); without, TensorFlow spreads every op over all of them.
+    """
+    if micro_batches > 1:
+        return tf.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=threads or os.cpu_count())
+    return tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
+
+
+class CapsNetEMModel:
+    """The paper's network: relu_conv1 -> primary_caps -> conv_caps1 -> conv_caps2 -> class_caps.
+
+    `micro_batches` > 1 builds the network once per micro-batch (shared variables, outputs
+    concatenated in order, see `split_batch`): the same function of the batch, computed in
+    independent parts that a CPU runs side by side on its inter-op threads, each small enough that
+    routing's vote tensors stay in cache (README, performance). Each image is routed on its own, so
+    only float summation order changes.
+    """
+
+    def __init__(self, hparams, micro_batches=1):
+        if micro_batches < 1:
+            raise ValueError("micro_batches must be >= 1, got %r" % micro_batches)
+        self.hparams = hparams
+        self.micro_batches = micro_batches
 
     def inference(self, images):
         """Forward pass.
@@ -147,46 +242,60 @@ class CapsNetEMModel:
 
         Returns:
           `Inference`: class activations `[N, C]`, class poses `[N, C, 4, 4]`, predictions `[N]` and
-          end_points (per-layer activations and the layers themselves).
+          end_points (per-layer activations, concatenated over micro-batches, and the layers themselves).
         """
+        layers = self._layers()
+        parts = [self._forward(layers, part) for part in split_batch(images, self.micro_batches)]
+        batch = tf.shape(images)[0]
+
+        def whole(tensors):  # the parts' outputs as one batch, padded rows dropped
+            return tf.concat(tensors, axis=0)[:batch]
+
+        class_activations = whole([activations for activations, _, _ in parts])  # [N, C]
+        class_poses = whole([poses for _, poses, _ in parts])  # [N, C, 4, 4]
+        end_points = {name: whole([points[name] for _, _, points in parts]) for name in parts[0][2]}
+        end_points["layers"] = list(layers)
+        predictions = tf.argmax(class_activations, axis=1)  # [N]
+        return Inference(class_activations, class_poses, predictions, end_points)
+
+    def _layers(self):
+        """The network's layers, in order; variables are made on their first call."""
         hp = self.hparams
         conv_init = lambda stddev: tf.random_normal_initializer(stddev=stddev)  # noqa: E731
-        with tf.variable_scope("relu_conv1"):
-            kernel = tf.get_variable("kernel", [hp.conv1_kernel, hp.conv1_kernel, hp.image_channels, hp.conv1_filters],
-                                     initializer=tf.glorot_uniform_initializer())
-            bias = tf.get_variable("bias", [hp.conv1_filters], initializer=tf.zeros_initializer())
-            strides = [1, hp.conv1_stride, hp.conv1_stride, 1]
-            features = tf.nn.relu(tf.nn.conv2d(images, kernel, strides, hp.padding) + bias)  # [N, 12, 12, A]
-        primary = cl.PrimaryCaps(hp.primary_types, hp.primary_kernel, padding=hp.padding)
-        poses, activations = primary(features)  # [N, 12, 12, B, 4, 4], [N, 12, 12, B]
-        end_points = {"relu_conv1": features, "primary_caps": activations}
-        layers = [primary]
+        layers = [_ReluConv1(hp), cl.PrimaryCaps(hp.primary_types, hp.primary_kernel, padding=hp.padding)]
         for name, types, kernel_size, stride in (
             ("conv_caps1", hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
             ("conv_caps2", hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride),
         ):
-            layer = cl.ConvCaps(
+            layers.append(cl.ConvCaps(
                 types, kernel_size, stride, hp.padding, hp.iterations, hp.final_lambda,
                 weights_initializer=conv_init(hp.weight_stddev),
                 beta_v_initializer=tf.constant_initializer(hp.beta_v_init),
                 beta_a_initializer=tf.constant_initializer(hp.beta_a_init), beta_a_scale=hp.beta_a_scale,
                 standardise_costs=hp.standardise_costs, name=name,
-            )
-            poses, activations = layer(poses, activations)
-            end_points[name] = activations
-            layers.append(layer)
-        class_layer = cl.ClassCaps(
+            ))
+        layers.append(cl.ClassCaps(
             hp.num_classes, hp.iterations, hp.class_final_lambda, coordinate_addition=True,
             weights_initializer=conv_init(hp.class_weight_stddev),
             beta_v_initializer=tf.constant_initializer(hp.class_beta_v_init),
             beta_a_initializer=tf.constant_initializer(hp.class_beta_a_init), beta_a_scale=hp.beta_a_scale,
             standardise_costs=hp.standardise_costs, name="class_caps",
-        )
-        class_poses, class_activations = class_layer(poses, activations)  # [N, C, 4, 4], [N, C]
+        ))
+        return layers
+
+    @staticmethod
+    def _forward(layers, images):
+        """The network on `images` `[n, 28, 28, 1]`: class activations `[n, C]`, poses `[n, C, 4, 4]`, end points."""
+        relu_conv1, primary, *conv_layers, class_layer = layers
+        features = relu_conv1(images)  # [n, 12, 12, A]
+        poses, activations = primary(features)  # [n, 12, 12, B, 4, 4], [n, 12, 12, B]
+        end_points = {"relu_conv1": features, "primary_caps": activations}
+        for layer in conv_layers:
+            poses, activations = layer(poses, activations)  # [n, OH, OW, T, 4, 4], [n, OH, OW, T]
+            end_points[layer.name] = activations
+        class_poses, class_activations = class_layer(poses, activations)  # [n, C, 4, 4], [n, C]
         end_points["class_caps"] = class_activations
-        end_points["layers"] = layers + [class_layer]
-        predictions = tf.argmax(class_activations, axis=1)  # [N]
-        return Inference(class_activations, class_poses, predictions, end_points)
+        return class_activations, class_poses, end_points
 
     def loss(self, activations, labels, global_step):
         """Spread loss with the margin schedule, plus weight decay on every weight matrix/kernel."""

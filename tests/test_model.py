@@ -148,6 +148,63 @@ class HParamsTest(tf.test.TestCase):
         self.assertEqual(capsnet.PRESETS["small"].iterations, 2)
 
 
+class MicroBatchTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_split_batch_sizes(self):
+        """Parts are equal and in order; zeros fill the last part up, so none is empty even for N < parts."""
+        with tf.Graph().as_default():
+            rows = tf.placeholder(tf.float32, [None, 2])
+            parts = capsnet.split_batch(rows, 3)
+            with self.session() as sess:
+                seven = np.arange(14.0).reshape(7, 2)
+                got = np.concatenate(sess.run(parts, {rows: seven}))
+                np.testing.assert_array_equal(got, np.concatenate([seven, np.zeros([2, 2])]))  # 3 parts of 3
+                got = np.concatenate(sess.run(parts, {rows: seven[:2]}))
+                np.testing.assert_array_equal(got, np.concatenate([seven[:2], np.zeros([1, 2])]))  # 3 parts of 1
+        self.assertEqual([capsnet.micro_batches_for(64, m) for m in (0, 4, 5, 64, 100)], [1, 16, 13, 1, 1])
+
+    @parameterized.parameters((5, 3), (2, 3))
+    def test_same_function_of_the_batch(self, batch, micro_batches):
+        """Micro-batched and whole-batch networks with the same variables agree in activations, poses and
+        every loss gradient (including a batch smaller than the number of parts)."""
+        random = np.random.RandomState(2)
+        feed_images = random.uniform(size=[batch] + _IMAGE_SHAPE)
+        feed_labels = random.randint(10, size=batch)
+        hparams = capsnet.hparams_for("small")
+        with tf.Graph().as_default():
+            images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
+            labels = tf.placeholder(tf.int64, [None])
+            step = tf.constant(0)
+            fetches = []
+            for parts in (1, micro_batches):
+                with tf.variable_scope(tf.get_variable_scope(), reuse=parts > 1):
+                    net = capsnet.CapsNetEMModel(hparams, micro_batches=parts)
+                    inference = net.inference(images)
+                    loss = net.loss(inference.activations, labels, step).total
+                variables = tf.trainable_variables()
+                fetches.append([inference.activations, inference.poses] + tf.gradients(loss, variables))
+            self.assertEqual(len(tf.trainable_variables()), len(variables))  # shared, not copied
+            with self.session() as sess:
+                sess.run(tf.global_variables_initializer())
+                whole, split = sess.run(fetches, {images: feed_images, labels: feed_labels})
+        for name, expected, got in zip(["activations", "poses"] + [v.op.name for v in variables], whole, split):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6, err_msg=name)
+
+    def test_default_size_from_vote_bytes(self):
+        """One image's conv_caps1 votes: small 5*5 positions * 16 types * 3*3*8 children * 16 * 4 bytes, paper
+        5*5 * 32 * 3*3*32 * 16 * 4; on this CPU small splits into micro-batches of 4, paper not at all."""
+        small, paper = capsnet.hparams_for("small"), capsnet.hparams_for("paper")
+        self.assertEqual(capsnet.vote_bytes_per_image(small), 25 * 16 * 72 * 16 * 4)
+        self.assertEqual(capsnet.vote_bytes_per_image(paper), 25 * 32 * 288 * 16 * 4)
+        if not tf.config.list_physical_devices("GPU"):
+            self.assertEqual(capsnet.default_micro_batch_size(small), 4)
+            self.assertEqual(capsnet.default_micro_batch_size(paper), 0)
+
+    def test_rejects_zero_parts(self):
+        with self.assertRaises(ValueError):
+            capsnet.CapsNetEMModel(capsnet.hparams_for("small"), micro_batches=0)
+
+
 class TrainStepTest(tf.test.TestCase):
 
     def _build(self):
