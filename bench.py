@@ -32,8 +32,8 @@ flags.DEFINE_string("mode", "train", "train (forward + loss + backward + Adam up
 flags.DEFINE_integer("steps", 10, "Timed steps (>= 10 for the README figures).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (graph optimisation, allocator warm-up).")
 flags.DEFINE_integer("threads", 0, "CPU threads (0: every core); as main.py's --threads.")
-flags.DEFINE_integer("micro_batch_size", None, "Images per micro-batch (0: no split; default: as main.py's "
-                     "--micro_batch_size).")
+flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch (0: no split); as main.py's "
+                     "--micro_batch_size.")
 flags.DEFINE_integer("iterations", None, "Routing iterations (default: the preset's).")
 flags.DEFINE_bool("xla", False, "Turn on XLA auto-clustering (global_jit_level ON_1).")
 flags.DEFINE_bool("profile", False, "Trace one extra step and print the 12 most expensive op types.")
@@ -119,8 +119,6 @@ def main(argv):
     overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
     hp = capsnet.hparams_for(FLAGS.preset, **overrides)
     micro_batch_size = FLAGS.micro_batch_size
-    if micro_batch_size is None:
-        micro_batch_size = capsnet.default_micro_batch_size(hp)
     net = capsnet.CapsNetEMModel(hp, capsnet.micro_batches_for(FLAGS.batch_size, micro_batch_size))
     fetches = build(net, FLAGS.batch_size, FLAGS.mode)
     config = capsnet.session_config(FLAGS.threads, net.micro_batches)

@@ -98,9 +98,9 @@ flags.DEFINE_integer("save_every_steps", 500, "Checkpoint interval in steps, > 0
 flags.DEFINE_integer("summary_every_steps", 50, "TensorBoard summary and curve interval in steps, > 0.")
 flags.DEFINE_integer("threads", 0, "CPU threads, >= 0 (0: every core). With micro-batches each thread runs one "
                      "micro-batch at a time; without, every op uses them all.")
-flags.DEFINE_integer("micro_batch_size", None, "Images per micro-batch, >= 0: the batch is computed in parts of "
-                     "this size side by side, small enough to stay in cache; same results (0: no split; default: "
-                     "as many as fit model.CPU_VOTE_CACHE_BYTES of votes on a CPU (small: 4, paper: 0), 0 with a GPU).")
+flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch, >= 0 (0: no split): the batch is computed in "
+                     "parts of this size side by side on the CPU threads; same results. See the README's "
+                     "performance section before using it.")
 
 # This program's flags (absl and TensorFlow define more of their own, which are not saved with a run).
 PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]))
@@ -291,10 +291,8 @@ def build_pipeline(hparams, batch_size, seed):
 
 def new_model(hparams, values):
     """The model, split into the micro-batches --micro_batch_size asks for at --batch_size."""
-    micro_batch_size = values.get("micro_batch_size")
-    if micro_batch_size is None:
-        micro_batch_size = capsnet.default_micro_batch_size(hparams)
-    return capsnet.CapsNetEMModel(hparams, capsnet.micro_batches_for(values["batch_size"], micro_batch_size))
+    micro_batches = capsnet.micro_batches_for(values["batch_size"], values.get("micro_batch_size") or 0)
+    return capsnet.CapsNetEMModel(hparams, micro_batches)
 
 
 def new_session(threads, model):

@@ -80,12 +80,6 @@ _SIGMOID_ARG_START = -4.0  # official: sigmoid(step / 50000 - 4)
 _SIGMOID_ARG_MAX = 10.0  # official: min(10, ...)
 _SIGMOID_ARG_SPAN = 8.0  # ramp_steps = 400000 reproduces step / 50000: 400000 / 8 = 50000
 
-# Vote bytes per micro-batch on a CPU: a quarter of the dev machine's 32 MiB L3 cache, so that the
-# votes, their squares and gradients of the two micro-batches in flight mostly stay in it. Measured
-# (README, performance): `small` (1.8 MB of votes per image) trains fastest in micro-batches of 4.
-CPU_VOTE_CACHE_BYTES = 8 * 2 ** 20
-_FLOAT32_BYTES = 4
-
 Inference = collections.namedtuple("Inference", ["activations", "poses", "predictions", "end_points"])
 Loss = collections.namedtuple("Loss", ["total", "spread", "weight_decay", "margin"])
 TrainGraph = collections.namedtuple(
@@ -182,31 +176,6 @@ def micro_batches_for(batch_size, micro_batch_size):
     return -(-batch_size // micro_batch_size) if micro_batch_size else 1
 
 
-def vote_bytes_per_image(hparams):
-    """float32 bytes of one image's votes `[P, O, K*K*I, 16]` in the larger conv-capsule layer."""
-    hp = hparams
-    size = cl.conv_geometry(hp.image_size, hp.image_size, hp.conv1_kernel, hp.conv1_stride, hp.padding)[0]
-    size = cl.conv_geometry(size, size, hp.primary_kernel, 1, hp.padding)[0]  # primary capsule grid
-    children, largest = hp.primary_types, 0
-    for types, kernel, stride in ((hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
-                                  (hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride)):
-        size = cl.conv_geometry(size, size, kernel, stride, hp.padding)[0]
-        largest = max(largest, size * size * types * kernel * kernel * children * cl.POSE_ENTRIES * _FLOAT32_BYTES)
-        children = types
-    return largest
-
-
-def default_micro_batch_size(hparams):
-    """Images per micro-batch when --micro_batch_size is not given.
-
-    On a CPU, the most images whose votes fit in `CPU_VOTE_CACHE_BYTES` (`small`: 4; `paper`: 0,
-    one image's votes are larger, no split); 0 when TensorFlow sees a GPU.
-    """
-    if tf.config.list_physical_devices("GPU"):
-        return 0
-    return CPU_VOTE_CACHE_BYTES // vote_bytes_per_image(hparams)
-
-
 def session_config(threads, micro_batches):
     """Session settings for `threads` CPU threads (0: every core).
 
@@ -224,8 +193,8 @@ class CapsNetEMModel:
     `micro_batches` > 1 builds the network once per micro-batch (shared variables, outputs
     concatenated in order, see `split_batch`): the same function of the batch, computed in
     independent parts that a CPU runs side by side on its inter-op threads, each small enough that
-    routing's vote tensors stay in cache (README, performance). Each image is routed on its own, so
-    only float summation order changes.
+    routing's vote tensors can stay in cache (README, performance: a gain only while the CPU's L3
+    cache is free). Each image is routed on its own, so only float summation order changes.
     """
 
     def __init__(self, hparams, micro_batches=1):

@@ -190,16 +190,6 @@ class MicroBatchTest(tf.test.TestCase, parameterized.TestCase):
         for name, expected, got in zip(["activations", "poses"] + [v.op.name for v in variables], whole, split):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6, err_msg=name)
 
-    def test_default_size_from_vote_bytes(self):
-        """One image's conv_caps1 votes: small 5*5 positions * 16 types * 3*3*8 children * 16 * 4 bytes, paper
-        5*5 * 32 * 3*3*32 * 16 * 4; on this CPU small splits into micro-batches of 4, paper not at all."""
-        small, paper = capsnet.hparams_for("small"), capsnet.hparams_for("paper")
-        self.assertEqual(capsnet.vote_bytes_per_image(small), 25 * 16 * 72 * 16 * 4)
-        self.assertEqual(capsnet.vote_bytes_per_image(paper), 25 * 32 * 288 * 16 * 4)
-        if not tf.config.list_physical_devices("GPU"):
-            self.assertEqual(capsnet.default_micro_batch_size(small), 4)
-            self.assertEqual(capsnet.default_micro_batch_size(paper), 0)
-
     def test_rejects_zero_parts(self):
         with self.assertRaises(ValueError):
             capsnet.CapsNetEMModel(capsnet.hparams_for("small"), micro_batches=0)
