@@ -118,8 +118,7 @@ def main(argv):
     matmul_rate = measure_matmul_rate(FLAGS.threads)  # first, on an idle process
     overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
     hp = capsnet.hparams_for(FLAGS.preset, **overrides)
-    micro_batch_size = FLAGS.micro_batch_size
-    net = capsnet.CapsNetEMModel(hp, capsnet.micro_batches_for(FLAGS.batch_size, micro_batch_size))
+    net = capsnet.CapsNetEMModel(hp, capsnet.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
     fetches = build(net, FLAGS.batch_size, FLAGS.mode)
     config = capsnet.session_config(FLAGS.threads, net.micro_batches)
     if FLAGS.xla:
@@ -147,17 +146,16 @@ def main(argv):
         "step_ms": {k: round(MS_PER_S * v, 1) for k, v in
                     (("min", min(times)), ("median", median), ("max", max(times)))},
         "peak_rss_mb": round(peak_rss_mb, 1), "flops_per_image": flops, "threads": FLAGS.threads or os.cpu_count(),
-        "micro_batch_size": micro_batch_size, "micro_batches": net.micro_batches,
+        "micro_batch_size": FLAGS.micro_batch_size, "micro_batches": net.micro_batches,
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "xla": FLAGS.xla,
         "matmul_gflops": round(matmul_rate / 1e9, 1),
         "fraction_of_matmul_rate": round(flops * factor * images_per_sec / matmul_rate, 4),
     }
     print("%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), peak RSS %.0f MB, "
-          "%.1f MFLOP/img, %.1f%% of %.0f GFLOP/s" % (FLAGS.preset, FLAGS.mode, FLAGS.batch_size, net.micro_batches,
-                                                       images_per_sec,
-                                      result["step_ms"]["median"], result["step_ms"]["min"], result["step_ms"]["max"],
-                                      peak_rss_mb, flops / 1e6, 100 * result["fraction_of_matmul_rate"],
-                                      result["matmul_gflops"]))
+          "%.1f MFLOP/img, %.1f%% of %.0f GFLOP/s"
+          % (FLAGS.preset, FLAGS.mode, FLAGS.batch_size, net.micro_batches, images_per_sec, result["step_ms"]["median"],
+             result["step_ms"]["min"], result["step_ms"]["max"], peak_rss_mb, flops / 1e6,
+             100 * result["fraction_of_matmul_rate"], result["matmul_gflops"]))
     if FLAGS.profile:
         for op_type, ms in top_ops(metadata):
             print("  %-28s %8.1f ms" % (op_type, ms))
