@@ -78,8 +78,8 @@ flags.DEFINE_float("lr_decay_rate", None, "Learning-rate decay factor per --lr_d
                    "preset's).")
 flags.DEFINE_integer("lr_decay_steps", None, "Steps per learning-rate decay (default: the preset's).")
 flags.DEFINE_float("weight_decay", None, "L2 weight-decay coefficient (default: the preset's).")
-flags.DEFINE_string("margin_schedule", None, "Spread-loss margin schedule: 'sigmoid' (official code) or "
-                    "'linear' (default: the preset's).")
+flags.DEFINE_string("margin_schedule", None, "Spread-loss margin schedule: 'sigmoid' (official code), "
+                    "'linear' or 'constant' (0.2 throughout) (default: the preset's).")
 flags.DEFINE_integer("margin_ramp_steps", None, "Steps of the margin ramp from 0.2 to 0.9 (default: the "
                      "preset's).")
 # ---- data ------------------------------------------------------------------------------------------
@@ -165,8 +165,8 @@ def validate_flags(values):
         raise UsageError("--padding must be VALID or SAME, got %r" % values["padding"])
     if values.get("iterations") is not None and values["iterations"] < 1:
         raise UsageError("--iterations must be >= 1, got %r" % values["iterations"])
-    if values.get("margin_schedule") not in (None, "sigmoid", "linear"):
-        raise UsageError("--margin_schedule must be sigmoid or linear, got %r" % values["margin_schedule"])
+    if values.get("margin_schedule") not in (None, "sigmoid", "linear", "constant"):
+        raise UsageError("--margin_schedule must be sigmoid, linear or constant, got %r" % values["margin_schedule"])
     parse_hparams(values.get("hparams") or "")
     if values["validation_size"] < 0:
         raise UsageError("--validation_size must be >= 0, got %r" % values["validation_size"])

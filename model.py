@@ -56,7 +56,7 @@ class HParams:
     beta_a_scale: float = 1.0  # effective beta_a = scale * variable (official code: 5000 * b_a)
     standardise_costs: bool = False  # standardise each position's costs over its parent types (not in the paper)
     # Spread loss margin (paper section 4: m rises from 0.2 to 0.9 during training).
-    margin_schedule: str = "sigmoid"  # 'sigmoid' (official code) or 'linear'
+    margin_schedule: str = "sigmoid"  # 'sigmoid' (official code), 'linear' or 'constant'
     margin_ramp_steps: int = 400000  # 'sigmoid': 0.2 + 0.79 sigmoid(min(10, 8 step / ramp - 4))
     # Optimisation (official code: Adam, lr decay 0.96 every 20k steps, weight decay 2e-7).
     learning_rate: float = 3e-3
@@ -104,6 +104,7 @@ def margin_schedule(step, hparams):
     'sigmoid': 0.2 + 0.79 * sigmoid(min(10, 8 * step / ramp - 4)), the official code's schedule
     with its 50000 written as ramp / 8 (ramp = 400000 gives it exactly).
     'linear': 0.2 + (0.9 - 0.2) * min(1, step / ramp).
+    'constant': 0.2 at every step (the CPU recipe's choice, README "Training recipe"; no ramp).
     """
     step = tf.cast(step, tf.float32)
     ramp = float(hparams.margin_ramp_steps)
@@ -112,7 +113,9 @@ def margin_schedule(step, hparams):
         return MARGIN_START + _SIGMOID_MARGIN_RANGE * tf.sigmoid(arg)
     if hparams.margin_schedule == "linear":
         return MARGIN_START + (MARGIN_END - MARGIN_START) * tf.minimum(1.0, step / ramp)
-    raise ValueError("margin_schedule must be 'sigmoid' or 'linear', got %r" % hparams.margin_schedule)
+    if hparams.margin_schedule == "constant":
+        return tf.fill(tf.shape(step), MARGIN_START)  # the shape of step (a scalar in training)
+    raise ValueError("margin_schedule must be 'sigmoid', 'linear' or 'constant', got %r" % hparams.margin_schedule)
 
 
 def spread_loss(activations, labels, margin):

@@ -126,8 +126,13 @@ class MarginScheduleTest(tf.test.TestCase):
         margins = self._margins([0, ramp // 2, ramp, 5 * ramp], margin_schedule="linear", margin_ramp_steps=ramp)
         self.assertAllClose(margins, [0.2, 0.55, 0.9, 0.9], rtol=0, atol=1e-6)
 
+    def test_constant(self):
+        """Constant: 0.2 at every step, whatever the ramp length."""
+        margins = self._margins([0, 500, 10 ** 9], margin_schedule="constant", margin_ramp_steps=1000)
+        self.assertAllClose(margins, [0.2, 0.2, 0.2], rtol=0, atol=1e-7)
+
     def test_unknown_schedule(self):
-        """A schedule other than sigmoid/linear is a ValueError."""
+        """A schedule other than sigmoid/linear/constant is a ValueError."""
         with self.assertRaises(ValueError):
             capsnet.margin_schedule(tf.constant(0), capsnet.hparams_for("small", margin_schedule="cosine"))
 
