@@ -75,8 +75,7 @@ def measure_matmul_rate(threads):
     with tf.Graph().as_default():
         a = tf.Variable(tf.random.normal([MATMUL_SIZE, MATMUL_SIZE]))
         product = tf.reduce_sum(tf.matmul(a, a))
-        config = tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
-        with tf.Session(config=config) as sess:
+        with tf.Session(config=capsnet.session_config(threads, micro_batches=1)) as sess:
             sess.run(a.initializer)
             sess.run(product)
             times = []

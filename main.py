@@ -171,7 +171,7 @@ def validate_flags(values):
     if values["validation_size"] < 0:
         raise UsageError("--validation_size must be >= 0, got %r" % values["validation_size"])
     for name in ("threads", "micro_batch_size"):
-        if values.get(name) is not None and values[name] < 0:
+        if values[name] < 0:
             raise UsageError("--%s must be >= 0, got %r" % (name, values[name]))
 
 
