@@ -213,6 +213,9 @@ def read_run_flags(result_dir):
     try:
         with open(path) as f:
             saved = json.load(f)["flags"]
+        # A run saved before a flag existed lacks it; every flag's default is what runs before it did.
+        for name in PROGRAM_FLAGS:
+            saved.setdefault(name, FLAGS[name].default)
         validate_flags(saved)  # the file may have been edited by hand
     except FileNotFoundError:
         raise UsageError("%s holds no %s: not a run directory of this program" % (result_dir, FLAGS_FILE)) from None

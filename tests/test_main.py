@@ -9,6 +9,7 @@ fails at once.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -134,6 +135,25 @@ def test_test_flag_any_case(tiny_run):
     result = run_main(["--test", "TRUE", "--result_dir", "run"], cwd=workspace)
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and "(step 2)" in result.stdout
+
+
+def test_run_saved_before_newer_flags(tiny_run):
+    """A run directory whose flags.json predates --threads and --micro_batch_size (runs made before those
+    flags existed) still tests and resumes, with those flags at their defaults."""
+    workspace, run_dir, _ = tiny_run
+    old_dir = os.path.join(str(workspace), "old_run")
+    shutil.copytree(run_dir, old_dir)
+    flags_path = os.path.join(old_dir, "flags.json")
+    saved = read_json(flags_path)
+    del saved["flags"]["threads"], saved["flags"]["micro_batch_size"]
+    with open(flags_path, "w") as f:
+        json.dump(saved, f)
+    test = run_main(["--test", "True", "--result_dir", "old_run"], cwd=workspace)
+    assert test.returncode == 0, test.stderr
+    assert "(step 2)" in test.stdout
+    resume = run_main(["--result_dir", "old_run", "--max_steps", "3"], cwd=workspace)
+    assert resume.returncode == 0, resume.stderr
+    assert "resuming old_run at step 2 of 3" in resume.stdout and "finished at step 3" in resume.stdout
 
 
 @pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason="MNIST directory %s not found" % MNIST_DIR)
