@@ -86,6 +86,8 @@ flags.DEFINE_integer("margin_ramp_steps", None, "Steps of the margin ramp from 0
 flags.DEFINE_string("data_dir", os.path.join(".", "data", "mnist"), "Folder of the four MNIST IDX files "
                     "(.gz or raw); they are downloaded and SHA-256-verified when missing.")
 flags.DEFINE_integer("validation_size", 5000, "Training images held out for per-epoch validation, >= 0.")
+flags.DEFINE_integer("max_shift", 0, "Augmentation: every training image is moved by up to this many pixels along "
+                     "each axis, zeros filling in (0: none; validation and test images never are).")
 flags.DEFINE_integer("seed", 1, "Random seed for initialisation, the validation split and shuffling.")
 # ---- run -------------------------------------------------------------------------------------------
 flags.DEFINE_string("result_dir", None, "Run folder (flags, checkpoints, summaries, plots). Default when "
@@ -108,7 +110,7 @@ PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.m
 # Flags that define the architecture, the optimisation or the data of a run: a resumed run must keep them.
 RUN_DEFINING_FLAGS = ("preset", "hparams", "padding", "iterations", "final_lambda", "class_final_lambda", "batch_size",
                       "learning_rate", "lr_decay_rate", "lr_decay_steps", "weight_decay", "margin_schedule",
-                      "margin_ramp_steps", "data_dir", "validation_size", "seed")
+                      "margin_ramp_steps", "data_dir", "validation_size", "max_shift", "seed")
 # Flags that override a field of the preset's HParams when given.
 HPARAM_FLAGS = ("padding", "iterations", "final_lambda", "class_final_lambda", "learning_rate", "lr_decay_rate",
                 "lr_decay_steps", "weight_decay", "margin_schedule", "margin_ramp_steps")
@@ -170,6 +172,8 @@ def validate_flags(values):
     parse_hparams(values.get("hparams") or "")
     if values["validation_size"] < 0:
         raise UsageError("--validation_size must be >= 0, got %r" % values["validation_size"])
+    if not 0 <= values["max_shift"] < utils.MNIST_IMAGE_SIZE:
+        raise UsageError("--max_shift must be in 0..%d, got %r" % (utils.MNIST_IMAGE_SIZE - 1, values["max_shift"]))
     for name in ("threads", "micro_batch_size"):
         if values[name] < 0:
             raise UsageError("--%s must be >= 0, got %r" % (name, values[name]))
@@ -272,19 +276,21 @@ Pipeline = collections.namedtuple(
                  "eval_images", "eval_labels"])
 
 
-def build_pipeline(hparams, batch_size, seed):
+def build_pipeline(hparams, batch_size, seed, max_shift=0):
     """Training (shuffled, repeated) and evaluation (in order, every image) iterators and their batches.
 
     Training batches have a static size (`[batch_size, 28, 28, 1]`; the repeated stream has no
     remainder), so the training graph's micro-batches have static shapes: with a dynamic batch
     size the shape arithmetic of every micro-batch costs the speed they bring (README,
-    performance). Evaluation batches are `[<= 100, 28, 28, 1]`. The arrays are fed through
+    performance). Training images are moved by up to `max_shift` pixels (`utils.random_shift`).
+    Evaluation batches are `[<= 100, 28, 28, 1]`, never shifted. The arrays are fed through
     placeholders, so they stay out of the graph and the checkpoints.
     """
     images_in = tf.placeholder(tf.uint8, [None, hparams.image_size, hparams.image_size], name="images_in")
     labels_in = tf.placeholder(tf.int64, [None], name="labels_in")
     train_iterator = tf.data.make_initializable_iterator(utils.make_dataset(
-        images_in, labels_in, batch_size, shuffle=True, repeat=True, seed=seed, drop_remainder=True))
+        images_in, labels_in, batch_size, shuffle=True, repeat=True, seed=seed, drop_remainder=True,
+        max_shift=max_shift))
     eval_iterator = tf.data.make_initializable_iterator(utils.make_dataset(images_in, labels_in, EVAL_BATCH_SIZE))
     train_images, train_labels = train_iterator.get_next()  # [batch_size, 28, 28, 1], [batch_size]
     eval_images, eval_labels = eval_iterator.get_next()  # [<= 100, 28, 28, 1], [<= 100]
@@ -440,7 +446,7 @@ def train(values, result_dir, resumed):
     write_json_atomically(os.path.join(result_dir, FLAGS_FILE),
                           {"flags": values, "hparams": dataclasses.asdict(hparams)})
     tf.set_random_seed(values["seed"])
-    pipeline = build_pipeline(hparams, values["batch_size"], values["seed"])
+    pipeline = build_pipeline(hparams, values["batch_size"], values["seed"], values["max_shift"])
     model = new_model(hparams, values)
     graph = model.train(pipeline.train_images, pipeline.train_labels)
     with tf.variable_scope(tf.get_variable_scope(), reuse=True):  # the same variables, on evaluation batches

@@ -519,14 +519,38 @@ def _scale_batch(images, labels):
     return scaled, tf.cast(labels, tf.int64)
 
 
+def random_shift(image, max_shift, seed=None):
+    """Moves `image` by up to `max_shift` pixels along each axis, zeros filling in.
+
+    The two offsets are drawn uniformly and independently from -max_shift..max_shift
+    (pad by max_shift, then crop a random window of the original size). Sabour et
+    al. (2017) train their MNIST capsule network on images shifted by up to 2 pixels
+    this way; the EM-routing paper states no MNIST augmentation.
+
+    Args:
+        image: `[H, W]` tensor of any dtype.
+        max_shift: largest offset in pixels, >= 0.
+        seed: op-level seed of the offsets.
+
+    Returns:
+        `[H, W]`, the same dtype.
+    """
+    import tensorflow.compat.v1 as tf
+
+    height, width = image.shape
+    padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift]])  # [H + 2s, W + 2s]
+    return tf.image.random_crop(padded, [height, width], seed=seed)  # [H, W]
+
+
 def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=None,
-                 drop_remainder=False):
+                 drop_remainder=False, max_shift=0):
     """Builds the tf.data input pipeline over in-memory MNIST arrays.
 
     Order: from_tensor_slices -> shuffle (buffer = whole set, reshuffled every
-    epoch) -> repeat -> batch -> scale to [0, 1] -> prefetch. Shuffling before
-    repeat keeps epochs disjoint. Works in `tensorflow.compat.v1` graph mode with
-    `tf.data.make_one_shot_iterator` / `make_initializable_iterator`.
+    epoch) -> repeat -> random shift (only with max_shift > 0) -> batch -> scale
+    to [0, 1] -> prefetch. Shuffling before repeat keeps epochs disjoint. Works in
+    `tensorflow.compat.v1` graph mode with `tf.data.make_one_shot_iterator` /
+    `make_initializable_iterator`.
 
     NumPy arrays are embedded in the graph as constants (about 47 MB for the
     MNIST train set); pass `tf.placeholder`s and feed them to an initializable
@@ -542,13 +566,15 @@ def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=N
             is set).
         drop_remainder: drop the last partial batch; if False the last batch
             may hold fewer than `batch_size` examples.
+        max_shift: move every image by up to this many pixels along each axis
+            (`random_shift`, a new draw each time it is read); 0: unchanged.
 
     Returns:
         `tf.data.Dataset` of (images float32 [B, H, W, 1] in [0, 1], labels
         int64 [B]).
 
     Raises:
-        ValueError: length mismatch or non-positive `batch_size`.
+        ValueError: length mismatch, non-positive `batch_size` or negative `max_shift`.
     """
     import tensorflow.compat.v1 as tf
 
@@ -556,6 +582,8 @@ def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=N
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))  # ([H, W], [])
     if shuffle:
         whole_set = tf.shape(images, out_type=tf.int64)[0]
@@ -563,6 +591,8 @@ def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=N
             buffer_size=whole_set, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
+    if max_shift:
+        dataset = dataset.map(lambda image, label: (random_shift(image, max_shift, seed), label))  # ([H, W], [])
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)  # ([B, H, W], [B])
     dataset = dataset.map(_scale_batch)  # ([B, H, W, 1], [B])
     return dataset.prefetch(tf.data.experimental.AUTOTUNE)

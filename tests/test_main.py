@@ -98,7 +98,7 @@ def test_train_writes_run_directory(tiny_run):
     saved = read_json(os.path.join(run_dir, "flags.json"))
     flags = saved["flags"]
     expected = {"preset": "small", "batch_size": 8, "validation_size": 16, "max_steps": 2, "result_dir": "run",
-                "data_dir": str(workspace / "data"), "test": "False", "seed": 1, "padding": None}
+                "data_dir": str(workspace / "data"), "test": "False", "seed": 1, "padding": None, "max_shift": 0}
     assert {name: flags.get(name) for name in expected} == expected
     assert saved["hparams"]["conv1_filters"] == 64 and saved["hparams"]["iterations"] == 2
     assert saved["hparams"]["padding"] == "VALID"
@@ -135,6 +135,19 @@ def test_test_flag_any_case(tiny_run):
     result = run_main(["--test", "TRUE", "--result_dir", "run"], cwd=workspace)
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and "(step 2)" in result.stdout
+
+
+def test_train_with_max_shift(tmp_path):
+    """`--max_shift 2` trains (shifted training batches feed the static-shape training graph) and is saved
+    with the run as a run-defining flag: resuming with another value is refused."""
+    write_tiny_mnist(str(tmp_path / "data"))
+    args = ["--data_dir", "data", "--result_dir", "run"] + SMALL_RUN
+    train = run_main(args + ["--max_steps", "2", "--max_shift", "2"], cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    assert "finished at step 2" in train.stdout
+    assert read_json(str(tmp_path / "run" / "flags.json"))["flags"]["max_shift"] == 2
+    conflict = run_main(args + ["--max_steps", "3", "--max_shift", "1"], cwd=tmp_path)
+    assert conflict.returncode == 2 and "--max_shift=1 conflicts" in conflict.stderr
 
 
 def test_run_saved_before_newer_flags(tiny_run):

@@ -170,8 +170,11 @@ def test_bad_data(workspace, spoil, expected):
     (["stray"], "stray"),
     (["--validation_size", str(TINY_TRAIN_IMAGES)], "--validation_size"),
     (["--hparams", "no_such_field=1"], "--hparams"),
+    (["--max_shift", "-1"], "--max_shift"),
+    (["--max_shift", "28"], "--max_shift"),
 ], ids=["batch_size_0", "preset_big", "padding_FULL", "iterations_0", "learning_rate_0", "test_maybe",
-        "unknown_flag", "positional_argument", "validation_takes_all", "hparams_unknown_field"])
+        "unknown_flag", "positional_argument", "validation_takes_all", "hparams_unknown_field", "max_shift_negative",
+        "max_shift_whole_image"])
 def test_bad_flags(workspace, flags, expected):
     """Each bad flag value, an unknown flag, a stray positional argument, and a validation split that
     leaves no training image are rejected with exit 2 and one line naming the flag or argument; no

@@ -499,6 +499,49 @@ def test_make_dataset_shuffle_repeat():
     np.testing.assert_array_equal(epochs()[0], first)
 
 
+def _shifted(image, dy, dx):
+    """NumPy reference: `image` [H, W] moved dy rows down and dx columns right, zeros filling in."""
+    height, width = image.shape
+    out = np.zeros_like(image)
+    out[max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+        image[max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
+    return out
+
+
+def _offsets_of(shifted, image, max_shift):
+    """Every (dy, dx) within max_shift whose NumPy shift of `image` equals `shifted`."""
+    offsets = range(-max_shift, max_shift + 1)
+    return [(dy, dx) for dy in offsets for dx in offsets if np.array_equal(_shifted(image, dy, dx), shifted)]
+
+
+def test_make_dataset_random_shift():
+    """With max_shift=2 every image is its NumPy shift by some (dy, dx) in -2..2 with zero fill (labels
+    untouched); over 40 images more than 5 distinct offsets occur, each axis moves both ways, and the same
+    seed gives the same shifts. max_shift=0 leaves images as they are (the other make_dataset tests)."""
+    max_shift, count = 2, 40
+    images = np.random.RandomState(3).randint(1, 256, size=(count, _SIZE, _SIZE)).astype(np.uint8)  # no zeros
+    labels = _digit_labels(count)
+
+    def shifted_batch():
+        batches = _collect_batches(lambda: utils.make_dataset(images, labels, batch_size=count, seed=5,
+                                                              max_shift=max_shift), num_batches=1)
+        return batches[0]
+
+    batch_images, batch_labels = shifted_batch()
+    np.testing.assert_array_equal(batch_labels, labels)
+    pixels = np.rint(batch_images[..., 0] * 255.0).astype(np.uint8)
+    offsets = []
+    for shifted, image in zip(pixels, images):
+        found = _offsets_of(shifted, image, max_shift)
+        assert len(found) == 1, found  # exactly one offset explains it (no zero pixels in the input)
+        offsets.append(found[0])
+    assert len(set(offsets)) > 5
+    assert {dy for dy, _ in offsets} >= {-1, 1} and {dx for _, dx in offsets} >= {-1, 1}
+    np.testing.assert_array_equal(shifted_batch()[0], batch_images)
+    with pytest.raises(ValueError, match="max_shift"):
+        utils.make_dataset(images, labels, batch_size=4, max_shift=-1)
+
+
 def test_make_dataset_initializable_iterator_reruns():
     """An initializable iterator yields every example again after re-initialisation."""
     images, labels = _random_images(5), _digit_labels(5)
