@@ -300,7 +300,7 @@ def build_pipeline(hparams, batch_size, seed, max_shift=0):
 
 def new_model(hparams, values):
     """The model, split into the micro-batches --micro_batch_size asks for at --batch_size."""
-    micro_batches = capsnet.micro_batches_for(values["batch_size"], values.get("micro_batch_size") or 0)
+    micro_batches = capsnet.micro_batches_for(values["batch_size"], values["micro_batch_size"])
     return capsnet.CapsNetEMModel(hparams, micro_batches)
 
 
@@ -501,7 +501,7 @@ def test(result_dir, data_dir_override):
     model = new_model(hparams, values)
     inference = model.inference(pipeline.eval_images)
     saver = tf.train.Saver()
-    with new_session(values.get("threads", 0), model) as sess:
+    with new_session(values["threads"], model) as sess:
         checkpoint = restore_latest(sess, saver, result_dir)
         global_step = int(sess.run(tf.train.get_global_step()))
         predictions, true_labels = predict_all(sess, pipeline, inference.predictions, images, labels)
