@@ -111,6 +111,8 @@ PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.m
 RUN_DEFINING_FLAGS = ("preset", "hparams", "padding", "iterations", "final_lambda", "class_final_lambda", "batch_size",
                       "learning_rate", "lr_decay_rate", "lr_decay_steps", "weight_decay", "margin_schedule",
                       "margin_ramp_steps", "data_dir", "validation_size", "max_shift", "seed")
+# Flags that set where a run ends (--max_steps, when given, wins over --epochs).
+RUN_LENGTH_FLAGS = ("epochs", "max_steps")
 # Flags that override a field of the preset's HParams when given.
 HPARAM_FLAGS = ("padding", "iterations", "final_lambda", "class_final_lambda", "learning_rate", "lr_decay_rate",
                 "lr_decay_steps", "weight_decay", "margin_schedule", "margin_ramp_steps")
@@ -263,8 +265,13 @@ def training_run_flags(values, given):
         if name in given and values[name] != saved.get(name):
             raise UsageError("--%s=%s conflicts with the run saved in %s (%s=%s); drop the flag to resume"
                              % (name, values[name], result_dir, name, saved.get(name)))
+    # Run flags given on this command replace the saved ones; the others keep the run's values, so that
+    # `--result_dir DIR` alone continues to the run's own end. --epochs and --max_steps set the end together.
+    overrides = given - set(RUN_DEFINING_FLAGS)
+    if overrides & set(RUN_LENGTH_FLAGS):
+        overrides |= set(RUN_LENGTH_FLAGS)
     merged = dict(saved)
-    merged.update({name: values[name] for name in values if name not in RUN_DEFINING_FLAGS})
+    merged.update({name: values[name] for name in overrides})
     merged["result_dir"] = result_dir
     return result_dir, merged, True
 
@@ -467,7 +474,8 @@ def train(values, result_dir, resumed):
         except Interrupted:
             step = int(sess.run(graph.global_step))
             run.save(step)
-            print("interrupted: saved step %d in %s; run the same command to resume" % (step, result_dir))
+            print("interrupted: saved step %d in %s; run main.py --result_dir %s to resume"
+                  % (step, result_dir, result_dir))
             return 0
         except tf.errors.InvalidArgumentError as error:
             message = str(error.message)

@@ -11,6 +11,7 @@ fails, as the subprocesses' proxy points at a closed local port.
 """
 
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -239,6 +240,26 @@ def test_resume_continues(workspace):
     run_dir = str(workspace / "run")
     assert tf.train.latest_checkpoint(run_dir) == os.path.join(run_dir, "model.ckpt-4")
     assert read_json(os.path.join(run_dir, "history.json"))["val_step"] == [2, 4]
+
+
+def test_resume_keeps_the_runs_own_end(workspace):
+    """`--result_dir DIR` alone continues to the run's saved --max_steps (not to the --epochs default) and keeps
+    its other run flags; a new --epochs then replaces the saved --max_steps as the end."""
+    run_dir = str(workspace / "run")
+    flags_path = os.path.join(run_dir, "flags.json")
+    saved = read_json(flags_path)
+    saved["flags"].update(max_steps=4, save_every_steps=3)
+    with open(flags_path, "w") as f:
+        json.dump(saved, f)
+    result = run_main(["--result_dir", "run"], cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "resuming run at step 2 of 4" in result.stdout and "finished at step 4" in result.stdout
+    assert read_json(flags_path)["flags"]["save_every_steps"] == 3
+    steps_per_epoch = (TINY_TRAIN_IMAGES - 16) // 8  # SMALL_RUN: 16 held out, batch 8
+    result = run_main(["--result_dir", "run", "--epochs", "1"], cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "resuming run at step 4 of %d" % steps_per_epoch in result.stdout
+    assert read_json(flags_path)["flags"]["max_steps"] is None
 
 
 def test_resume_conflicting_flag(workspace):
