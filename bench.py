@@ -116,7 +116,7 @@ def main(argv):
     tf.disable_v2_behavior()
     matmul_rate = measure_matmul_rate(FLAGS.threads)  # first, on an idle process
     overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
-    hp = capsnet.hparams_for(FLAGS.preset, **overrides)
+    hp = capsnet.with_run_length(capsnet.hparams_for(FLAGS.preset, **overrides), FLAGS.warmup + FLAGS.steps)
     net = capsnet.CapsNetEMModel(hp, capsnet.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
     fetches = build(net, FLAGS.batch_size, FLAGS.mode)
     config = capsnet.session_config(FLAGS.threads, net.micro_batches)

@@ -76,12 +76,13 @@ flags.DEFINE_integer("batch_size", 64, "Images per training step, > 0.")
 flags.DEFINE_float("learning_rate", None, "Initial Adam learning rate, > 0 (default: the preset's).")
 flags.DEFINE_float("lr_decay_rate", None, "Learning-rate decay factor per --lr_decay_steps (default: the "
                    "preset's).")
-flags.DEFINE_integer("lr_decay_steps", None, "Steps per learning-rate decay (default: the preset's).")
+flags.DEFINE_integer("lr_decay_steps", None, "Steps per learning-rate decay, >= 0 (0: the whole run; default: "
+                     "the preset's).")
 flags.DEFINE_float("weight_decay", None, "L2 weight-decay coefficient (default: the preset's).")
 flags.DEFINE_string("margin_schedule", None, "Spread-loss margin schedule: 'sigmoid' (official code), "
                     "'linear' or 'constant' (0.2 throughout) (default: the preset's).")
-flags.DEFINE_integer("margin_ramp_steps", None, "Steps of the margin ramp from 0.2 to 0.9 (default: the "
-                     "preset's).")
+flags.DEFINE_integer("margin_ramp_steps", None, "Steps of the margin ramp from 0.2 to 0.9, >= 0 (0: the whole "
+                     "run; default: the preset's).")
 # ---- data ------------------------------------------------------------------------------------------
 flags.DEFINE_string("data_dir", os.path.join(".", "data", "mnist"), "Folder of the four MNIST IDX files "
                     "(.gz or raw); they are downloaded and SHA-256-verified when missing.")
@@ -158,8 +159,7 @@ def parse_test_flag(value):
 
 def validate_flags(values):
     """Checks flag values that TensorFlow would only reject with a traceback."""
-    positive = ("batch_size", "save_every_steps", "summary_every_steps", "learning_rate", "lr_decay_steps",
-                "margin_ramp_steps", "epochs", "max_steps")
+    positive = ("batch_size", "save_every_steps", "summary_every_steps", "learning_rate", "epochs", "max_steps")
     for name in positive:
         if values.get(name) is not None and values[name] <= 0:
             raise UsageError("--%s must be > 0, got %r" % (name, values[name]))
@@ -176,8 +176,8 @@ def validate_flags(values):
         raise UsageError("--validation_size must be >= 0, got %r" % values["validation_size"])
     if not 0 <= values["max_shift"] < utils.MNIST_IMAGE_SIZE:
         raise UsageError("--max_shift must be in 0..%d, got %r" % (utils.MNIST_IMAGE_SIZE - 1, values["max_shift"]))
-    for name in ("threads", "micro_batch_size"):
-        if values[name] < 0:
+    for name in ("threads", "micro_batch_size", "lr_decay_steps", "margin_ramp_steps"):
+        if values.get(name) is not None and values[name] < 0:
             raise UsageError("--%s must be >= 0, got %r" % (name, values[name]))
 
 
@@ -203,6 +203,26 @@ def resolve_hparams(values):
     overrides = {name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None}
     overrides.update(parse_hparams(values.get("hparams") or ""))
     return capsnet.hparams_for(values["preset"], **overrides)
+
+
+def read_run_hparams(result_dir, values):
+    """The HParams saved in DIR/flags.json when the run started (its schedules' lengths included), so that
+    later changes to a preset never change a saved run. A field the file lacks (the run predates it) takes
+    its value from the run's flags `values`."""
+    path = os.path.join(result_dir, FLAGS_FILE)
+    fields = {field.name for field in dataclasses.fields(capsnet.HParams)}
+    try:
+        with open(path) as f:
+            saved = json.load(f)["hparams"]
+        return dataclasses.replace(resolve_hparams(values), **{name: saved[name] for name in fields & set(saved)})
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError("%s is unreadable: %s" % (path, error)) from None
+
+
+def run_length(values, train_size):
+    """(steps per epoch, the run's last step) for `train_size` training images."""
+    steps_per_epoch = -(-train_size // values["batch_size"])
+    return steps_per_epoch, values["max_steps"] or values["epochs"] * steps_per_epoch
 
 
 def write_json_atomically(path, payload):
@@ -355,8 +375,7 @@ class _TrainingRun:
         self.eval_predictions = eval_predictions
         self.train_x, self.train_y, self.val_x, self.val_y = data
         self.batch_size = values["batch_size"]
-        self.steps_per_epoch = -(-len(self.train_x) // self.batch_size)
-        self.max_steps = values["max_steps"] or values["epochs"] * self.steps_per_epoch
+        self.steps_per_epoch, self.max_steps = run_length(values, len(self.train_x))
         self.saver = tf.train.Saver(max_to_keep=MAX_CHECKPOINTS)
         self.writer = tf.summary.FileWriter(result_dir)
         self.history = self._load_history()
@@ -442,13 +461,14 @@ class _TrainingRun:
 
 def train(values, result_dir, resumed):
     """Trains (or resumes) the run in `result_dir`; returns the exit code."""
-    hparams = resolve_hparams(values)
+    hparams = read_run_hparams(result_dir, values) if resumed else resolve_hparams(values)
     utils.ensure_mnist(values["data_dir"])
     images, labels = utils.load_mnist(values["data_dir"], "train")
     if values["validation_size"] >= len(images):
         raise UsageError("--validation_size must be smaller than the %d training images in %s, got %d"
                          % (len(images), values["data_dir"], values["validation_size"]))
     data = utils.split_train_validation(images, labels, values["validation_size"], values["seed"])
+    hparams = capsnet.with_run_length(hparams, run_length(values, len(data[0]))[1])  # a new run's schedules
     os.makedirs(result_dir, exist_ok=True)
     write_json_atomically(os.path.join(result_dir, FLAGS_FILE),
                           {"flags": values, "hparams": dataclasses.asdict(hparams)})
@@ -500,7 +520,7 @@ def test(result_dir, data_dir_override):
     values = read_run_flags(result_dir)
     if tf.train.latest_checkpoint(result_dir) is None:
         raise UsageError("%s holds no checkpoint" % result_dir)
-    hparams = resolve_hparams(values)
+    hparams = read_run_hparams(result_dir, values)
     data_dir = data_dir_override or values["data_dir"]
     utils.ensure_mnist(data_dir)
     images, labels = utils.load_mnist(data_dir, "test")

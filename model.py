@@ -57,19 +57,33 @@ class HParams:
     standardise_costs: bool = False  # standardise each position's costs over its parent types (not in the paper)
     # Spread loss margin (paper section 4: m rises from 0.2 to 0.9 during training).
     margin_schedule: str = "sigmoid"  # 'sigmoid' (official code), 'linear' or 'constant'
-    margin_ramp_steps: int = 400000  # 'sigmoid': 0.2 + 0.79 sigmoid(min(10, 8 step / ramp - 4))
+    margin_ramp_steps: int = 400000  # 'sigmoid': 0.2 + 0.79 sigmoid(min(10, 8 step / ramp - 4)); RUN_LENGTH: the run
     # Optimisation (official code: Adam, lr decay 0.96 every 20k steps, weight decay 2e-7).
     learning_rate: float = 3e-3
     lr_decay_rate: float = 0.96
-    lr_decay_steps: int = 20000
+    lr_decay_steps: int = 20000  # RUN_LENGTH: lr decays by lr_decay_rate over the whole run
     weight_decay: float = 2e-7
 
 
+# A schedule length (lr_decay_steps, margin_ramp_steps) of RUN_LENGTH stands for the run's own length in
+# steps, known only once the data and --max_steps/--epochs are: `with_run_length` fills it in.
+RUN_LENGTH = 0
+
+# beta_v that centres the cost at the variance floor: cost_h = beta_v + log(sigma_h) is 0 when sigma_h^2 is
+# at the floor, near which the variances start (README "Training recipe"): -log(sqrt(5e-4)) = 3.8005,
+# rounded to 3.8 as in every tuning run.
+CENTRED_BETA_V = 3.8
+
 PRESETS = {
-    # The paper's MNIST network (310K parameters in the paper).
+    # The paper's MNIST network (310K parameters in the paper), with the official code's settings.
     "paper": HParams(),
-    # The paper's small network of section 5 (68K parameters): A=64, B=8, C=D=16.
-    "small": HParams(conv1_filters=64, primary_types=8, conv_caps1_types=16, conv_caps2_types=16, iterations=2),
+    # The paper's small network of section 5 (68K parameters): A=64, B=8, C=D=16, with the CPU recipe that
+    # the README's tuning runs chose: centred costs, lambda 0.1, a constant margin of 0.2, and Adam at
+    # 0.01 decayed to a tenth over the run.
+    "small": HParams(conv1_filters=64, primary_types=8, conv_caps1_types=16, conv_caps2_types=16, iterations=2,
+                     final_lambda=0.1, class_final_lambda=0.1, beta_v_init=CENTRED_BETA_V,
+                     class_beta_v_init=CENTRED_BETA_V, margin_schedule="constant", learning_rate=0.01,
+                     lr_decay_rate=0.1, lr_decay_steps=RUN_LENGTH),
 }
 
 # Spread-loss margin end points (paper section 4) and the official code's sigmoid ramp.
@@ -98,6 +112,18 @@ def hparams_for(preset, **overrides):
     return dataclasses.replace(PRESETS[preset], **overrides)
 
 
+def with_run_length(hparams, steps):
+    """`hparams` with every RUN_LENGTH schedule length set to `steps`, the run's length."""
+    lengths = {name: steps for name in ("lr_decay_steps", "margin_ramp_steps")
+               if getattr(hparams, name) == RUN_LENGTH}
+    return dataclasses.replace(hparams, **lengths)
+
+
+def _check_run_length(hparams, name):
+    if getattr(hparams, name) == RUN_LENGTH:
+        raise ValueError("%s is RUN_LENGTH: set the run's length with with_run_length() first" % name)
+
+
 def margin_schedule(step, hparams):
     """Spread-loss margin m at `step` (a tensor or a number).
 
@@ -106,6 +132,8 @@ def margin_schedule(step, hparams):
     'linear': 0.2 + (0.9 - 0.2) * min(1, step / ramp).
     'constant': 0.2 at every step (the CPU recipe's choice, README "Training recipe"; no ramp).
     """
+    if hparams.margin_schedule != "constant":
+        _check_run_length(hparams, "margin_ramp_steps")
     step = tf.cast(step, tf.float32)
     ramp = float(hparams.margin_ramp_steps)
     if hparams.margin_schedule == "sigmoid":
@@ -288,6 +316,7 @@ class CapsNetEMModel:
           `TrainGraph`.
         """
         hp = self.hparams
+        _check_run_length(hp, "lr_decay_steps")
         global_step = tf.train.get_or_create_global_step()
         inference = self.inference(images)
         loss = self.loss(inference.activations, labels, global_step)

@@ -102,6 +102,7 @@ def test_train_writes_run_directory(tiny_run):
     assert {name: flags.get(name) for name in expected} == expected
     assert saved["hparams"]["conv1_filters"] == 64 and saved["hparams"]["iterations"] == 2
     assert saved["hparams"]["padding"] == "VALID"
+    assert saved["hparams"]["lr_decay_steps"] == 2  # the small preset decays over the run: its 2 steps
     assert os.path.isfile(os.path.join(run_dir, "checkpoint"))
     assert os.path.isfile(os.path.join(run_dir, "model.ckpt-2.index"))
     assert tf.train.latest_checkpoint(run_dir) == os.path.join(run_dir, "model.ckpt-2")

@@ -14,6 +14,7 @@ import model as capsnet
 
 _BATCH = 2  # images per forward pass; small enough for the paper network on two cores
 _IMAGE_SHAPE = [28, 28, 1]
+_RUN_STEPS = 100  # a run length for the schedules that span the run
 _POSE = 4 * 4  # entries of a 4x4 pose matrix
 # Trainable parameters stated in model.py's PRESETS comments and main.py's start-up line.
 _DOCUMENTED_PARAMETERS = {"paper": 318964, "small": 68444}
@@ -153,6 +154,33 @@ class HParamsTest(tf.test.TestCase):
         self.assertEqual(capsnet.PRESETS["small"].iterations, 2)
 
 
+    def test_run_length(self):
+        """with_run_length fills in exactly the RUN_LENGTH schedule lengths; the small preset's learning
+        rate then falls from 0.01 to a tenth of it at the run's last step."""
+        small = capsnet.hparams_for("small")
+        self.assertEqual(small.lr_decay_steps, capsnet.RUN_LENGTH)
+        resolved = capsnet.with_run_length(small, _RUN_STEPS)
+        self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (_RUN_STEPS, small.margin_ramp_steps))
+        paper = capsnet.hparams_for("paper", margin_ramp_steps=capsnet.RUN_LENGTH)
+        resolved = capsnet.with_run_length(paper, _RUN_STEPS)
+        self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (paper.lr_decay_steps, _RUN_STEPS))
+        with tf.Graph().as_default():
+            images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
+            labels = tf.placeholder(tf.int64, [None])
+            with self.assertRaisesRegex(ValueError, "lr_decay_steps"):
+                capsnet.CapsNetEMModel(small).train(images, labels)
+            with self.assertRaisesRegex(ValueError, "margin_ramp_steps"):
+                capsnet.margin_schedule(tf.constant(0), paper)
+            graph = capsnet.CapsNetEMModel(capsnet.with_run_length(small, _RUN_STEPS)).train(images, labels)
+            with self.session() as sess:
+                sess.run(tf.global_variables_initializer())
+                rates = []
+                for step in (0, _RUN_STEPS):
+                    sess.run(graph.global_step.assign(step))
+                    rates.append(sess.run(graph.learning_rate))
+        np.testing.assert_allclose(rates, [0.01, 0.001], rtol=1e-6)
+
+
 class MicroBatchTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_split_batch_sizes(self):
@@ -207,7 +235,8 @@ class TrainStepTest(tf.test.TestCase):
         tf.set_random_seed(1)
         images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
         labels = tf.placeholder(tf.int64, [None])
-        graph = capsnet.CapsNetEMModel(capsnet.hparams_for("small")).train(images, labels)
+        hparams = capsnet.with_run_length(capsnet.hparams_for("small"), _RUN_STEPS)
+        graph = capsnet.CapsNetEMModel(hparams).train(images, labels)
         return images, labels, graph
 
     def test_step_updates_every_variable(self):

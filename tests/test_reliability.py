@@ -10,6 +10,7 @@ test_utils.test_download_mnist_bad_bytes with a fake urlopen; here the only down
 fails, as the subprocesses' proxy points at a closed local port.
 """
 
+import dataclasses
 import gzip
 import json
 import os
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
+import main
+import model as capsnet
 import utils
 from test_main import SMALL_RUN, TINY_TRAIN_IMAGES, read_json, run_main, start_main, write_tiny_mnist
 
@@ -173,9 +176,11 @@ def test_bad_data(workspace, spoil, expected):
     (["--hparams", "no_such_field=1"], "--hparams"),
     (["--max_shift", "-1"], "--max_shift"),
     (["--max_shift", "28"], "--max_shift"),
+    (["--lr_decay_steps", "-1"], "--lr_decay_steps"),
+    (["--margin_ramp_steps", "-5"], "--margin_ramp_steps"),
 ], ids=["batch_size_0", "preset_big", "padding_FULL", "iterations_0", "learning_rate_0", "test_maybe",
         "unknown_flag", "positional_argument", "validation_takes_all", "hparams_unknown_field", "max_shift_negative",
-        "max_shift_whole_image"])
+        "max_shift_whole_image", "lr_decay_steps_negative", "margin_ramp_steps_negative"])
 def test_bad_flags(workspace, flags, expected):
     """Each bad flag value, an unknown flag, a stray positional argument, and a validation split that
     leaves no training image are rejected with exit 2 and one line naming the flag or argument; no
@@ -260,6 +265,24 @@ def test_resume_keeps_the_runs_own_end(workspace):
     assert result.returncode == 0, result.stderr
     assert "resuming run at step 4 of %d" % steps_per_epoch in result.stdout
     assert read_json(flags_path)["flags"]["max_steps"] is None
+
+
+def test_saved_hparams_rule_resume_and_test(workspace, monkeypatch, capsys):
+    """A saved run keeps the hyperparameters it started with when a preset changes later: test mode (run
+    in-process here, with the small preset's conv1 narrowed to 32 filters) restores the checkpoint into the
+    network of flags.json's hparams; rebuilt from the changed preset, the restore would fail."""
+    run_dir = str(workspace / "run")
+    saved = read_json(os.path.join(run_dir, "flags.json"))
+    monkeypatch.setitem(capsnet.PRESETS, "small", dataclasses.replace(capsnet.PRESETS["small"], conv1_filters=32))
+    assert main.resolve_hparams(saved["flags"]).conv1_filters == 32
+    assert main.read_run_hparams(run_dir, saved["flags"]) == capsnet.HParams(**saved["hparams"])
+    with tf.Graph().as_default():
+        main.test(run_dir, str(workspace / "data"))
+    assert "test accuracy" in capsys.readouterr().out
+    del saved["hparams"]["standardise_costs"]  # a run saved before that field existed: its flags fill it in
+    with open(os.path.join(run_dir, "flags.json"), "w") as f:
+        json.dump(saved, f)
+    assert main.read_run_hparams(run_dir, saved["flags"]).standardise_costs is False
 
 
 def test_resume_conflicting_flag(workspace):
