@@ -75,7 +75,8 @@ RUN_LENGTH = 0
 CENTRED_BETA_V = 3.8
 
 PRESETS = {
-    # The paper's MNIST network (310K parameters in the paper), with the official code's settings.
+    # The paper's MNIST network (310K parameters in the paper), with the official code's lambda, margin and
+    # optimiser settings.
     "paper": HParams(),
     # The paper's small network of section 5 (68K parameters): A=64, B=8, C=D=16, with the CPU recipe that
     # the README's tuning runs chose: centred costs, lambda 0.1, a constant margin of 0.2, and Adam at
