@@ -210,14 +210,15 @@ def test_test_without_checkpoint(workspace):
 
 
 def test_test_other_architecture(workspace):
-    """`--test True` on a small-preset checkpoint whose flags.json was edited to say 'paper': the
-    restore fails cleanly, naming the checkpoint; no test_results.json is written."""
+    """`--test True` on a small-preset checkpoint whose flags.json was edited to hold another network
+    (conv1 with 32 filters, the paper's A, instead of 64; test mode builds the saved hparams): the restore
+    fails cleanly, naming the checkpoint; no test_results.json is written."""
     path = str(workspace / "run" / "flags.json")
-    with open(path) as f:
-        text = f.read()
-    assert '"preset": "small"' in text
+    saved = read_json(path)
+    assert saved["hparams"]["conv1_filters"] == 64
+    saved["hparams"]["conv1_filters"] = 32
     with open(path, "w") as f:
-        f.write(text.replace('"preset": "small"', '"preset": "paper"'))
+        json.dump(saved, f)
     message = assert_clean_failure(["--test", "True", "--result_dir", "run"], workspace)
     assert "model.ckpt-2" in message and "does not match" in message
 
