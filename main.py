@@ -2,6 +2,7 @@
 
   python main.py                                      # train the paper network, new dir under ./results
   python main.py --preset small --max_steps 200       # a short run of the 68K-parameter network
+  python main.py --preset small --batch_size 32 --max_steps 3900   # the 20-minute CPU recipe (README)
   python main.py --result_dir DIR                     # resume the run in DIR from its latest checkpoint
   python main.py --test True --result_dir DIR         # evaluate DIR's latest checkpoint on 10,000 images
 
