@@ -121,6 +121,7 @@ def with_run_length(hparams, steps):
 
 
 def _check_run_length(hparams, name):
+    """ValueError when the schedule length `name` still stands for the run's length (not yet filled in)."""
     if getattr(hparams, name) == RUN_LENGTH:
         raise ValueError("%s is RUN_LENGTH: set the run's length with with_run_length() first" % name)
 

@@ -153,7 +153,6 @@ class HParamsTest(tf.test.TestCase):
         self.assertEqual(capsnet.hparams_for("small"), capsnet.PRESETS["small"])
         self.assertEqual(capsnet.PRESETS["small"].iterations, 2)
 
-
     def test_run_length(self):
         """with_run_length fills in exactly the RUN_LENGTH schedule lengths; the small preset's learning
         rate then falls from 0.01 to a tenth of it at the run's last step."""
