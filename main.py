@@ -210,14 +210,9 @@ def read_run_hparams(result_dir, values):
     """The HParams saved in DIR/flags.json when the run started (its schedules' lengths included), so that
     later changes to a preset never change a saved run. A field the file lacks (the run predates it) takes
     its value from the run's flags `values`."""
-    path = os.path.join(result_dir, FLAGS_FILE)
+    saved = _read_run_file(result_dir, "hparams")
     fields = {field.name for field in dataclasses.fields(capsnet.HParams)}
-    try:
-        with open(path) as f:
-            saved = json.load(f)["hparams"]
-        return dataclasses.replace(resolve_hparams(values), **{name: saved[name] for name in fields & set(saved)})
-    except (ValueError, KeyError, TypeError) as error:
-        raise UsageError("%s is unreadable: %s" % (path, error)) from None
+    return dataclasses.replace(resolve_hparams(values), **{name: saved[name] for name in fields & set(saved)})
 
 
 def run_length(values, train_size):
@@ -234,18 +229,30 @@ def write_json_atomically(path, payload):
     os.replace(temporary, path)
 
 
-def read_run_flags(result_dir):
-    """The flag values saved in DIR/flags.json (UsageError when absent, unreadable or invalid)."""
+def _read_run_file(result_dir, section):
+    """One section ('flags' or 'hparams') of DIR/flags.json (UsageError when absent or unreadable)."""
     path = os.path.join(result_dir, FLAGS_FILE)
     try:
         with open(path) as f:
-            saved = json.load(f)["flags"]
+            values = json.load(f)[section]
+        if not isinstance(values, dict):
+            raise TypeError("'%s' is not a name -> value mapping" % section)
+        return values
+    except FileNotFoundError:
+        raise UsageError("%s holds no %s: not a run directory of this program" % (result_dir, FLAGS_FILE)) from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError("%s is unreadable: %s" % (path, error)) from None
+
+
+def read_run_flags(result_dir):
+    """The flag values saved in DIR/flags.json (UsageError when absent, unreadable or invalid)."""
+    saved = _read_run_file(result_dir, "flags")
+    path = os.path.join(result_dir, FLAGS_FILE)
+    try:
         # A run saved before a flag existed lacks it; every flag's default is what runs before it did.
         for name in PROGRAM_FLAGS:
             saved.setdefault(name, FLAGS[name].default)
         validate_flags(saved)  # the file may have been edited by hand
-    except FileNotFoundError:
-        raise UsageError("%s holds no %s: not a run directory of this program" % (result_dir, FLAGS_FILE)) from None
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError("%s is unreadable: %s" % (path, error)) from None
     except UsageError as error:

@@ -268,7 +268,7 @@ def test_resume_keeps_the_runs_own_end(workspace):
     assert read_json(flags_path)["flags"]["max_steps"] is None
 
 
-def test_saved_hparams_rule_resume_and_test(workspace, monkeypatch, capsys):
+def test_saved_hparams_rule_test_mode(workspace, monkeypatch, capsys):
     """A saved run keeps the hyperparameters it started with when a preset changes later: test mode (run
     in-process here, with the small preset's conv1 narrowed to 32 filters) restores the checkpoint into the
     network of flags.json's hparams; rebuilt from the changed preset, the restore would fail."""
