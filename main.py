@@ -521,6 +521,20 @@ def train(values, result_dir, resumed):
 # ---- test -----------------------------------------------------------------------------------------------
 
 
+def check_test_flags(result_dir, given):
+    """UsageError unless `given` (the flags on the command line) suit `--test True` on `result_dir`.
+
+    Test mode rebuilds the network and its settings from the run's flags.json, so a run-defining flag
+    other than --data_dir would be ignored without a word: it is refused instead.
+    """
+    if not result_dir:
+        raise UsageError("--test True needs --result_dir DIR of a trained run")
+    ignored = sorted(set(RUN_DEFINING_FLAGS) & given - {"data_dir"})
+    if ignored:
+        raise UsageError("--%s has no effect with --test True: the network comes from %s; drop the flag"
+                         % (ignored[0], os.path.join(result_dir, FLAGS_FILE)))
+
+
 def test(result_dir, data_dir_override):
     """Evaluates DIR's latest checkpoint on all 10,000 test images; writes JSON and pictures."""
     if not os.path.isdir(result_dir):
@@ -579,12 +593,11 @@ def main(argv):
         validate_flags(values)
         tf.get_logger().setLevel("ERROR")
         tf.disable_v2_behavior()
-        if testing:
-            if not values["result_dir"]:
-                raise UsageError("--test True needs --result_dir DIR of a trained run")
-            given_data_dir = values["data_dir"] if FLAGS["data_dir"].present else None
-            return test(values["result_dir"], given_data_dir)
         given = {name for name in PROGRAM_FLAGS if FLAGS[name].present}
+        if testing:
+            check_test_flags(values["result_dir"], given)
+            given_data_dir = values["data_dir"] if "data_dir" in given else None
+            return test(values["result_dir"], given_data_dir)
         result_dir, run_values, resumed = training_run_flags(values, given)
         return train(run_values, result_dir, resumed)
     except (UsageError, utils.DataError) as error:

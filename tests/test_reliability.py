@@ -235,6 +235,14 @@ def test_saved_flags_invalid(workspace):
     assert "flags.json" in message and "--preset" in message
 
 
+@pytest.mark.parametrize("flags", [["--iterations", "3"], ["--hparams", "beta_v_init=2.0"], ["--preset", "paper"]])
+def test_test_mode_refuses_run_defining_flags(workspace, flags):
+    """Test mode builds the network from DIR/flags.json, so a run-defining flag given with `--test True`
+    would change nothing: it is refused with one line naming the flag, and nothing is written."""
+    message = assert_clean_failure(["--test", "True", "--result_dir", "run"] + flags, workspace)
+    assert flags[0] in message and "no effect" in message and "flags.json" in message
+
+
 # ---- resuming -------------------------------------------------------------------------------------------
 
 
