@@ -529,7 +529,7 @@ def check_test_flags(result_dir, given):
     """
     if not result_dir:
         raise UsageError("--test True needs --result_dir DIR of a trained run")
-    ignored = sorted(set(RUN_DEFINING_FLAGS) & given - {"data_dir"})
+    ignored = sorted((set(RUN_DEFINING_FLAGS) - {"data_dir"}) & given)
     if ignored:
         raise UsageError("--%s has no effect with --test True: the network comes from %s; drop the flag"
                          % (ignored[0], os.path.join(result_dir, FLAGS_FILE)))
