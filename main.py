@@ -113,6 +113,8 @@ PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.m
 RUN_DEFINING_FLAGS = ("preset", "hparams", "padding", "iterations", "final_lambda", "class_final_lambda", "batch_size",
                       "learning_rate", "lr_decay_rate", "lr_decay_steps", "weight_decay", "margin_schedule",
                       "margin_ramp_steps", "data_dir", "validation_size", "max_shift", "seed")
+# Flags that test mode takes from the command line; the others come from the run's flags.json.
+TEST_FLAGS = ("data_dir", "threads")
 # Flags that set where a run ends (--max_steps, when given, wins over --epochs).
 RUN_LENGTH_FLAGS = ("epochs", "max_steps")
 # Flags that override a field of the preset's HParams when given.
@@ -535,15 +537,18 @@ def check_test_flags(result_dir, given):
                          % (ignored[0], os.path.join(result_dir, FLAGS_FILE)))
 
 
-def test(result_dir, data_dir_override):
-    """Evaluates DIR's latest checkpoint on all 10,000 test images; writes JSON and pictures."""
+def test(result_dir, overrides):
+    """Evaluates DIR's latest checkpoint on all 10,000 test images; writes JSON and pictures.
+
+    `overrides` maps TEST_FLAGS given on the command line to their values; every other flag is the run's.
+    """
     if not os.path.isdir(result_dir):
         raise UsageError("--result_dir %s does not exist" % result_dir)
-    values = read_run_flags(result_dir)
+    values = dict(read_run_flags(result_dir), **overrides)
     if tf.train.latest_checkpoint(result_dir) is None:
         raise UsageError("%s holds no checkpoint" % result_dir)
     hparams = read_run_hparams(result_dir, values)
-    data_dir = data_dir_override or values["data_dir"]
+    data_dir = values["data_dir"]
     utils.ensure_mnist(data_dir)
     images, labels = utils.load_mnist(data_dir, "test")
     pipeline = build_pipeline(hparams, EVAL_BATCH_SIZE, values["seed"])
@@ -596,8 +601,7 @@ def main(argv):
         given = {name for name in PROGRAM_FLAGS if FLAGS[name].present}
         if testing:
             check_test_flags(values["result_dir"], given)
-            given_data_dir = values["data_dir"] if "data_dir" in given else None
-            return test(values["result_dir"], given_data_dir)
+            return test(values["result_dir"], {name: values[name] for name in TEST_FLAGS if name in given})
         result_dir, run_values, resumed = training_run_flags(values, given)
         return train(run_values, result_dir, resumed)
     except (UsageError, utils.DataError) as error:

@@ -235,6 +235,26 @@ def test_saved_flags_invalid(workspace):
     assert "flags.json" in message and "--preset" in message
 
 
+def test_test_mode_takes_data_dir_and_threads(workspace, monkeypatch, capsys):
+    """`--test True` evaluates on the --data_dir and with the --threads given on its command line, not the
+    run's saved ones: a second copy of MNIST with 20 test images gives a 20-image result, and the session
+    of an in-process test gets the thread count passed to it."""
+    write_tiny_mnist(str(workspace / "other"), test=20)
+    result = run_main(["--test", "True", "--result_dir", "run", "--data_dir", "other", "--threads", "1"],
+                      cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert read_json(str(workspace / "run" / main.RESULTS_FILE))["n"] == 20
+    saved_threads = read_json(str(workspace / "run" / "flags.json"))["flags"]["threads"]
+    sessions = []
+    new_session = main.new_session
+    monkeypatch.setattr(main, "new_session",
+                        lambda threads, model: sessions.append(threads) or new_session(threads, model))
+    with tf.Graph().as_default():
+        main.test(str(workspace / "run"), {"threads": saved_threads + 1})
+    assert sessions == [saved_threads + 1]
+    assert "on 40 images" in capsys.readouterr().out  # the saved data_dir: the tiny set's 40 test images
+
+
 @pytest.mark.parametrize("flags", [["--iterations", "3"], ["--hparams", "beta_v_init=2.0"], ["--preset", "paper"]])
 def test_test_mode_refuses_run_defining_flags(workspace, flags):
     """Test mode builds the network from DIR/flags.json, so a run-defining flag given with `--test True`
@@ -286,7 +306,7 @@ def test_saved_hparams_rule_test_mode(workspace, monkeypatch, capsys):
     assert main.resolve_hparams(saved["flags"]).conv1_filters == 32
     assert main.read_run_hparams(run_dir, saved["flags"]) == capsnet.HParams(**saved["hparams"])
     with tf.Graph().as_default():
-        main.test(run_dir, str(workspace / "data"))
+        main.test(run_dir, {"data_dir": str(workspace / "data")})
     assert "test accuracy" in capsys.readouterr().out
     del saved["hparams"]["standardise_costs"]  # a run saved before that field existed: its flags fill it in
     with open(os.path.join(run_dir, "flags.json"), "w") as f:
