@@ -527,11 +527,11 @@ def check_test_flags(result_dir, given):
     """UsageError unless `given` (the flags on the command line) suit `--test True` on `result_dir`.
 
     Test mode rebuilds the network and its settings from the run's flags.json, so a run-defining flag
-    other than --data_dir would be ignored without a word: it is refused instead.
+    other than the TEST_FLAGS would be ignored without a word: it is refused instead.
     """
     if not result_dir:
         raise UsageError("--test True needs --result_dir DIR of a trained run")
-    ignored = sorted((set(RUN_DEFINING_FLAGS) - {"data_dir"}) & given)
+    ignored = sorted((set(RUN_DEFINING_FLAGS) - set(TEST_FLAGS)) & given)
     if ignored:
         raise UsageError("--%s has no effect with --test True: the network comes from %s; drop the flag"
                          % (ignored[0], os.path.join(result_dir, FLAGS_FILE)))

@@ -25,7 +25,7 @@ import tensorflow.compat.v1 as tf
 import main
 import model as capsnet
 import utils
-from test_main import SMALL_RUN, TINY_TRAIN_IMAGES, read_json, run_main, start_main, write_tiny_mnist
+from test_main import SMALL_RUN, TINY_TEST_IMAGES, TINY_TRAIN_IMAGES, read_json, run_main, start_main, write_tiny_mnist
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 EXIT_USAGE = 2  # main.py: bad flags, data or result dir
@@ -252,7 +252,7 @@ def test_test_mode_takes_data_dir_and_threads(workspace, monkeypatch, capsys):
     with tf.Graph().as_default():
         main.test(str(workspace / "run"), {"threads": saved_threads + 1})
     assert sessions == [saved_threads + 1]
-    assert "on 40 images" in capsys.readouterr().out  # the saved data_dir: the tiny set's 40 test images
+    assert "on %d images" % TINY_TEST_IMAGES in capsys.readouterr().out  # the saved data_dir's test set
 
 
 @pytest.mark.parametrize("flags", [["--iterations", "3"], ["--hparams", "beta_v_init=2.0"], ["--preset", "paper"]])
