@@ -114,7 +114,9 @@ RUN_DEFINING_FLAGS = ("preset", "hparams", "padding", "iterations", "final_lambd
                       "learning_rate", "lr_decay_rate", "lr_decay_steps", "weight_decay", "margin_schedule",
                       "margin_ramp_steps", "data_dir", "validation_size", "max_shift", "seed")
 # Flags that test mode takes from the command line; the others come from the run's flags.json.
-TEST_FLAGS = ("data_dir", "threads")
+TEST_FLAGS = ("data_dir", "threads", "micro_batch_size")
+# Flags that say which run test mode evaluates.
+TEST_MODE_FLAGS = ("test", "result_dir")
 # Flags that set where a run ends (--max_steps, when given, wins over --epochs).
 RUN_LENGTH_FLAGS = ("epochs", "max_steps")
 # Flags that override a field of the preset's HParams when given.
@@ -526,15 +528,16 @@ def train(values, result_dir, resumed):
 def check_test_flags(result_dir, given):
     """UsageError unless `given` (the flags on the command line) suit `--test True` on `result_dir`.
 
-    Test mode rebuilds the network and its settings from the run's flags.json, so a run-defining flag
-    other than the TEST_FLAGS would be ignored without a word: it is refused instead.
+    Test mode evaluates the latest checkpoint with the settings of the run's flags.json, so any other
+    flag (run-defining like --iterations, or training-only like --max_steps) would be ignored without a
+    word: it is refused instead.
     """
     if not result_dir:
         raise UsageError("--test True needs --result_dir DIR of a trained run")
-    ignored = sorted((set(RUN_DEFINING_FLAGS) - set(TEST_FLAGS)) & given)
+    ignored = sorted(given - set(TEST_FLAGS) - set(TEST_MODE_FLAGS))
     if ignored:
-        raise UsageError("--%s has no effect with --test True: the network comes from %s; drop the flag"
-                         % (ignored[0], os.path.join(result_dir, FLAGS_FILE)))
+        raise UsageError("--%s has no effect with --test True: the network and its settings come from %s; "
+                         "drop the flag" % (ignored[0], os.path.join(result_dir, FLAGS_FILE)))
 
 
 def test(result_dir, overrides):

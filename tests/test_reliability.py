@@ -235,30 +235,40 @@ def test_saved_flags_invalid(workspace):
     assert "flags.json" in message and "--preset" in message
 
 
-def test_test_mode_takes_data_dir_and_threads(workspace, monkeypatch, capsys):
-    """`--test True` evaluates on the --data_dir and with the --threads given on its command line, not the
-    run's saved ones: a second copy of MNIST with 20 test images gives a 20-image result, and the session
-    of an in-process test gets the thread count passed to it."""
+def test_test_mode_takes_data_dir_threads_and_micro_batches(workspace, monkeypatch, capsys):
+    """`--test True` evaluates on the --data_dir and with the --threads and --micro_batch_size given on its
+    command line, not the run's saved ones: a second copy of MNIST with 20 test images gives a 20-image
+    result, and the session of an in-process run gets the thread count and micro-batches given."""
     write_tiny_mnist(str(workspace / "other"), test=20)
-    result = run_main(["--test", "True", "--result_dir", "run", "--data_dir", "other", "--threads", "1"],
-                      cwd=workspace)
+    result = run_main(["--test", "True", "--result_dir", "run", "--data_dir", "other", "--threads", "1",
+                       "--micro_batch_size", "4"], cwd=workspace)
     assert result.returncode == 0, result.stderr
     assert read_json(str(workspace / "run" / main.RESULTS_FILE))["n"] == 20
-    saved_threads = read_json(str(workspace / "run" / "flags.json"))["flags"]["threads"]
+    saved = read_json(str(workspace / "run" / "flags.json"))["flags"]
+    assert saved["micro_batch_size"] == 0  # the run trained without micro-batches
     sessions = []
     new_session = main.new_session
     monkeypatch.setattr(main, "new_session",
-                        lambda threads, model: sessions.append(threads) or new_session(threads, model))
-    with tf.Graph().as_default():
-        main.test(str(workspace / "run"), {"threads": saved_threads + 1})
-    assert sessions == [saved_threads + 1]
+                        lambda threads, model: sessions.append((threads, model.micro_batches))
+                        or new_session(threads, model))
+    monkeypatch.chdir(workspace)
+    argv = ["main.py", "--test", "True", "--result_dir", "run", "--threads", str(saved["threads"] + 1),
+            "--micro_batch_size", str(saved["batch_size"] // 2)]
+    try:
+        with tf.Graph().as_default():
+            assert main.main(argv) == 0
+    finally:
+        main.FLAGS.unparse_flags()  # later tests parse their own command lines
+    assert sessions == [(saved["threads"] + 1, 2)]
     assert "on %d images" % TINY_TEST_IMAGES in capsys.readouterr().out  # the saved data_dir's test set
 
 
-@pytest.mark.parametrize("flags", [["--iterations", "3"], ["--hparams", "beta_v_init=2.0"], ["--preset", "paper"]])
-def test_test_mode_refuses_run_defining_flags(workspace, flags):
-    """Test mode builds the network from DIR/flags.json, so a run-defining flag given with `--test True`
-    would change nothing: it is refused with one line naming the flag, and nothing is written."""
+@pytest.mark.parametrize("flags", [["--iterations", "3"], ["--hparams", "beta_v_init=2.0"], ["--preset", "paper"],
+                                   ["--max_steps", "9"], ["--save_every_steps", "7"]])
+def test_test_mode_refuses_flags_it_would_ignore(workspace, flags):
+    """Test mode builds the network from DIR/flags.json and evaluates its latest checkpoint, so a run-defining
+    or training-only flag given with `--test True` would change nothing: it is refused with one line naming
+    the flag, and nothing is written."""
     message = assert_clean_failure(["--test", "True", "--result_dir", "run"] + flags, workspace)
     assert flags[0] in message and "no effect" in message and "flags.json" in message
 
