@@ -24,6 +24,7 @@ import tensorflow.compat.v1 as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 import model as capsnet  # noqa: E402
+import runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "small", "Network preset: paper or small.")
@@ -75,7 +76,7 @@ def measure_matmul_rate(threads):
     with tf.Graph().as_default():
         a = tf.Variable(tf.random.normal([MATMUL_SIZE, MATMUL_SIZE]))
         product = tf.reduce_sum(tf.matmul(a, a))
-        with tf.Session(config=capsnet.session_config(threads, micro_batches=1)) as sess:
+        with tf.Session(config=runtime.session_config(threads, micro_batches=1)) as sess:
             sess.run(a.initializer)
             sess.run(product)
             times = []
@@ -116,10 +117,10 @@ def main(argv):
     tf.disable_v2_behavior()
     matmul_rate = measure_matmul_rate(FLAGS.threads)  # first, on an idle process
     overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
-    hp = capsnet.with_run_length(capsnet.hparams_for(FLAGS.preset, **overrides), FLAGS.warmup + FLAGS.steps)
-    net = capsnet.CapsNetEMModel(hp, capsnet.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
+    hp = runtime.with_run_length(capsnet.hparams_for(FLAGS.preset, **overrides), FLAGS.warmup + FLAGS.steps)
+    net = capsnet.CapsNetEMModel(hp, runtime.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
     fetches = build(net, FLAGS.batch_size, FLAGS.mode)
-    config = capsnet.session_config(FLAGS.threads, net.micro_batches)
+    config = runtime.session_config(FLAGS.threads, net.micro_batches)
     if FLAGS.xla:
         config.graph_options.optimizer_options.global_jit_level = tf.OptimizerOptions.ON_1
     with tf.Session(config=config) as sess:

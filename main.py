@@ -55,6 +55,7 @@ from absl import flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import model as capsnet  # noqa: E402
+import runtime  # noqa: E402
 import utils  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -67,6 +68,9 @@ flags.DEFINE_string("padding", None, "Padding of the conv and conv-capsule layer
 flags.DEFINE_string("hparams", "", "Comma-separated name=value overrides of any HParams field of model.py, "
                     "e.g. 'weight_stddev=0.3,beta_a_init=-0.5'; applied after the preset and the flags below.")
 # ---- routing ---------------------------------------------------------------------------------------
+flags.DEFINE_string("routing", None, "Routing form: 'paper' (the paper's equations) or 'official' (the authors' "
+                    "released code: activation form, damped means, per-type normaliser, their inits and lambda); "
+                    "applied after the preset, before the flags below (default: the preset's).")
 flags.DEFINE_integer("iterations", None, "EM routing iterations, >= 1 (default: the preset's).")
 flags.DEFINE_float("final_lambda", None, "Final inverse temperature of the conv-capsule layers; "
                    "lambda_i = final * (1 - 0.95^(i+1)) (default: the preset's).")
@@ -110,9 +114,9 @@ flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch, >= 0 (0: no
 PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]))
 
 # Flags that define the architecture, the optimisation or the data of a run: a resumed run must keep them.
-RUN_DEFINING_FLAGS = ("preset", "hparams", "padding", "iterations", "final_lambda", "class_final_lambda", "batch_size",
-                      "learning_rate", "lr_decay_rate", "lr_decay_steps", "weight_decay", "margin_schedule",
-                      "margin_ramp_steps", "data_dir", "validation_size", "max_shift", "seed")
+RUN_DEFINING_FLAGS = ("preset", "routing", "hparams", "padding", "iterations", "final_lambda", "class_final_lambda",
+                      "batch_size", "learning_rate", "lr_decay_rate", "lr_decay_steps", "weight_decay",
+                      "margin_schedule", "margin_ramp_steps", "data_dir", "validation_size", "max_shift", "seed")
 # Flags that test mode takes from the command line; the others come from the run's flags.json.
 TEST_FLAGS = ("data_dir", "threads", "micro_batch_size")
 # Flags that say which run test mode evaluates.
@@ -170,6 +174,8 @@ def validate_flags(values):
             raise UsageError("--%s must be > 0, got %r" % (name, values[name]))
     if values["preset"] not in capsnet.PRESETS:
         raise UsageError("--preset must be one of %s, got %r" % ("/".join(sorted(capsnet.PRESETS)), values["preset"]))
+    if values.get("routing") not in (None,) + tuple(capsnet.ROUTING_FORMS):
+        raise UsageError("--routing must be one of %s, got %r" % ("/".join(capsnet.ROUTING_FORMS), values["routing"]))
     if values.get("padding") is not None and values["padding"] not in ("VALID", "SAME"):
         raise UsageError("--padding must be VALID or SAME, got %r" % values["padding"])
     if values.get("iterations") is not None and values["iterations"] < 1:
@@ -207,7 +213,7 @@ def resolve_hparams(values):
     """The preset's HParams with every given hyperparameter flag, then --hparams, applied."""
     overrides = {name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None}
     overrides.update(parse_hparams(values.get("hparams") or ""))
-    return capsnet.hparams_for(values["preset"], **overrides)
+    return capsnet.hparams_for(values["preset"], values.get("routing"), **overrides)
 
 
 def read_run_hparams(result_dir, values):
@@ -339,13 +345,13 @@ def build_pipeline(hparams, batch_size, seed, max_shift=0):
 
 def new_model(hparams, values):
     """The model, split into the micro-batches --micro_batch_size asks for at --batch_size."""
-    micro_batches = capsnet.micro_batches_for(values["batch_size"], values["micro_batch_size"])
+    micro_batches = runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"])
     return capsnet.CapsNetEMModel(hparams, micro_batches)
 
 
 def new_session(threads, model):
     """A session on `threads` CPU threads (0: every core), set up for `model`'s micro-batches."""
-    return tf.Session(config=capsnet.session_config(threads, model.micro_batches))
+    return tf.Session(config=runtime.session_config(threads, model.micro_batches))
 
 
 def restore_latest(sess, saver, result_dir):
@@ -480,7 +486,7 @@ def train(values, result_dir, resumed):
         raise UsageError("--validation_size must be smaller than the %d training images in %s, got %d"
                          % (len(images), values["data_dir"], values["validation_size"]))
     data = utils.split_train_validation(images, labels, values["validation_size"], values["seed"])
-    hparams = capsnet.with_run_length(hparams, run_length(values, len(data[0]))[1])  # a new run's schedules
+    hparams = runtime.with_run_length(hparams, run_length(values, len(data[0]))[1])  # a new run's schedules
     os.makedirs(result_dir, exist_ok=True)
     write_json_atomically(os.path.join(result_dir, FLAGS_FILE),
                           {"flags": values, "hparams": dataclasses.asdict(hparams)})

@@ -16,11 +16,11 @@ Network (paper MNIST config, A=B=C=D=32, batch N):
 import collections
 import dataclasses
 import math
-import os
 
 import tensorflow.compat.v1 as tf
 
 import capsule_layers as cl
+import diagnostics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,19 +55,72 @@ class HParams:
     class_beta_a_init: float = 0.0
     beta_a_scale: float = 1.0  # effective beta_a = scale * variable (official code: 5000 * b_a)
     standardise_costs: bool = False  # standardise each position's costs over its parent types (not in the paper)
+    # Routing form (capsule_layers.RoutingForm): the paper's equations, or pieces of the authors' released code.
+    routing: str = "paper"  # the form whose values ROUTING_FORMS applied: 'paper' or 'official'
+    activation_form: str = "paper"  # 'paper' or 'official' activation logit
+    mean_momentum: float = 0.0  # official 0.1: damped parent means
+    conv_mass_epsilon: float = 0.0  # official 1e-7: added to every conv-capsule parent's mass
+    class_mass_epsilon: float = 0.0  # official 1e-5: the same in the class layer
+    normalise_over: str = "positions_and_types"  # conv E-step normaliser; official 'positions'
+    coordinate_addition: str = "paper"  # 'paper' (cell centre in [0, 1], entries [0,3],[1,3]) or 'official'
     # Spread loss margin (paper section 4: m rises from 0.2 to 0.9 during training).
     margin_schedule: str = "sigmoid"  # 'sigmoid' (official code), 'linear' or 'constant'
-    margin_ramp_steps: int = 400000  # 'sigmoid': 0.2 + 0.79 sigmoid(min(10, 8 step / ramp - 4)); RUN_LENGTH: the run
+    margin_ramp_steps: int = 400000  # 'sigmoid': 0.2 + 0.79 sigmoid(min(10, 8 step / ramp - 4)); 0: the whole run
     # Optimisation (official code: Adam, lr decay 0.96 every 20k steps, weight decay 2e-7).
     learning_rate: float = 3e-3
     lr_decay_rate: float = 0.96
-    lr_decay_steps: int = 20000  # RUN_LENGTH: lr decays by lr_decay_rate over the whole run
+    lr_decay_steps: int = 20000  # 0: lr decays by lr_decay_rate over the whole run
     weight_decay: float = 2e-7
 
+    def parse(self, text):
+        """A copy with 'name=value,name=value' applied, each value converted to its field's type.
 
-# A schedule length (lr_decay_steps, margin_ramp_steps) of RUN_LENGTH stands for the run's own length in
-# steps, known only once the data and --max_steps/--epochs are: `with_run_length` fills it in.
-RUN_LENGTH = 0
+        Raises:
+          ValueError: naming the field, for an unknown name or a value of the wrong type.
+        """
+        types = {field.name: field.type for field in dataclasses.fields(self)}
+        overrides = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, _, value = (part.strip() for part in item.partition("="))
+            if name not in types:
+                raise ValueError("unknown hyperparameter %r (see HParams in model.py)" % name)
+            try:
+                overrides[name] = (parse_bool if types[name] is bool else types[name])(value)
+            except ValueError:
+                raise ValueError("%s=%r is not a valid %s" % (name, value, types[name].__name__)) from None
+        return dataclasses.replace(self, **overrides)
+
+    def validate(self):
+        """Returns self; ValueError naming the first field whose value is outside its domain."""
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError("%s must be one of %s, got %r" % (name, "/".join(choices), getattr(self, name)))
+        for name in _POSITIVE:
+            if not getattr(self, name) > 0:
+                raise ValueError("%s must be > 0, got %r" % (name, getattr(self, name)))
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise ValueError("%s must be >= 0, got %r" % (name, getattr(self, name)))
+        if not 0 <= self.mean_momentum < 1:
+            raise ValueError("mean_momentum must be in [0, 1), got %r" % self.mean_momentum)
+        if self.standardise_costs and self.activation_form != "paper":
+            raise ValueError("standardise_costs applies to activation_form=paper only")
+        return self
+
+
+BOOLEAN_WORDS = {"true": True, "false": False}
+
+
+def parse_bool(value):
+    """'True'/'False' (any case) -> bool; anything else is a ValueError (Python's bool('False') is True)."""
+    if value.lower() not in BOOLEAN_WORDS:
+        raise ValueError(value)
+    return BOOLEAN_WORDS[value.lower()]
+
+
+# A schedule length (lr_decay_steps, margin_ramp_steps) of 0 stands for the run's own length in steps,
+# known only once the data and the run's end are: main.py fills it in before the graph is built.
+WHOLE_RUN = 0
 
 # beta_v that centres the cost at the variance floor: cost_h = beta_v + log(sigma_h) is 0 when sigma_h^2 is
 # at the floor, near which the variances start (README "Training recipe"): -log(sqrt(5e-4)) = 3.8005,
@@ -84,8 +137,34 @@ PRESETS = {
     "small": HParams(conv1_filters=64, primary_types=8, conv_caps1_types=16, conv_caps2_types=16, iterations=2,
                      final_lambda=0.1, class_final_lambda=0.1, beta_v_init=CENTRED_BETA_V,
                      class_beta_v_init=CENTRED_BETA_V, margin_schedule="constant", learning_rate=0.01,
-                     lr_decay_rate=0.1, lr_decay_steps=RUN_LENGTH),
+                     lr_decay_rate=0.1, lr_decay_steps=WHOLE_RUN),
 }
+
+# What `--routing official` sets (the authors' released code, google-research `capsule_em`): every piece of
+# their routing, their initial values (b_a 0.5 conv / 1.0 class, b_v 0.5 / 2.0, W std 0.3 / 0.01) and their
+# inverse temperature (final 0.01, the class layer's a quarter of it). Later flags and --hparams override.
+ROUTING_FORMS = {
+    "paper": {},
+    "official": dict(
+        activation_form="official", mean_momentum=cl.OFFICIAL_MEAN_MOMENTUM,
+        conv_mass_epsilon=cl.OFFICIAL_CONV_MASS_EPSILON, class_mass_epsilon=cl.OFFICIAL_CLASS_MASS_EPSILON,
+        normalise_over="positions", coordinate_addition="official", final_lambda=0.01, class_final_lambda=0.0025,
+        beta_a_init=0.5, class_beta_a_init=1.0, beta_v_init=0.5, class_beta_v_init=2.0, weight_stddev=0.3,
+        class_weight_stddev=0.01),
+}
+
+MARGIN_SCHEDULES = ("sigmoid", "linear", "constant")
+COORDINATE_FORMS = ("paper", "official")
+
+# The domain of each HParams field that has one (HParams.validate).
+_CHOICES = {"padding": cl.VALID_PADDINGS, "routing": tuple(ROUTING_FORMS), "activation_form": cl.ACTIVATION_FORMS,
+            "normalise_over": cl.NORMALISE_OVER, "coordinate_addition": COORDINATE_FORMS,
+            "margin_schedule": MARGIN_SCHEDULES}
+_POSITIVE = ("conv1_filters", "conv1_kernel", "conv1_stride", "primary_types", "primary_kernel", "conv_caps1_types",
+             "conv_caps1_kernel", "conv_caps1_stride", "conv_caps2_types", "conv_caps2_kernel", "conv_caps2_stride",
+             "num_classes", "image_size", "image_channels", "iterations", "final_lambda", "class_final_lambda",
+             "weight_stddev", "class_weight_stddev", "learning_rate", "lr_decay_rate")
+_NON_NEGATIVE = ("conv_mass_epsilon", "class_mass_epsilon", "margin_ramp_steps", "lr_decay_steps", "weight_decay")
 
 # Spread-loss margin end points (paper section 4) and the official code's sigmoid ramp.
 MARGIN_START = 0.2
@@ -99,31 +178,33 @@ Inference = collections.namedtuple("Inference", ["activations", "poses", "predic
 Loss = collections.namedtuple("Loss", ["total", "spread", "weight_decay", "margin"])
 TrainGraph = collections.namedtuple(
     "TrainGraph", ["train_op", "loss", "accuracy", "predictions", "margin", "learning_rate", "global_step",
-                   "summary_op", "inference"]
+                   "summary_op", "inference", "finite_checks"]
 )
 
 
-def hparams_for(preset, **overrides):
-    """The named preset with `overrides` applied (`ValueError` for an unknown preset or field)."""
+def hparams_for(preset, routing=None, **overrides):
+    """The named preset, then the routing form's values (None: the preset's form), then `overrides`.
+
+    `ValueError` for an unknown preset, routing form or field.
+    """
     if preset not in PRESETS:
         raise ValueError("unknown preset %r (choose from %s)" % (preset, ", ".join(sorted(PRESETS))))
+    if routing is not None and routing not in ROUTING_FORMS:
+        raise ValueError("unknown routing %r (choose from %s)" % (routing, ", ".join(sorted(ROUTING_FORMS))))
     unknown = set(overrides) - {field.name for field in dataclasses.fields(HParams)}
     if unknown:
         raise ValueError("unknown hyperparameters: %s" % ", ".join(sorted(unknown)))
-    return dataclasses.replace(PRESETS[preset], **overrides)
+    hparams = PRESETS[preset]
+    if routing is not None:
+        hparams = dataclasses.replace(hparams, **dict(ROUTING_FORMS[routing], routing=routing))
+    return dataclasses.replace(hparams, **overrides).validate()
 
 
-def with_run_length(hparams, steps):
-    """`hparams` with every RUN_LENGTH schedule length set to `steps`, the run's length."""
-    lengths = {name: steps for name in ("lr_decay_steps", "margin_ramp_steps")
-               if getattr(hparams, name) == RUN_LENGTH}
-    return dataclasses.replace(hparams, **lengths)
-
-
-def _check_run_length(hparams, name):
-    """ValueError when the schedule length `name` still stands for the run's length (not yet filled in)."""
-    if getattr(hparams, name) == RUN_LENGTH:
-        raise ValueError("%s is RUN_LENGTH: set the run's length with with_run_length() first" % name)
+def _check_schedule_length(hparams, name):
+    """ValueError when the schedule length `name` is still WHOLE_RUN, which the caller must set first."""
+    if getattr(hparams, name) == WHOLE_RUN:
+        raise ValueError("%s is 0 (the whole run): set it to the run's length in steps before building the graph"
+                         % name)
 
 
 def margin_schedule(step, hparams):
@@ -135,7 +216,7 @@ def margin_schedule(step, hparams):
     'constant': 0.2 at every step (the CPU recipe's choice, README "Training recipe"; no ramp).
     """
     if hparams.margin_schedule != "constant":
-        _check_run_length(hparams, "margin_ramp_steps")
+        _check_schedule_length(hparams, "margin_ramp_steps")
     step = tf.cast(step, tf.float32)
     ramp = float(hparams.margin_ramp_steps)
     if hparams.margin_schedule == "sigmoid":
@@ -145,7 +226,8 @@ def margin_schedule(step, hparams):
         return MARGIN_START + (MARGIN_END - MARGIN_START) * tf.minimum(1.0, step / ramp)
     if hparams.margin_schedule == "constant":
         return tf.fill(tf.shape(step), MARGIN_START)  # the shape of step (a scalar in training)
-    raise ValueError("margin_schedule must be 'sigmoid', 'linear' or 'constant', got %r" % hparams.margin_schedule)
+    raise ValueError("margin_schedule must be one of %s, got %r"
+                     % ("/".join(MARGIN_SCHEDULES), hparams.margin_schedule))
 
 
 def spread_loss(activations, labels, margin):
@@ -167,29 +249,6 @@ def spread_loss(activations, labels, margin):
         return tf.reduce_mean(tf.reduce_sum(gaps, axis=1))
 
 
-class _ReluConv1:
-    """Layer A (paper section 3): a 5x5, stride-2 ReLU convolution; variables made on the first call."""
-
-    name = "relu_conv1"
-
-    def __init__(self, hparams):
-        self.hparams = hparams
-        self.kernel = self.bias = None
-
-    def __call__(self, images):
-        """`[n, 28, 28, 1]` -> `[n, 12, 12, A]`."""
-        hp = self.hparams
-        if self.kernel is None:
-            with tf.variable_scope(self.name):
-                self.kernel = tf.get_variable(
-                    "kernel", [hp.conv1_kernel, hp.conv1_kernel, hp.image_channels, hp.conv1_filters],
-                    initializer=tf.glorot_uniform_initializer())
-                self.bias = tf.get_variable("bias", [hp.conv1_filters], initializer=tf.zeros_initializer())
-        strides = [1, hp.conv1_stride, hp.conv1_stride, 1]
-        with tf.name_scope(self.name):
-            return tf.nn.relu(tf.nn.conv2d(images, self.kernel, strides, hp.padding) + self.bias)
-
-
 def split_batch(tensor, parts):
     """`tensor` `[N, ...]` as `parts` equal micro-batches `[ceil(N / parts), ...]`, in order.
 
@@ -202,22 +261,6 @@ def split_batch(tensor, parts):
     part_size = (batch + parts - 1) // parts
     padding = [[0, part_size * parts - batch]] + [[0, 0]] * (tensor.shape.rank - 1)
     return tf.split(tf.pad(tensor, padding), parts)  # parts x [ceil(N / parts), ...]
-
-
-def micro_batches_for(batch_size, micro_batch_size):
-    """How many micro-batches of at most `micro_batch_size` images a batch needs (1 when it is 0)."""
-    return -(-batch_size // micro_batch_size) if micro_batch_size else 1
-
-
-def session_config(threads, micro_batches):
-    """Session settings for `threads` CPU threads (0: every core).
-
-    With micro-batches, each thread runs one micro-batch's ops at a time (inter-op `threads`,
-    intra-op 1); without, TensorFlow spreads every op over all of them.
-    """
-    if micro_batches > 1:
-        return tf.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=threads or os.cpu_count())
-    return tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
 
 
 class CapsNetEMModel:
@@ -233,8 +276,9 @@ class CapsNetEMModel:
     def __init__(self, hparams, micro_batches=1):
         if micro_batches < 1:
             raise ValueError("micro_batches must be >= 1, got %r" % micro_batches)
-        self.hparams = hparams
+        self.hparams = hparams.validate()
         self.micro_batches = micro_batches
+        self.layers = self._layers()  # variables are made on the first call; later calls share them
 
     def inference(self, images):
         """Forward pass.
@@ -243,10 +287,11 @@ class CapsNetEMModel:
           images: `[N, 28, 28, 1]` in [0, 1].
 
         Returns:
-          `Inference`: class activations `[N, C]`, class poses `[N, C, 4, 4]`, predictions `[N]` and
+          `Inference`: class activations `[N, L]`, class poses `[N, L, 4, 4]`, predictions `[N]` and
           end_points (per-layer activations, concatenated over micro-batches, and the layers themselves).
+          Every call builds another graph on the same variables (e.g. training and evaluation batches).
         """
-        layers = self._layers()
+        layers = self.layers
         parts = [self._forward(layers, part) for part in split_batch(images, self.micro_batches)]
         batch = tf.shape(images)[0]
 
@@ -260,11 +305,29 @@ class CapsNetEMModel:
         predictions = tf.argmax(class_activations, axis=1)  # [N]
         return Inference(class_activations, class_poses, predictions, end_points)
 
+    def _forms(self):
+        """The `RoutingForm` of the conv-capsule layers and of the class layer."""
+        hp = self.hparams
+        conv = cl.RoutingForm(hp.activation_form, hp.mean_momentum, hp.conv_mass_epsilon, hp.normalise_over)
+        return conv, dataclasses.replace(conv, mass_epsilon=hp.class_mass_epsilon)
+
+    def _coordinate_offsets(self):
+        """The class layer's coordinate-addition offsets `[H, W, 16]` (None: the paper's, made by the layer)."""
+        hp = self.hparams
+        if hp.coordinate_addition == "paper":
+            return None
+        convolutions = [(hp.conv1_kernel, hp.conv1_stride, hp.padding), (hp.primary_kernel, 1, hp.padding),
+                        (hp.conv_caps1_kernel, hp.conv_caps1_stride, hp.padding),
+                        (hp.conv_caps2_kernel, hp.conv_caps2_stride, hp.padding)]
+        return cl.official_coordinate_offsets(cl.receptive_field_centres(hp.image_size, convolutions))
+
     def _layers(self):
         """The network's layers, in order; variables are made on their first call."""
         hp = self.hparams
         conv_init = lambda stddev: tf.random_normal_initializer(stddev=stddev)  # noqa: E731
-        layers = [_ReluConv1(hp), cl.PrimaryCaps(hp.primary_types, hp.primary_kernel, padding=hp.padding)]
+        conv_form, class_form = self._forms()
+        layers = [cl.ReluConv(hp.conv1_filters, hp.conv1_kernel, hp.conv1_stride, hp.padding, name="relu_conv1"),
+                  cl.PrimaryCaps(hp.primary_types, hp.primary_kernel, padding=hp.padding)]
         for name, types, kernel_size, stride in (
             ("conv_caps1", hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
             ("conv_caps2", hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride),
@@ -274,14 +337,15 @@ class CapsNetEMModel:
                 weights_initializer=conv_init(hp.weight_stddev),
                 beta_v_initializer=tf.constant_initializer(hp.beta_v_init),
                 beta_a_initializer=tf.constant_initializer(hp.beta_a_init), beta_a_scale=hp.beta_a_scale,
-                standardise_costs=hp.standardise_costs, name=name,
+                standardise_costs=hp.standardise_costs, form=conv_form, name=name,
             ))
         layers.append(cl.ClassCaps(
             hp.num_classes, hp.iterations, hp.class_final_lambda, coordinate_addition=True,
             weights_initializer=conv_init(hp.class_weight_stddev),
             beta_v_initializer=tf.constant_initializer(hp.class_beta_v_init),
             beta_a_initializer=tf.constant_initializer(hp.class_beta_a_init), beta_a_scale=hp.beta_a_scale,
-            standardise_costs=hp.standardise_costs, name="class_caps",
+            standardise_costs=hp.standardise_costs, form=class_form, coordinate_offsets=self._coordinate_offsets(),
+            name="class_caps",
         ))
         return layers
 
@@ -304,7 +368,7 @@ class CapsNetEMModel:
         hp = self.hparams
         margin = margin_schedule(global_step, hp)
         spread = spread_loss(activations, labels, margin)
-        weights = [v for v in tf.trainable_variables() if "beta" not in v.op.name and "bias" not in v.op.name]
+        weights = [w for layer in self.layers for w in layer.weights_to_decay]  # kernels and matrices
         decay = hp.weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in weights])
         return Loss(spread + decay, spread, decay, margin)
 
@@ -318,7 +382,7 @@ class CapsNetEMModel:
           `TrainGraph`.
         """
         hp = self.hparams
-        _check_run_length(hp, "lr_decay_steps")
+        _check_schedule_length(hp, "lr_decay_steps")
         global_step = tf.train.get_or_create_global_step()
         inference = self.inference(images)
         loss = self.loss(inference.activations, labels, global_step)
@@ -326,18 +390,19 @@ class CapsNetEMModel:
                                                    hp.lr_decay_rate)
         optimizer = tf.train.AdamOptimizer(learning_rate)
         grads_and_vars = optimizer.compute_gradients(loss.total)
-        checks = [tf.debugging.check_numerics(loss.total, "loss")]
-        checks += [tf.debugging.check_numerics(g, "gradient of %s" % v.op.name) for g, v in grads_and_vars]
+        described = [(loss.total, "loss")] + [(g, "gradient of %s" % v.op.name) for g, v in grads_and_vars]
+        checks = [tf.debugging.check_numerics(tensor, what) for tensor, what in described]
         with tf.control_dependencies(checks):  # all checks pass before any update
             grads_and_vars = [(tf.identity(g), v) for g, v in grads_and_vars]
         train_op = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
         accuracy = tf.reduce_mean(tf.cast(tf.equal(inference.predictions, labels), tf.float32))
-        summary_op = self._summaries(loss, accuracy, learning_rate, inference.end_points)
+        summary_op = self._summaries(loss, accuracy, learning_rate, inference.end_points, grads_and_vars)
         return TrainGraph(train_op, loss.total, accuracy, inference.predictions, loss.margin, learning_rate,
-                          global_step, summary_op, inference)
+                          global_step, summary_op, inference,
+                          {check.op.name: what for check, (_, what) in zip(checks, described)})
 
-    @staticmethod
-    def _summaries(loss, accuracy, learning_rate, end_points):
+    def _summaries(self, loss, accuracy, learning_rate, end_points, grads_and_vars):
+        """Loss, accuracy, learning rate, mean activations, betas, routing statistics and gradient norms."""
         scalars = [
             tf.summary.scalar("loss/total", loss.total), tf.summary.scalar("loss/spread", loss.spread),
             tf.summary.scalar("loss/margin", loss.margin), tf.summary.scalar("accuracy/train_batch", accuracy),
@@ -345,8 +410,29 @@ class CapsNetEMModel:
         ]
         for name in ("primary_caps", "conv_caps1", "conv_caps2", "class_caps"):
             scalars.append(tf.summary.scalar("mean_activation/" + name, tf.reduce_mean(end_points[name])))
-        histograms = [tf.summary.histogram(v.op.name, v) for v in tf.trainable_variables() if "beta" in v.op.name]
+        routed = [layer for layer in self.layers if isinstance(layer, cl.RoutedCapsuleLayer)]
+        betas = [beta for layer in routed for beta in (layer.beta_v, layer.beta_a)]
+        histograms = [tf.summary.histogram(beta.op.name, beta) for beta in betas]
+        scalars += diagnostics.routing_summaries(self.layers)
+        scalars += diagnostics.gradient_norm_summaries(grads_and_vars, self.layers)
         return tf.summary.merge(scalars + histograms)
+
+
+class NonFiniteError(Exception):
+    """A finite check of the training step failed: the loss or a gradient was NaN or Inf, no variable changed."""
+
+
+def run_step(sess, graph, fetches, feed_dict=None):
+    """`sess.run(fetches, feed_dict)`, with a failed finite check of the `TrainGraph` `graph` as a `NonFiniteError`.
+
+    Its message names the tensor, e.g. 'gradient of conv_caps1/weights is NaN or Inf'.
+    """
+    try:
+        return sess.run(fetches, feed_dict)
+    except tf.errors.InvalidArgumentError as error:
+        if error.op is None or error.op.name not in graph.finite_checks:
+            raise
+        raise NonFiniteError("%s is NaN or Inf" % graph.finite_checks[error.op.name]) from None
 
 
 def count_parameters(variables):

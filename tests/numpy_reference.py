@@ -21,6 +21,8 @@ VAR_FLOOR = 5e-4  # added to every routing variance so log(var) stays finite
 LAMBDA_DECAY = 0.95  # inverse-temperature schedule: lam_t = final * (1 - LAMBDA_DECAY**(t+1))
 COST_VAR_EPS = 1e-6  # standardised costs: added to the variance of a position's costs
 CELL_CENTRE = 0.5  # coordinate addition uses the centre (h + CELL_CENTRE) of each grid cell
+SAFE_DIVIDE_EPSILON = 1e-9  # the layers' divide guard (mass 0 gives a mean of 0, not NaN)
+OFFICIAL_BETA_A_SCALE = 5000.0  # the authors' released code: logit = lam * (... - 5000 * beta_a)
 
 
 def _pair(value):
@@ -121,7 +123,8 @@ def primary_caps_reference(x, pose_kernel, pose_bias, act_kernel, act_bias, stri
 
 
 def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, iterations,
-                         final_lambda, standardise_costs=False):
+                         final_lambda, standardise_costs=False, activation_form='paper', mean_momentum=0.0,
+                         mass_epsilon=0.0, normalise_over='positions_and_types'):
     """EM routing (paper Procedure 1) for ONE example over an explicit bipartite graph.
 
     Args:
@@ -134,6 +137,13 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
         standardise_costs: if True, the activation logit is lam * (beta_a + (mean - cost) /
             sqrt(var + 1e-6)), mean and var over the parents of one position (parent j's position
             is j // number of parent types).
+        activation_form: 'paper' (lam * (beta_a - sum_h cost_h)) or 'official' (the authors' released
+            code: lam * (s_j * (-sum_h log var_h - 16 beta_v (log 2pi + 1)) - 5000 beta_a)).
+        mean_momentum: m in mu_j = (1 - m) * sum_i r_i V_i / s_j + m * mu_j of the previous iteration (0
+            before the first); var is measured around that mu.
+        mass_epsilon: added to s_j = sum_i r_ij.
+        normalise_over: 'positions_and_types' (each child's R sums to 1 over all its parents) or
+            'positions' (over the parents of each type separately; R starts at 1 / number of types).
 
     Returns:
         mu [num_parents, 16], parent_acts [num_parents], R [num_children, num_parents] (the
@@ -147,16 +157,24 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
     parents_of = [[j for j in range(num_parents) if sees[i, j]] for i in range(num_children)]
     children_of = [[i for i in range(num_children) if sees[i, j]] for j in range(num_parents)]
 
+    num_types = len(beta_a)
+    # The parents each child is normalised over: all of them, or those of one type at a time.
+    if normalise_over == 'positions':
+        groups = [[[j for j in parents_of[i] if parent_type[j] == o] for o in range(num_types)]
+                  for i in range(num_children)]
+    else:
+        groups = [[parents_of[i]] for i in range(num_children)]
     assign = np.zeros((num_children, num_parents), np.float64)
     for i in range(num_children):
         for j in parents_of[i]:
-            assign[i, j] = 1.0 / len(parents_of[i])
+            assign[i, j] = 1.0 / (num_types if normalise_over == 'positions' else len(parents_of[i]))
 
     mu = np.zeros((num_parents, POSE_SIZE), np.float64)
     var = np.zeros((num_parents, POSE_SIZE), np.float64)
     parent_acts = np.zeros(num_parents, np.float64)
     log_parent_acts = np.zeros(num_parents, np.float64)  # log a_j, exact even if a_j underflows
     total_cost = np.zeros(num_parents, np.float64)  # sum_h cost_h of each parent
+    masses = np.zeros(num_parents, np.float64)  # s_j
     history = []
     for t in range(iterations):
         lam = final_lambda * (1.0 - LAMBDA_DECAY ** (t + 1))
@@ -164,15 +182,22 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
         for j in range(num_parents):
             o = parent_type[j]
             r = {i: assign[i, j] * child_acts[i] for i in children_of[j]}
-            s_j = sum(r.values())
-            mu[j] = sum(r[i] * votes[i, j] for i in children_of[j]) / s_j
-            var[j] = sum(r[i] * (votes[i, j] - mu[j]) ** 2 for i in children_of[j]) / s_j
+            s_j = sum(r.values()) + mass_epsilon
+            # The layers' guard against a parent with no active child (mass 0): divide by s_j + 1e-9.
+            divisor = s_j if mass_epsilon else s_j + SAFE_DIVIDE_EPSILON
+            new_mu = sum(r[i] * votes[i, j] for i in children_of[j]) / divisor
+            mu[j] = (1.0 - mean_momentum) * new_mu + mean_momentum * mu[j]  # mu[j] is 0 before the first
+            var[j] = sum(r[i] * (votes[i, j] - mu[j]) ** 2 for i in children_of[j]) / divisor
             var[j] += VAR_FLOOR
+            masses[j] = s_j
             cost = (beta_v[o] + 0.5 * np.log(var[j])) * s_j
             total_cost[j] = np.sum(cost)
         for j in range(num_parents):
             o = parent_type[j]
-            if standardise_costs:
+            if activation_form == 'official':
+                fit = -np.sum(np.log(var[j])) - POSE_SIZE * beta_v[o] * (math.log(2.0 * math.pi) + 1.0)
+                logit = lam * (masses[j] * fit - OFFICIAL_BETA_A_SCALE * beta_a[o])
+            elif standardise_costs:
                 group = total_cost[[k for k in range(num_parents) if k // len(beta_a) == j // len(beta_a)]]
                 logit = lam * (beta_a[o] + (group.mean() - total_cost[j]) / math.sqrt(group.var() + COST_VAR_EPS))
             else:
@@ -185,24 +210,25 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
         # E-step, normalised in log space with a max shift.
         new_assign = np.zeros_like(assign)
         for i in range(num_children):
-            if not parents_of[i]:
-                continue
-            logits = []
-            for j in parents_of[i]:
-                diff = votes[i, j] - mu[j]
-                log_p = -np.sum(diff ** 2 / (2.0 * var[j]) + 0.5 * np.log(2.0 * math.pi * var[j]))
-                logits.append(log_parent_acts[j] + log_p)
-            shift = max(logits)
-            exp_terms = [math.exp(logit - shift) for logit in logits]
-            total = sum(exp_terms)
-            for j, term in zip(parents_of[i], exp_terms):
-                new_assign[i, j] = term / total
+            for group in groups[i]:
+                if not group:
+                    continue
+                logits = []
+                for j in group:
+                    diff = votes[i, j] - mu[j]
+                    log_p = -np.sum(diff ** 2 / (2.0 * var[j]) + 0.5 * np.log(2.0 * math.pi * var[j]))
+                    logits.append(log_parent_acts[j] + log_p)
+                shift = max(logits)
+                exp_terms = [math.exp(logit - shift) for logit in logits]
+                total = sum(exp_terms)
+                for j, term in zip(group, exp_terms):
+                    new_assign[i, j] = term / total
         assign = new_assign
     return mu, parent_acts, assign, history
 
 
 def conv_caps_reference(poses, acts, weights, beta_v, beta_a, kernel_size, stride, padding,
-                        iterations, final_lambda, standardise_costs=False):
+                        iterations, final_lambda, standardise_costs=False, **form):
     """ConvCaps layer with EM routing.
 
     Args:
@@ -212,6 +238,7 @@ def conv_caps_reference(poses, acts, weights, beta_v, beta_a, kernel_size, strid
         beta_v, beta_a: [O].
         kernel_size: int or (kh, kw); stride: int or (sh, sw); padding: 'VALID' or 'SAME'.
         iterations, final_lambda, standardise_costs: routing settings.
+        form: the routing form's keyword arguments of em_routing_reference.
 
     Returns:
         out_poses [N, OH, OW, O, 4, 4], out_acts [N, OH, OW, O], and a list (one per example)
@@ -241,7 +268,8 @@ def conv_caps_reference(poses, acts, weights, beta_v, beta_a, kernel_size, strid
                     votes[child, parent] = vote.reshape(POSE_SIZE)
         child_acts = acts[b].reshape(num_children)  # row-major == (h*W + w)*I + i
         mu, parent_acts, assign, _ = em_routing_reference(
-            votes, child_acts, sees, beta_v, beta_a, parent_type, iterations, final_lambda, standardise_costs)
+            votes, child_acts, sees, beta_v, beta_a, parent_type, iterations, final_lambda, standardise_costs,
+            **form)
         out_poses[b] = mu.reshape(out_h, out_w, num_out, POSE_DIM, POSE_DIM)
         out_acts[b] = parent_acts.reshape(out_h, out_w, num_out)
         assignments.append(assign)
@@ -249,7 +277,7 @@ def conv_caps_reference(poses, acts, weights, beta_v, beta_a, kernel_size, strid
 
 
 def class_caps_reference(poses, acts, weights, beta_v, beta_a, iterations, final_lambda,
-                         standardise_costs=False):
+                         standardise_costs=False, coordinate_offsets=None, **form):
     """ClassCaps layer: every grid cell is a child; votes get coordinate addition.
 
     Args:
@@ -258,6 +286,9 @@ def class_caps_reference(poses, acts, weights, beta_v, beta_a, iterations, final
         weights: [I, C, 4, 4], shared over positions.
         beta_v, beta_a: [C].
         iterations, final_lambda, standardise_costs: routing settings.
+        coordinate_offsets: None (the paper's coordinate addition) or [H, W, 16], added to every vote
+            of a child at (h, w).
+        form: the routing form's keyword arguments of em_routing_reference.
 
     Returns:
         out_poses [N, C, 4, 4], out_acts [N, C]. (Child index (h*W + w)*I + i, parent c.)
@@ -277,14 +308,17 @@ def class_caps_reference(poses, acts, weights, beta_v, beta_a, iterations, final
                     child = (h * width + w) * num_in + i
                     for c in range(num_classes):
                         vote = poses[b, h, w, i] @ weights[i, c]
-                        # Coordinate addition: scaled row / column of the cell centre go into
-                        # the first two entries of the vote's right-hand column.
-                        vote[0, POSE_DIM - 1] += (h + CELL_CENTRE) / height
-                        vote[1, POSE_DIM - 1] += (w + CELL_CENTRE) / width
+                        if coordinate_offsets is not None:
+                            vote += np.reshape(coordinate_offsets[h, w], (POSE_DIM, POSE_DIM))
+                        else:
+                            # Coordinate addition: scaled row / column of the cell centre go into
+                            # the first two entries of the vote's right-hand column.
+                            vote[0, POSE_DIM - 1] += (h + CELL_CENTRE) / height
+                            vote[1, POSE_DIM - 1] += (w + CELL_CENTRE) / width
                         votes[child, c] = vote.reshape(POSE_SIZE)
         mu, parent_acts, _, _ = em_routing_reference(
             votes, acts[b].reshape(num_children), sees, beta_v, beta_a,
-            list(range(num_classes)), iterations, final_lambda, standardise_costs)
+            list(range(num_classes)), iterations, final_lambda, standardise_costs, **form)
         out_poses[b] = mu.reshape(num_classes, POSE_DIM, POSE_DIM)
         out_acts[b] = parent_acts
     return out_poses, out_acts

@@ -2,6 +2,8 @@
 
 import itertools
 
+from absl.testing import parameterized
+
 import numpy as np
 import tensorflow.compat.v1 as tf
 
@@ -373,3 +375,156 @@ class ScheduleTest(tf.test.TestCase):
             cl.ConvCaps(4, padding="FULL")
         with self.assertRaises(ValueError):
             cl.ConvCaps(4, iterations=0)
+
+
+# The released code's routing pieces, alone and together (keyword arguments of the reference).
+OFFICIAL_FORM = dict(activation_form="official", mean_momentum=cl.OFFICIAL_MEAN_MOMENTUM,
+                     mass_epsilon=cl.OFFICIAL_CONV_MASS_EPSILON, normalise_over="positions")
+FORMS = {
+    "official": OFFICIAL_FORM,
+    "official_activation": dict(activation_form="official"),
+    "mean_momentum": dict(mean_momentum=cl.OFFICIAL_MEAN_MOMENTUM),
+    "mass_epsilon": dict(mass_epsilon=cl.OFFICIAL_CLASS_MASS_EPSILON),
+    "normalise_over_positions": dict(normalise_over="positions"),
+}
+# The whole official form in every geometry; each piece alone in the one with padding and stride.
+FORM_CASES = ([("official_%s_stride%d" % (padding, stride), "official", padding, stride) for padding, stride in CONFIGS]
+              + [("%s_SAME_stride2" % name, name, "SAME", 2) for name in FORMS if name != "official"])
+OFFICIAL_BETA_A_RANGE = 2e-3  # b_a ~ U(0, 2e-3): 5000 b_a is then of the order of mass * fit
+
+
+def _routing_form(form):
+    """The reference's keyword arguments as a `cl.RoutingForm`."""
+    return cl.RoutingForm(form.get("activation_form", "paper"), form.get("mean_momentum", 0.0),
+                          form.get("mass_epsilon", 0.0), form.get("normalise_over", "positions_and_types"))
+
+
+def _form_variables(rng, weight_shape, parents, form):
+    """Weights, beta_v, beta_a; beta_a small enough for the official x5000 to leave the sigmoid unsaturated."""
+    weights, beta_v, beta_a = _routing_variables(rng, weight_shape, parents)
+    if form.get("activation_form") == "official":
+        beta_a = beta_a * OFFICIAL_BETA_A_RANGE
+    return weights, beta_v, beta_a
+
+
+class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
+    """The released code's routing pieces (`RoutingForm`) against the float64 reference."""
+
+    def _conv(self, rng, form, padding, stride, iterations=3, height=5, out_types=3, dtype=tf.float64):
+        poses, activations = _random_capsules(rng, 2, height, height, 2)
+        variables = _form_variables(rng, [3, 3, 2, out_types, 4, 4], out_types, form)
+        layer = cl.ConvCaps(out_types, 3, stride, padding, iterations, 0.1, form=_routing_form(form), dtype=dtype,
+                            **_initializers(*variables))
+        return layer, poses, activations, variables
+
+    @parameterized.named_parameters(*FORM_CASES)
+    def test_conv_caps_matches_reference(self, name, padding, stride):
+        """ConvCaps with 3 iterations in each form equals the float64 loop reference (rel. error < 1e-5)."""
+        form = FORMS[name]
+        layer, poses, activations, variables = self._conv(np.random.RandomState(12), form, padding, stride)
+        outputs = layer(tf.constant(poses), tf.constant(activations))
+        with self.session() as sess:
+            sess.run(tf.global_variables_initializer())
+            out_poses, out_activations = sess.run(outputs)
+        expected_poses, expected_activations, _ = ref.conv_caps_reference(
+            poses, activations, *variables, 3, stride, padding, 3, 0.1, **form)
+        self.assertLess(_relative_error(out_poses, expected_poses), RELATIVE_TOLERANCE)
+        self.assertLess(_relative_error(out_activations, expected_activations), RELATIVE_TOLERANCE)
+
+    @parameterized.named_parameters(("official", "official"), ("official_activation", "official_activation"),
+                                    ("mean_momentum", "mean_momentum"))
+    def test_class_caps_matches_reference(self, name):
+        """ClassCaps in each form, with the released code's coordinate offsets, equals the reference."""
+        form = dict(FORMS[name], normalise_over="positions_and_types")
+        rng = np.random.RandomState(13)
+        poses, activations = _random_capsules(rng, 2, 3, 4, 2)
+        variables = _form_variables(rng, [2, 5, 4, 4], 5, form)
+        offsets = cl.official_coordinate_offsets(rng.normal(size=[3, 4, 2]) * 10)  # [3, 4, 16]
+        layer = cl.ClassCaps(5, iterations=3, final_lambda=0.1, form=_routing_form(form), coordinate_offsets=offsets,
+                             dtype=tf.float64, **_initializers(*variables))
+        outputs = layer(tf.constant(poses), tf.constant(activations))
+        with self.session() as sess:
+            sess.run(tf.global_variables_initializer())
+            out_poses, out_activations = sess.run(outputs)
+        expected_poses, expected_activations = ref.class_caps_reference(
+            poses, activations, *variables, 3, 0.1, coordinate_offsets=offsets, **form)
+        self.assertLess(_relative_error(out_poses, expected_poses), RELATIVE_TOLERANCE)
+        self.assertLess(_relative_error(out_activations, expected_activations), RELATIVE_TOLERANCE)
+
+    @parameterized.named_parameters(*[(padding + str(stride), padding, stride) for padding, stride in CONFIGS])
+    def test_positions_normaliser_sums_to_one_per_type(self, padding, stride):
+        """With normalise_over='positions' every covered child's final R sums to 1 over the positions of each type."""
+        layer, poses, activations, _ = self._conv(np.random.RandomState(14), FORMS["official"], padding, stride,
+                                                  height=6)
+        layer(tf.constant(poses), tf.constant(activations))
+        field, kk = layer.field, layer.kernel_size ** 2
+        r = tf.reshape(layer.end_points["assignments"], [-1, layer.types, kk, layer.input_types])  # [NP, O, KK, I]
+        r = tf.reshape(tf.transpose(r, [0, 2, 1, 3]), [2, field.out_height, field.out_width, kk, -1])
+        with self.session() as sess:
+            sess.run(tf.global_variables_initializer())
+            sums = sess.run(field.fold(r))  # [N, H, W, O*I]
+        covered = np.broadcast_to(field.parent_positions[None, :, :, None] > 0, sums.shape)
+        self.assertAllClose(sums[covered], np.ones(covered.sum()), atol=1e-12)
+        self.assertAllEqual(sums[~covered], np.zeros((~covered).sum()))
+
+    @parameterized.named_parameters(("valid_stride1", "VALID", 1), ("same_stride2", "SAME", 2))
+    def test_official_gradients(self, padding, stride):
+        """Official-form ConvCaps and ClassCaps gradients w.r.t. inputs and variables match finite differences."""
+        rng = np.random.RandomState(15)
+        layer, poses, activations, _ = self._conv(rng, FORMS["official"], padding, stride, iterations=2, height=4,
+                                                  out_types=2)
+        poses_t, activations_t = tf.constant(poses[:1]), tf.constant(activations[:1])
+        hidden = layer(poses_t, activations_t)
+        class_layer = cl.ClassCaps(3, iterations=2, final_lambda=0.1, form=_routing_form(FORMS["official"]),
+                                   dtype=tf.float64, **_initializers(*_form_variables(rng, [2, 3, 4, 4], 3,
+                                                                                      FORMS["official"])))
+        outputs = list(hidden) + list(class_layer(*hidden))
+        with self.session():
+            tf.global_variables_initializer().run()
+            for x in [poses_t, activations_t] + layer.variables + class_layer.variables:
+                for y in outputs:
+                    if x in class_layer.variables and y in hidden:
+                        continue  # the class layer's variables do not reach the conv layer's outputs
+                    error = tf.test.compute_gradient_error(x, x.shape.as_list(), y, y.shape.as_list(),
+                                                           delta=FINITE_DIFFERENCE_DELTA)
+                    self.assertLess(error, GRADIENT_TOLERANCE, (x.name, y.name))
+
+    def test_official_coordinates_of_the_paper_network(self):
+        """The paper network's 3x3 class-layer grid looks at pixels -6, -2, 2 from the image centre (hand count:
+        conv1 cell o sees 2o-12, conv_caps1 4o-10, conv_caps2 4o-6), and entries 0, 1 get column/100, row/100."""
+        convolutions = [(5, 2, "VALID"), (1, 1, "VALID"), (3, 2, "VALID"), (3, 1, "VALID")]
+        centres = cl.receptive_field_centres(28, convolutions)  # [3, 3, 2]
+        self.assertAllClose(centres[:, 0, 0], [-6.0, -2.0, 2.0])  # rows
+        self.assertAllClose(centres[0, :, 1], [-6.0, -2.0, 2.0])  # columns
+        offsets = cl.official_coordinate_offsets(centres)  # [3, 3, 16]
+        self.assertAllClose(offsets[2, 0, :2], [-0.06, 0.02])  # (column -6, row 2) / 100
+        self.assertAllEqual(offsets[..., 2:], np.zeros([3, 3, 14]))
+
+    def test_official_stress_inputs(self):
+        """All-zero, saturated, huge and tiny inputs stay finite in the official form (float32, forward and
+        gradients)."""
+        rng = np.random.RandomState(16)
+        form = _routing_form(FORMS["official"])
+        for name, (pose_scale, activation) in NumericalStressTest.CASES.items():
+            with self.subTest(name), tf.Graph().as_default():
+                poses_t = tf.constant(rng.normal(size=[2, 4, 4, 2, 4, 4]) * pose_scale, tf.float32)
+                activations_t = tf.constant(np.full([2, 4, 4, 2], activation), tf.float32)
+                hidden = cl.ConvCaps(3, 3, 1, "SAME", iterations=3, final_lambda=0.01, form=form)(poses_t,
+                                                                                                activations_t)
+                out_poses, out_activations = cl.class_caps(*hidden, 4, iterations=3, final_lambda=0.01, form=form)
+                loss = tf.reduce_sum(out_activations) + tf.reduce_sum(out_poses)
+                grads = tf.gradients(loss, [poses_t, activations_t] + tf.trainable_variables())
+                with self.session() as sess:
+                    sess.run(tf.global_variables_initializer())
+                    for value, tensor in zip(sess.run([out_poses, out_activations] + grads),
+                                             [out_poses, out_activations] + grads):
+                        self.assertTrue(np.all(np.isfinite(value)), tensor.name)
+
+    def test_bad_forms(self):
+        """Unknown activation forms or normalisers, momentum outside [0, 1) and a negative epsilon are refused."""
+        for bad in (dict(activation="both"), dict(normalise_over="types"), dict(mean_momentum=1.0),
+                    dict(mass_epsilon=-1.0)):
+            with self.assertRaises(ValueError):
+                cl.RoutingForm(**bad)
+        with self.assertRaises(ValueError):
+            cl.ConvCaps(4, standardise_costs=True, form=cl.RoutingForm(activation="official"))

@@ -4,6 +4,7 @@ Hinton, Sabour, Frosst, *Matrix Capsules with EM Routing*, ICLR 2018: section 3 
 section 4 (spread loss, eq. 3, and the margin rising from 0.2 to 0.9).
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import tensorflow.compat.v1 as tf
 from absl.testing import parameterized
 
 import model as capsnet
+import runtime
 
 _BATCH = 2  # images per forward pass; small enough for the paper network on two cores
 _IMAGE_SHAPE = [28, 28, 1]
@@ -145,6 +147,39 @@ class HParamsTest(tf.test.TestCase):
         with self.assertRaises(ValueError):
             capsnet.hparams_for("big")
 
+    def test_parse(self):
+        """parse converts each value to its field's type (bools from true/false) and names a bad field."""
+        hparams = capsnet.PRESETS["small"].parse("iterations=3, final_lambda=0.5,standardise_costs=TRUE,padding=SAME")
+        self.assertEqual((hparams.iterations, hparams.final_lambda, hparams.standardise_costs, hparams.padding),
+                         (3, 0.5, True, "SAME"))
+        self.assertEqual(capsnet.PRESETS["small"].parse(""), capsnet.PRESETS["small"])
+        for text, field in (("iteration=3", "iteration"), ("iterations=three", "iterations"),
+                            ("standardise_costs=yes", "standardise_costs")):
+            with self.assertRaisesRegex(ValueError, field):
+                capsnet.PRESETS["small"].parse(text)
+
+    def test_validate_names_the_field(self):
+        """validate (called by hparams_for and the model) refuses a value outside its field's domain, by name."""
+        for field, value in (("padding", "FULL"), ("iterations", 0), ("margin_schedule", "cosine"),
+                             ("routing", "both"), ("normalise_over", "types"), ("learning_rate", 0.0),
+                             ("lr_decay_steps", -1), ("mean_momentum", 1.0), ("conv_mass_epsilon", -1e-7)):
+            with self.subTest(field), self.assertRaisesRegex(ValueError, "^" + field):
+                dataclasses.replace(capsnet.PRESETS["paper"], **{field: value}).validate()
+        with self.assertRaisesRegex(ValueError, "iterations"):
+            capsnet.hparams_for("paper", iterations=0)
+        with self.assertRaisesRegex(ValueError, "routing"):
+            capsnet.hparams_for("paper", "both")
+
+    def test_official_routing_form(self):
+        """routing='official' applies the released code's values after the preset, and overrides win over it."""
+        official = capsnet.hparams_for("small", "official", beta_v_init=1.5)
+        self.assertEqual((official.routing, official.activation_form, official.normalise_over), ("official",) * 2
+                         + ("positions",))
+        self.assertEqual((official.final_lambda, official.class_final_lambda, official.beta_v_init),
+                         (0.01, 0.0025, 1.5))
+        self.assertEqual(official.conv1_filters, capsnet.PRESETS["small"].conv1_filters)
+        self.assertEqual(capsnet.hparams_for("small", "paper"), capsnet.PRESETS["small"])
+
     def test_overrides(self):
         """Overrides replace exactly the named fields; the preset itself stays as it was."""
         hparams = capsnet.hparams_for("small", iterations=3, padding="SAME", learning_rate=1e-4)
@@ -154,14 +189,14 @@ class HParamsTest(tf.test.TestCase):
         self.assertEqual(capsnet.PRESETS["small"].iterations, 2)
 
     def test_run_length(self):
-        """with_run_length fills in exactly the RUN_LENGTH schedule lengths; the small preset's learning
+        """with_run_length fills in exactly the WHOLE_RUN (0) schedule lengths; the small preset's learning
         rate then falls from 0.01 to a tenth of it at the run's last step."""
         small = capsnet.hparams_for("small")
-        self.assertEqual(small.lr_decay_steps, capsnet.RUN_LENGTH)
-        resolved = capsnet.with_run_length(small, _RUN_STEPS)
+        self.assertEqual(small.lr_decay_steps, capsnet.WHOLE_RUN)
+        resolved = runtime.with_run_length(small, _RUN_STEPS)
         self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (_RUN_STEPS, small.margin_ramp_steps))
-        paper = capsnet.hparams_for("paper", margin_ramp_steps=capsnet.RUN_LENGTH)
-        resolved = capsnet.with_run_length(paper, _RUN_STEPS)
+        paper = capsnet.hparams_for("paper", margin_ramp_steps=capsnet.WHOLE_RUN)
+        resolved = runtime.with_run_length(paper, _RUN_STEPS)
         self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (paper.lr_decay_steps, _RUN_STEPS))
         with tf.Graph().as_default():
             images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
@@ -170,7 +205,7 @@ class HParamsTest(tf.test.TestCase):
                 capsnet.CapsNetEMModel(small).train(images, labels)
             with self.assertRaisesRegex(ValueError, "margin_ramp_steps"):
                 capsnet.margin_schedule(tf.constant(0), paper)
-            graph = capsnet.CapsNetEMModel(capsnet.with_run_length(small, _RUN_STEPS)).train(images, labels)
+            graph = capsnet.CapsNetEMModel(runtime.with_run_length(small, _RUN_STEPS)).train(images, labels)
             with self.session() as sess:
                 sess.run(tf.global_variables_initializer())
                 rates = []
@@ -193,7 +228,7 @@ class MicroBatchTest(tf.test.TestCase, parameterized.TestCase):
                 np.testing.assert_array_equal(got, np.concatenate([seven, np.zeros([2, 2])]))  # 3 parts of 3
                 got = np.concatenate(sess.run(parts, {rows: seven[:2]}))
                 np.testing.assert_array_equal(got, np.concatenate([seven[:2], np.zeros([1, 2])]))  # 3 parts of 1
-        self.assertEqual([capsnet.micro_batches_for(64, m) for m in (0, 4, 5, 64, 100)], [1, 16, 13, 1, 1])
+        self.assertEqual([runtime.micro_batches_for(64, m) for m in (0, 4, 5, 64, 100)], [1, 16, 13, 1, 1])
 
     @parameterized.parameters((5, 3), (2, 3))
     def test_same_function_of_the_batch(self, batch, micro_batches):
@@ -234,7 +269,7 @@ class TrainStepTest(tf.test.TestCase):
         tf.set_random_seed(1)
         images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
         labels = tf.placeholder(tf.int64, [None])
-        hparams = capsnet.with_run_length(capsnet.hparams_for("small"), _RUN_STEPS)
+        hparams = runtime.with_run_length(capsnet.hparams_for("small"), _RUN_STEPS)
         graph = capsnet.CapsNetEMModel(hparams).train(images, labels)
         return images, labels, graph
 
@@ -258,8 +293,8 @@ class TrainStepTest(tf.test.TestCase):
         self.assertEqual(unchanged, [])
 
     def test_non_finite_loss_updates_nothing(self):
-        """NaN images make the step fail with InvalidArgumentError, and no variable (weights, Adam slots,
-        global step) changes."""
+        """NaN images make run_step raise NonFiniteError naming the loss or a gradient, and no variable
+        (weights, Adam slots, global step) changes."""
         feed_images = np.full([2] + _IMAGE_SHAPE, np.nan, np.float32)
         with tf.Graph().as_default():
             images, labels, graph = self._build()
@@ -267,8 +302,8 @@ class TrainStepTest(tf.test.TestCase):
             with self.session() as sess:
                 sess.run(tf.global_variables_initializer())
                 before = sess.run(variables)
-                with self.assertRaises(tf.errors.InvalidArgumentError):
-                    sess.run(graph.train_op, {images: feed_images, labels: [1, 2]})
+                with self.assertRaisesRegex(capsnet.NonFiniteError, "^(loss|gradient of .*) is NaN or Inf$"):
+                    capsnet.run_step(sess, graph, graph.train_op, {images: feed_images, labels: [1, 2]})
                 after = sess.run(variables)
         for variable, old, new in zip(variables, before, after):
             np.testing.assert_array_equal(old, new, err_msg=variable.op.name)

@@ -11,6 +11,7 @@ import pytest
 import tensorflow.compat.v1 as tf
 
 import model as capsnet
+import runtime
 import utils
 
 MNIST_DIR = os.environ.get("MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist"))
@@ -36,7 +37,7 @@ def test_short_run_learns_without_non_finite_steps():
         tf.set_random_seed(SEED)
         images = tf.placeholder(tf.float32, [None, 28, 28, 1])
         labels = tf.placeholder(tf.int64, [None])
-        hparams = capsnet.with_run_length(capsnet.hparams_for("small"), TRAIN_STEPS)
+        hparams = runtime.with_run_length(capsnet.hparams_for("small"), TRAIN_STEPS)
         graph = capsnet.CapsNetEMModel(hparams).train(images, labels)
         order = np.random.RandomState(SEED).permutation(len(train_x))[:TRAIN_STEPS * BATCH_SIZE]
         batches = utils.scale_images(train_x[order]), train_y[order]

@@ -1,0 +1,34 @@
+"""How a run executes, apart from the graph: CPU threads, micro-batches and schedule lengths.
+
+Shared by main.py and bench.py; no flags are read here.
+"""
+
+import dataclasses
+import os
+
+import tensorflow.compat.v1 as tf
+
+import model as capsnet
+
+
+def micro_batches_for(batch_size, micro_batch_size):
+    """How many micro-batches of at most `micro_batch_size` images a batch needs (1 when it is 0)."""
+    return -(-batch_size // micro_batch_size) if micro_batch_size else 1
+
+
+def session_config(threads, micro_batches):
+    """Session settings for `threads` CPU threads (0: every core).
+
+    With micro-batches, each thread runs one micro-batch's ops at a time (inter-op `threads`,
+    intra-op 1); without, TensorFlow spreads every op over all of them.
+    """
+    if micro_batches > 1:
+        return tf.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=threads or os.cpu_count())
+    return tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
+
+
+def with_run_length(hparams, steps):
+    """`hparams` with every schedule length that stands for the whole run (model.WHOLE_RUN) set to `steps`."""
+    lengths = {name: steps for name in ("lr_decay_steps", "margin_ramp_steps")
+               if getattr(hparams, name) == capsnet.WHOLE_RUN}
+    return dataclasses.replace(hparams, **lengths)
