@@ -39,7 +39,6 @@ def quiet_native_stderr():
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
@@ -311,34 +310,6 @@ def training_run_flags(values, given):
 
 # ---- graph and session --------------------------------------------------------------------------------
 
-Pipeline = collections.namedtuple(
-    "Pipeline", ["images_in", "labels_in", "train_iterator", "eval_iterator", "train_images", "train_labels",
-                 "eval_images", "eval_labels"])
-
-
-def build_pipeline(hparams, batch_size, seed, max_shift=0):
-    """Training (shuffled, repeated) and evaluation (in order, every image) iterators and their batches.
-
-    Training batches have a static size (`[batch_size, 28, 28, 1]`; the repeated stream has no
-    remainder), so the training graph's micro-batches have static shapes: with a dynamic batch
-    size the shape arithmetic of every micro-batch costs the speed they bring (README,
-    performance). Training images are moved by up to `max_shift` pixels (`data_pipeline.random_shift`).
-    Evaluation batches are `[<= 100, 28, 28, 1]`, never shifted. The arrays are fed through
-    placeholders, so they stay out of the graph and the checkpoints.
-    """
-    images_in = tf.placeholder(tf.uint8, [None, hparams.image_size, hparams.image_size], name="images_in")
-    labels_in = tf.placeholder(tf.int64, [None], name="labels_in")
-    train_iterator = tf.data.make_initializable_iterator(data_pipeline.make_dataset(
-        images_in, labels_in, batch_size, shuffle=True, repeat=True, seed=seed, drop_remainder=True,
-        max_shift=max_shift))
-    eval_iterator = tf.data.make_initializable_iterator(
-        data_pipeline.make_dataset(images_in, labels_in, EVAL_BATCH_SIZE))
-    train_images, train_labels = train_iterator.get_next()  # [batch_size, 28, 28, 1], [batch_size]
-    eval_images, eval_labels = eval_iterator.get_next()  # [<= 100, 28, 28, 1], [<= 100]
-    return Pipeline(images_in, labels_in, train_iterator, eval_iterator, train_images, train_labels, eval_images,
-                    eval_labels)
-
-
 def new_model(hparams, values):
     """The model, split into the micro-batches --micro_batch_size asks for at --batch_size."""
     micro_batches = capsnet.micro_batches_for(values["batch_size"], values["micro_batch_size"])
@@ -487,7 +458,8 @@ def train(values, result_dir, resumed):
     write_json_atomically(os.path.join(result_dir, FLAGS_FILE),
                           {"flags": values, "hparams": dataclasses.asdict(hparams)})
     tf.set_random_seed(values["seed"])
-    pipeline = build_pipeline(hparams, values["batch_size"], values["seed"], values["max_shift"])
+    pipeline = data_pipeline.build_pipeline(hparams, values["batch_size"], EVAL_BATCH_SIZE, values["seed"],
+                                            values["max_shift"])
     model = new_model(hparams, values)
     graph = model.train(pipeline.train_images, pipeline.train_labels)
     with tf.variable_scope(tf.get_variable_scope(), reuse=True):  # the same variables, on evaluation batches
@@ -556,7 +528,7 @@ def test(result_dir, overrides):
     data_dir = values["data_dir"]
     mnist.ensure(data_dir)
     images, labels = mnist.load(data_dir, "test")
-    pipeline = build_pipeline(hparams, EVAL_BATCH_SIZE, values["seed"])
+    pipeline = data_pipeline.build_pipeline(hparams, EVAL_BATCH_SIZE, EVAL_BATCH_SIZE, values["seed"])
     tf.train.get_or_create_global_step()
     model = new_model(hparams, values)
     inference = model.inference(pipeline.eval_images)

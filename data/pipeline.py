@@ -1,4 +1,4 @@
-"""The input pipeline: train/validation hold-out, pixel scaling, random shifts and `tf.data`.
+"""The input pipeline: train/validation hold-out, pixel scaling, random shifts, `tf.data` iterators.
 
 Hinton, Sabour & Frosst, "Matrix capsules with EM routing", ICLR 2018, Section 5 trains on
 MNIST; this module turns a dataset's in-memory arrays into batches usable from
@@ -6,6 +6,8 @@ MNIST; this module turns a dataset's in-memory arrays into batches usable from
 
 Axis names used in the docstrings: N examples, B batch, H/W image height/width (28 for MNIST).
 """
+
+import collections
 
 import numpy as np
 import tensorflow.compat.v1 as tf
@@ -141,3 +143,52 @@ def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=N
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)  # ([B, H, W], [B])
     dataset = dataset.map(_scale_batch)  # ([B, H, W, 1], [B])
     return dataset.prefetch(tf.data.experimental.AUTOTUNE)
+
+
+Pipeline = collections.namedtuple(
+    "Pipeline", ["images_in", "labels_in", "train_iterator", "eval_iterator", "train_images", "train_labels",
+                 "eval_images", "eval_labels"])
+Pipeline.__doc__ = """The placeholders, iterators and batches `build_pipeline` returns.
+
+Attributes:
+    images_in: uint8 placeholder [N, H, W], fed when an iterator is initialised.
+    labels_in: int64 placeholder [N].
+    train_iterator: initializable iterator over shuffled, repeated, (optionally) shifted batches.
+    eval_iterator: initializable iterator over every example once, in order.
+    train_images: float32 [batch_size, H, W, 1] in [0, 1].
+    train_labels: int64 [batch_size].
+    eval_images: float32 [<= eval_batch_size, H, W, 1] in [0, 1].
+    eval_labels: int64 [<= eval_batch_size].
+"""
+
+
+def build_pipeline(hparams, batch_size, eval_batch_size, seed, max_shift=0):
+    """Training (shuffled, repeated) and evaluation (in order, every image) iterators and their batches.
+
+    Training batches have a static size (`[batch_size, H, W, 1]`; the repeated stream has no
+    remainder), so the training graph's micro-batches have static shapes: with a dynamic batch
+    size the shape arithmetic of every micro-batch costs the speed they bring (README,
+    performance). Training images are moved by up to `max_shift` pixels (`random_shift`).
+    Evaluation batches are `[<= eval_batch_size, H, W, 1]`, never shifted. The arrays are fed
+    through placeholders, so they stay out of the graph and the checkpoints.
+
+    Args:
+        hparams: hyperparameters; `hparams.image_size` gives H = W.
+        batch_size: training examples per batch, > 0.
+        eval_batch_size: evaluation examples per batch, > 0 (the last batch may hold fewer).
+        seed: op-level seed of the shuffle and the shifts.
+        max_shift: largest training shift in pixels, >= 0; 0 leaves the images as they are.
+
+    Returns:
+        A `Pipeline`.
+    """
+    images_in = tf.placeholder(tf.uint8, [None, hparams.image_size, hparams.image_size], name="images_in")
+    labels_in = tf.placeholder(tf.int64, [None], name="labels_in")
+    train_iterator = tf.data.make_initializable_iterator(make_dataset(
+        images_in, labels_in, batch_size, shuffle=True, repeat=True, seed=seed, drop_remainder=True,
+        max_shift=max_shift))
+    eval_iterator = tf.data.make_initializable_iterator(make_dataset(images_in, labels_in, eval_batch_size))
+    train_images, train_labels = train_iterator.get_next()  # [batch_size, H, W, 1], [batch_size]
+    eval_images, eval_labels = eval_iterator.get_next()  # [<= eval_batch_size, H, W, 1], [<= eval_batch_size]
+    return Pipeline(images_in, labels_in, train_iterator, eval_iterator, train_images, train_labels, eval_images,
+                    eval_labels)

@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import sys
+import types
 import urllib.error
 
 import numpy as np
@@ -579,6 +580,22 @@ def test_make_dataset_initializable_iterator_reruns():
                     except tf.errors.OutOfRangeError:
                         break
                 assert seen == list(labels)
+
+
+def test_build_pipeline_batches():
+    """Training batches have the static shape [batch_size, 28, 28, 1]; evaluation reads every image once in
+    order, in batches of eval_batch_size with the remainder kept."""
+    images, labels = _random_images(5), _digit_labels(5)
+    with tf.Graph().as_default():
+        built = pipeline.build_pipeline(types.SimpleNamespace(image_size=_SIZE), 2, 3, seed=1)
+        assert built.train_images.shape.as_list() == [2, _SIZE, _SIZE, 1]
+        with tf.Session() as sess:
+            sess.run(built.eval_iterator.initializer, {built.images_in: images, built.labels_in: labels})
+            first, second = sess.run(built.eval_labels), sess.run(built.eval_labels)
+            with pytest.raises(tf.errors.OutOfRangeError):
+                sess.run(built.eval_labels)
+    assert (len(first), len(second)) == (3, 2)
+    np.testing.assert_array_equal(np.concatenate([first, second]), labels)
 
 
 # ---------------------------------------------------------------------------
