@@ -39,7 +39,6 @@ def quiet_native_stderr():
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
@@ -55,8 +54,9 @@ from absl import flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import model as capsnet  # noqa: E402
+import plots  # noqa: E402
 import runtime  # noqa: E402
-import utils  # noqa: E402
+from data import idx, mnist, pipeline as data_pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -185,8 +185,8 @@ def validate_flags(values):
     parse_hparams(values.get("hparams") or "")
     if values["validation_size"] < 0:
         raise UsageError("--validation_size must be >= 0, got %r" % values["validation_size"])
-    if not 0 <= values["max_shift"] < utils.MNIST_IMAGE_SIZE:
-        raise UsageError("--max_shift must be in 0..%d, got %r" % (utils.MNIST_IMAGE_SIZE - 1, values["max_shift"]))
+    if not 0 <= values["max_shift"] < mnist.IMAGE_SIZE:
+        raise UsageError("--max_shift must be in 0..%d, got %r" % (mnist.IMAGE_SIZE - 1, values["max_shift"]))
     for name in ("threads", "micro_batch_size", "lr_decay_steps", "margin_ramp_steps"):
         if values.get(name) is not None and values[name] < 0:
             raise UsageError("--%s must be >= 0, got %r" % (name, values[name]))
@@ -316,33 +316,6 @@ def training_run_flags(values, given):
 
 # ---- graph and session --------------------------------------------------------------------------------
 
-Pipeline = collections.namedtuple(
-    "Pipeline", ["images_in", "labels_in", "train_iterator", "eval_iterator", "train_images", "train_labels",
-                 "eval_images", "eval_labels"])
-
-
-def build_pipeline(hparams, batch_size, seed, max_shift=0):
-    """Training (shuffled, repeated) and evaluation (in order, every image) iterators and their batches.
-
-    Training batches have a static size (`[batch_size, 28, 28, 1]`; the repeated stream has no
-    remainder), so the training graph's micro-batches have static shapes: with a dynamic batch
-    size the shape arithmetic of every micro-batch costs the speed they bring (README,
-    performance). Training images are moved by up to `max_shift` pixels (`utils.random_shift`).
-    Evaluation batches are `[<= 100, 28, 28, 1]`, never shifted. The arrays are fed through
-    placeholders, so they stay out of the graph and the checkpoints.
-    """
-    images_in = tf.placeholder(tf.uint8, [None, hparams.image_size, hparams.image_size], name="images_in")
-    labels_in = tf.placeholder(tf.int64, [None], name="labels_in")
-    train_iterator = tf.data.make_initializable_iterator(utils.make_dataset(
-        images_in, labels_in, batch_size, shuffle=True, repeat=True, seed=seed, drop_remainder=True,
-        max_shift=max_shift))
-    eval_iterator = tf.data.make_initializable_iterator(utils.make_dataset(images_in, labels_in, EVAL_BATCH_SIZE))
-    train_images, train_labels = train_iterator.get_next()  # [batch_size, 28, 28, 1], [batch_size]
-    eval_images, eval_labels = eval_iterator.get_next()  # [<= 100, 28, 28, 1], [<= 100]
-    return Pipeline(images_in, labels_in, train_iterator, eval_iterator, train_images, train_labels, eval_images,
-                    eval_labels)
-
-
 def new_model(hparams, values):
     """The model, split into the micro-batches --micro_batch_size asks for at --batch_size."""
     micro_batches = runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"])
@@ -417,7 +390,7 @@ class _TrainingRun:
             self._checkpoint_step = step
         write_json_atomically(os.path.join(self.result_dir, HISTORY_FILE), self.history)
         if self.history["step"]:
-            utils.plot_training_curves(self.history, os.path.join(self.result_dir, "training_curves.png"))
+            plots.plot_training_curves(self.history, os.path.join(self.result_dir, "training_curves.png"))
 
     def _on_signal(self, signum, frame):
         self.stop_signals.append(signum)
@@ -480,18 +453,19 @@ class _TrainingRun:
 def train(values, result_dir, resumed):
     """Trains (or resumes) the run in `result_dir`; returns the exit code."""
     hparams = read_run_hparams(result_dir, values) if resumed else resolve_hparams(values)
-    utils.ensure_mnist(values["data_dir"])
-    images, labels = utils.load_mnist(values["data_dir"], "train")
+    mnist.ensure(values["data_dir"])
+    images, labels = mnist.load(values["data_dir"], "train")
     if values["validation_size"] >= len(images):
         raise UsageError("--validation_size must be smaller than the %d training images in %s, got %d"
                          % (len(images), values["data_dir"], values["validation_size"]))
-    data = utils.split_train_validation(images, labels, values["validation_size"], values["seed"])
+    data = data_pipeline.split_train_validation(images, labels, values["validation_size"], values["seed"])
     hparams = runtime.with_run_length(hparams, run_length(values, len(data[0]))[1])  # a new run's schedules
     os.makedirs(result_dir, exist_ok=True)
     write_json_atomically(os.path.join(result_dir, FLAGS_FILE),
                           {"flags": values, "hparams": dataclasses.asdict(hparams)})
     tf.set_random_seed(values["seed"])
-    pipeline = build_pipeline(hparams, values["batch_size"], values["seed"], values["max_shift"])
+    pipeline = data_pipeline.build_pipeline(hparams, values["batch_size"], EVAL_BATCH_SIZE, values["seed"],
+                                            values["max_shift"])
     model = new_model(hparams, values)
     graph = model.train(pipeline.train_images, pipeline.train_labels)
     with tf.variable_scope(tf.get_variable_scope(), reuse=True):  # the same variables, on evaluation batches
@@ -558,9 +532,9 @@ def test(result_dir, overrides):
         raise UsageError("%s holds no checkpoint" % result_dir)
     hparams = read_run_hparams(result_dir, values)
     data_dir = values["data_dir"]
-    utils.ensure_mnist(data_dir)
-    images, labels = utils.load_mnist(data_dir, "test")
-    pipeline = build_pipeline(hparams, EVAL_BATCH_SIZE, values["seed"])
+    mnist.ensure(data_dir)
+    images, labels = mnist.load(data_dir, "test")
+    pipeline = data_pipeline.build_pipeline(hparams, EVAL_BATCH_SIZE, EVAL_BATCH_SIZE, values["seed"])
     tf.train.get_or_create_global_step()
     model = new_model(hparams, values)
     inference = model.inference(pipeline.eval_images)
@@ -574,15 +548,15 @@ def test(result_dir, overrides):
 
 def report_test(result_dir, checkpoint, global_step, predictions, labels, images, num_classes):
     """Prints and writes test accuracy, error, per-class accuracy and the confusion matrix."""
-    matrix = utils.confusion_matrix(labels, predictions, num_classes)
+    matrix = plots.confusion_matrix(labels, predictions, num_classes)
     per_class = (np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)).tolist()
     accuracy = float(np.mean(predictions == labels))
     results = {"accuracy": accuracy, "error": 1.0 - accuracy, "n": int(len(labels)), "per_class": per_class,
                "checkpoint": checkpoint, "global_step": global_step, "confusion_matrix": matrix.tolist()}
     write_json_atomically(os.path.join(result_dir, RESULTS_FILE), results)
-    utils.plot_confusion_matrix(matrix, os.path.join(result_dir, "confusion_matrix.png"))
-    utils.save_mnist_as_image(images[:SAMPLE_IMAGES], labels[:SAMPLE_IMAGES],
-                              os.path.join(result_dir, "test_samples.png"), predictions[:SAMPLE_IMAGES])
+    plots.plot_confusion_matrix(matrix, os.path.join(result_dir, "confusion_matrix.png"))
+    plots.plot_sample_grid(images[:SAMPLE_IMAGES], labels[:SAMPLE_IMAGES],
+                           os.path.join(result_dir, "test_samples.png"), predictions[:SAMPLE_IMAGES])
     print("test accuracy %.2f%% (error %.2f%%) on %d images, checkpoint %s (step %d)"
           % (100 * accuracy, 100 * (1 - accuracy), len(labels), checkpoint, global_step))
     print("per-class accuracy: " + " ".join("%d:%.2f%%" % (c, 100 * a) for c, a in enumerate(per_class)))
@@ -613,7 +587,7 @@ def main(argv):
             return test(values["result_dir"], {name: values[name] for name in TEST_FLAGS if name in given})
         result_dir, run_values, resumed = training_run_flags(values, given)
         return train(run_values, result_dir, resumed)
-    except (UsageError, utils.DataError) as error:
+    except (UsageError, idx.DataError) as error:
         print("error: %s" % error, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C before training started (during start-up): nothing to save

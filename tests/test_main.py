@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
-import utils
+from data import idx
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO_ROOT, "main.py")
@@ -61,8 +61,8 @@ def write_tiny_mnist(data_dir, train=TINY_TRAIN_IMAGES, test=TINY_TEST_IMAGES, s
         prefix = "train" if split == "train" else "t10k"
         images = random.randint(0, 256, size=(count, 28, 28)).astype(np.uint8)
         labels = (np.arange(count) % 10).astype(np.uint8)
-        utils.write_idx(os.path.join(data_dir, prefix + "-images-idx3-ubyte.gz"), images)
-        utils.write_idx(os.path.join(data_dir, prefix + "-labels-idx1-ubyte.gz"), labels)
+        idx.write_idx(os.path.join(data_dir, prefix + "-images-idx3-ubyte.gz"), images)
+        idx.write_idx(os.path.join(data_dir, prefix + "-labels-idx1-ubyte.gz"), labels)
 
 
 def read_json(path):

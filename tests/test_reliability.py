@@ -6,7 +6,7 @@ resumes from it; Ctrl-C (SIGINT) saves the step reached and exits 0.
 
 Every test runs `python main.py ...` in a subprocess on tiny generated IDX data (see test_main.py).
 The download-checksum-mismatch case needs a server, so it is covered in-process by
-test_utils.test_download_mnist_bad_bytes with a fake urlopen; here the only download is one that
+test_data.test_download_mnist_bad_bytes with a fake urlopen; here the only download is one that
 fails, as the subprocesses' proxy points at a closed local port.
 """
 
@@ -24,7 +24,7 @@ import tensorflow.compat.v1 as tf
 
 import main
 import model as capsnet
-import utils
+from data import download, idx
 from test_main import SMALL_RUN, TINY_TEST_IMAGES, TINY_TRAIN_IMAGES, read_json, run_main, start_main, write_tiny_mnist
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
@@ -41,7 +41,7 @@ def snapshot(root):
             entries[os.path.relpath(os.path.join(folder, name), root)] = "folder"
         for name in files:
             path = os.path.join(folder, name)
-            entries[os.path.relpath(path, root)] = utils.sha256_of(path)
+            entries[os.path.relpath(path, root)] = download.sha256_of(path)
     return entries
 
 
@@ -125,19 +125,19 @@ def _wrong_magic(data_dir):
 def _small_images(data_dir):
     """20x20 training images."""
     images = np.zeros([TINY_TRAIN_IMAGES, 20, 20], np.uint8)
-    utils.write_idx(os.path.join(data_dir, TRAIN_IMAGES), images)
+    idx.write_idx(os.path.join(data_dir, TRAIN_IMAGES), images)
 
 
 def _count_mismatch(data_dir):
     """One training label fewer than training images."""
-    utils.write_idx(os.path.join(data_dir, TRAIN_LABELS), np.zeros([TINY_TRAIN_IMAGES - 1], np.uint8))
+    idx.write_idx(os.path.join(data_dir, TRAIN_LABELS), np.zeros([TINY_TRAIN_IMAGES - 1], np.uint8))
 
 
 def _label_out_of_range(data_dir):
     """Training label 12 at index 5."""
     labels = (np.arange(TINY_TRAIN_IMAGES) % 10).astype(np.uint8)
     labels[5] = 12
-    utils.write_idx(os.path.join(data_dir, TRAIN_LABELS), labels)
+    idx.write_idx(os.path.join(data_dir, TRAIN_LABELS), labels)
 
 
 @pytest.mark.parametrize("spoil, expected", [

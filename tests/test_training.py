@@ -12,7 +12,7 @@ import tensorflow.compat.v1 as tf
 
 import model as capsnet
 import runtime
-import utils
+from data import mnist, pipeline
 
 MNIST_DIR = os.environ.get("MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist"))
 TRAIN_STEPS = 100
@@ -31,8 +31,8 @@ MIN_ACCURACY = 0.6
 @pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason="real MNIST not found at %s" % MNIST_DIR)
 def test_short_run_learns_without_non_finite_steps():
     """100 steps of the small net (batch 32, fixed seed) reach >= 60% on 1,000 test images, every loss finite."""
-    train_x, train_y = utils.load_mnist(MNIST_DIR, "train")
-    test_x, test_y = utils.load_mnist(MNIST_DIR, "test")
+    train_x, train_y = mnist.load(MNIST_DIR, "train")
+    test_x, test_y = mnist.load(MNIST_DIR, "test")
     with tf.Graph().as_default():
         tf.set_random_seed(SEED)
         images = tf.placeholder(tf.float32, [None, 28, 28, 1])
@@ -40,14 +40,14 @@ def test_short_run_learns_without_non_finite_steps():
         hparams = runtime.with_run_length(capsnet.hparams_for("small"), TRAIN_STEPS)
         graph = capsnet.CapsNetEMModel(hparams).train(images, labels)
         order = np.random.RandomState(SEED).permutation(len(train_x))[:TRAIN_STEPS * BATCH_SIZE]
-        batches = utils.scale_images(train_x[order]), train_y[order]
+        batches = pipeline.scale_images(train_x[order]), train_y[order]
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())
             losses = []
             for start in range(0, TRAIN_STEPS * BATCH_SIZE, BATCH_SIZE):
                 feed = {images: batches[0][start:start + BATCH_SIZE], labels: batches[1][start:start + BATCH_SIZE]}
                 losses.append(sess.run([graph.train_op, graph.loss], feed)[1])
-            scaled = utils.scale_images(test_x[:TEST_IMAGES])
+            scaled = pipeline.scale_images(test_x[:TEST_IMAGES])
             predicted = np.concatenate([sess.run(graph.predictions, {images: scaled[i:i + EVAL_BATCH]})
                                         for i in range(0, TEST_IMAGES, EVAL_BATCH)])
     accuracy = float(np.mean(predicted == test_y[:TEST_IMAGES]))

@@ -1,4 +1,4 @@
-"""Tests for utils.py: IDX files, MNIST download/loading, input pipeline and plots.
+"""Tests for the data/ package: IDX files, download, MNIST loading, the registry and the input pipeline.
 
 No test touches the network: downloads go through an injected fake `urlopen`.
 The real-MNIST tests read the directory in $MNIST_DIR (default
@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import sys
+import types
 import urllib.error
 
 import numpy as np
@@ -20,10 +21,10 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-import utils  # noqa: E402  (needs the repo root on sys.path)
+import data as datasets  # noqa: E402  (needs the repo root on sys.path)
+from data import download, idx, mnist, pipeline  # noqa: E402
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # PNG spec, section 5.2: file signature.
-_SIZE = utils.MNIST_IMAGE_SIZE
+_SIZE = mnist.IMAGE_SIZE
 _MNIST_DIR = os.environ.get(
     "MNIST_DIR", os.path.join(_REPO_ROOT, "..", "shared", "data", "mnist"))
 _TRAIN_IMAGES, _TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
@@ -42,20 +43,20 @@ def _random_images(n, size=_SIZE, seed=0):
 
 def _digit_labels(n):
     """uint8 [n] cycling through 0..9."""
-    return (np.arange(n) % utils.MNIST_NUM_CLASSES).astype(np.uint8)
+    return (np.arange(n) % mnist.NUM_CLASSES).astype(np.uint8)
 
 
 def _write_split(data_dir, split, images, labels):
     """Writes a split under its canonical MNIST .gz names."""
     images_name, labels_name = {
         "train": (_TRAIN_IMAGES, _TRAIN_LABELS), "test": (_TEST_IMAGES, _TEST_LABELS)}[split]
-    utils.write_idx(os.path.join(data_dir, images_name), images)
-    utils.write_idx(os.path.join(data_dir, labels_name), labels)
+    idx.write_idx(os.path.join(data_dir, images_name), images)
+    idx.write_idx(os.path.join(data_dir, labels_name), labels)
 
 
 def _raise_data_error(call, *args, **kwargs):
     """Runs `call`, asserts it raises a one-line DataError, returns the message."""
-    with pytest.raises(utils.DataError) as info:
+    with pytest.raises(idx.DataError) as info:
         call(*args, **kwargs)
     message = str(info.value)
     assert message and "\n" not in message
@@ -86,7 +87,7 @@ class _FakeUrlopen:
 
 @pytest.fixture
 def tiny_mnist_files(tmp_path_factory, monkeypatch):
-    """Four tiny gz IDX files; MNIST_FILES patched to their digests.
+    """Four tiny gz IDX files; mnist.FILES patched to their digests.
 
     Returns:
         Dict file name -> file bytes.
@@ -94,9 +95,9 @@ def tiny_mnist_files(tmp_path_factory, monkeypatch):
     source = tmp_path_factory.mktemp("mirror")  # Outside tmp_path, which tests list.
     _write_split(str(source), "train", _random_images(6, seed=1), _digit_labels(6))
     _write_split(str(source), "test", _random_images(4, seed=2), _digit_labels(4))
-    payloads = {name: (source / name).read_bytes() for name in utils.MNIST_FILES}
-    monkeypatch.setattr(utils, "MNIST_FILES", {
-        name: utils.sha256_of(str(source / name)) for name in payloads})
+    payloads = {name: (source / name).read_bytes() for name in mnist.FILES}
+    monkeypatch.setattr(mnist, "FILES", {
+        name: download.sha256_of(str(source / name)) for name in payloads})
     return payloads
 
 
@@ -132,9 +133,9 @@ def test_idx_images_round_trip(tmp_path, file_name):
     """write_idx then read_idx returns identical uint8 images, gzip and raw."""
     images = _random_images(5, size=7)
     path = str(tmp_path / file_name)
-    utils.write_idx(path, images)
+    idx.write_idx(path, images)
     assert (open(path, "rb").read(2) == b"\x1f\x8b") == file_name.endswith(".gz")
-    result = utils.read_idx(path)
+    result = idx.read_idx(path)
     assert result.dtype == np.uint8
     np.testing.assert_array_equal(result, images)
 
@@ -144,8 +145,8 @@ def test_idx_labels_round_trip(tmp_path, file_name):
     """write_idx then read_idx returns identical uint8 labels [N], gzip and raw."""
     labels = _digit_labels(13)
     path = str(tmp_path / file_name)
-    utils.write_idx(path, labels)
-    result = utils.read_idx(path)
+    idx.write_idx(path, labels)
+    result = idx.read_idx(path)
     assert result.shape == (13,) and result.dtype == np.uint8
     np.testing.assert_array_equal(result, labels)
 
@@ -154,16 +155,16 @@ def test_read_idx_detects_gzip_by_content(tmp_path):
     """A gzip file without a .gz name is still decompressed."""
     labels = _digit_labels(4)
     gz_path, plain_name = str(tmp_path / "l.gz"), str(tmp_path / "labels")
-    utils.write_idx(gz_path, labels)
+    idx.write_idx(gz_path, labels)
     os.rename(gz_path, plain_name)
-    np.testing.assert_array_equal(utils.read_idx(plain_name), labels)
+    np.testing.assert_array_equal(idx.read_idx(plain_name), labels)
 
 
 def test_read_idx_returns_writable_array(tmp_path):
     """The returned array owns writable memory (not a read-only view of bytes)."""
     path = str(tmp_path / "labels")
-    utils.write_idx(path, _digit_labels(3))
-    result = utils.read_idx(path)
+    idx.write_idx(path, _digit_labels(3))
+    result = idx.read_idx(path)
     result[0] = 9
     assert result[0] == 9
 
@@ -171,36 +172,36 @@ def test_read_idx_returns_writable_array(tmp_path):
 def test_write_idx_rejects_bad_arrays(tmp_path):
     """write_idx refuses non-uint8 data and 2-D arrays."""
     with pytest.raises(ValueError):
-        utils.write_idx(str(tmp_path / "x"), np.zeros(3, np.int64))
+        idx.write_idx(str(tmp_path / "x"), np.zeros(3, np.int64))
     with pytest.raises(ValueError):
-        utils.write_idx(str(tmp_path / "x"), np.zeros((3, 4), np.uint8))
+        idx.write_idx(str(tmp_path / "x"), np.zeros((3, 4), np.uint8))
 
 
 def test_read_idx_missing_file(tmp_path):
     """A missing file raises DataError naming the file."""
     path = str(tmp_path / "absent.gz")
-    message = _raise_data_error(utils.read_idx, path)
+    message = _raise_data_error(idx.read_idx, path)
     assert path in message and "not found" in message
 
 
 def test_read_idx_truncated_gzip(tmp_path):
     """A gzip file cut in half raises DataError about the gzip data."""
     path = str(tmp_path / "images.gz")
-    utils.write_idx(path, _random_images(4))
+    idx.write_idx(path, _random_images(4))
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
-    message = _raise_data_error(utils.read_idx, path)
+    message = _raise_data_error(idx.read_idx, path)
     assert path in message and "gzip" in message
 
 
 def test_read_idx_corrupt_gzip_checksum(tmp_path):
     """A gzip file whose CRC-32 trailer is damaged raises DataError."""
     path = str(tmp_path / "labels.gz")
-    utils.write_idx(path, _digit_labels(20))
+    idx.write_idx(path, _digit_labels(20))
     data = bytearray(open(path, "rb").read())
     data[-6] ^= 0xFF  # Inside the CRC-32 field (RFC 1952: last 8 bytes are CRC32, ISIZE).
     open(path, "wb").write(bytes(data))
-    message = _raise_data_error(utils.read_idx, path)
+    message = _raise_data_error(idx.read_idx, path)
     assert path in message and "gzip" in message
 
 
@@ -208,7 +209,7 @@ def test_read_idx_garbage_named_gz(tmp_path):
     """Non-gzip garbage named .gz is read as raw IDX and rejected by its magic."""
     path = str(tmp_path / "train-images-idx3-ubyte.gz")
     open(path, "wb").write(b"<html>404 Not Found</html>")
-    message = _raise_data_error(utils.read_idx, path)
+    message = _raise_data_error(idx.read_idx, path)
     assert path in message and "magic" in message
 
 
@@ -216,7 +217,7 @@ def test_read_idx_wrong_magic(tmp_path):
     """An IDX header with magic 2050 raises DataError quoting the magic."""
     path = str(tmp_path / "bad")
     open(path, "wb").write((2050).to_bytes(4, "big") + (0).to_bytes(4, "big"))
-    message = _raise_data_error(utils.read_idx, path)
+    message = _raise_data_error(idx.read_idx, path)
     assert path in message and "2050" in message
 
 
@@ -224,7 +225,7 @@ def test_read_idx_wrong_element_type(tmp_path):
     """An IDX file of floats (type byte 0x0d) raises DataError about the type."""
     path = str(tmp_path / "floats")
     open(path, "wb").write(bytes([0, 0, 0x0D, 1]) + (0).to_bytes(4, "big"))
-    message = _raise_data_error(utils.read_idx, path)
+    message = _raise_data_error(idx.read_idx, path)
     assert path in message and "0x0d" in message
 
 
@@ -232,18 +233,18 @@ def test_read_idx_empty_and_short_header(tmp_path):
     """An empty file, or one whose dimension words are cut off, raises DataError."""
     empty, short = str(tmp_path / "empty"), str(tmp_path / "short")
     open(empty, "wb").close()
-    open(short, "wb").write((utils.IDX_IMAGES_MAGIC).to_bytes(4, "big") + b"\x00\x00")
-    assert empty in _raise_data_error(utils.read_idx, empty)
-    assert "header" in _raise_data_error(utils.read_idx, short)
+    open(short, "wb").write((idx.IDX_IMAGES_MAGIC).to_bytes(4, "big") + b"\x00\x00")
+    assert empty in _raise_data_error(idx.read_idx, empty)
+    assert "header" in _raise_data_error(idx.read_idx, short)
 
 
 def test_read_idx_truncated_payload(tmp_path):
     """An images file missing its last bytes raises DataError with both sizes."""
     path = str(tmp_path / "images")
-    utils.write_idx(path, _random_images(3))
+    idx.write_idx(path, _random_images(3))
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-10])
-    message = _raise_data_error(utils.read_idx, path)
+    message = _raise_data_error(idx.read_idx, path)
     assert path in message and "truncated" in message
     assert str(3 * _SIZE * _SIZE) in message and str(3 * _SIZE * _SIZE - 10) in message
 
@@ -252,31 +253,31 @@ def test_read_idx_trailing_bytes(tmp_path):
     """Bytes after the declared payload raise DataError."""
     path = str(tmp_path / "labels.gz")
     with gzip.open(path, "wb") as f:
-        header = utils.IDX_LABELS_MAGIC.to_bytes(4, "big") + (2).to_bytes(4, "big")
+        header = idx.IDX_LABELS_MAGIC.to_bytes(4, "big") + (2).to_bytes(4, "big")
         f.write(header + b"\x01\x02\x03")  # Declares 2 labels, holds 3.
-    assert "trailing" in _raise_data_error(utils.read_idx, path)
+    assert "trailing" in _raise_data_error(idx.read_idx, path)
 
 
 def test_sha256_of_matches_hashlib(tmp_path):
     """sha256_of gives the standard digest of the stored bytes."""
     path = str(tmp_path / "f")
     open(path, "wb").write(b"abc")
-    assert utils.sha256_of(path) == (
+    assert download.sha256_of(path) == (
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")  # FIPS 180-2 "abc".
 
 
 # ---------------------------------------------------------------------------
-# load_mnist
+# mnist.load
 # ---------------------------------------------------------------------------
 
 
 def test_load_mnist_tiny_split(tmp_path):
-    """load_mnist returns uint8 [N, 28, 28] images and int64 labels from .gz or raw files."""
+    """mnist.load returns uint8 [N, 28, 28] images and int64 labels from .gz or raw files."""
     images, labels = _random_images(5), _digit_labels(5)
     _write_split(str(tmp_path), "test", images, labels)
     os.remove(str(tmp_path / _TEST_LABELS))
-    utils.write_idx(str(tmp_path / _TEST_LABELS[:-3]), labels)  # Uncompressed, no .gz.
-    got_images, got_labels = utils.load_mnist(str(tmp_path), "test")
+    idx.write_idx(str(tmp_path / _TEST_LABELS[:-3]), labels)  # Uncompressed, no .gz.
+    got_images, got_labels = mnist.load(str(tmp_path), "test")
     assert got_images.dtype == np.uint8 and got_images.shape == (5, _SIZE, _SIZE)
     assert got_labels.dtype == np.int64
     np.testing.assert_array_equal(got_images, images)
@@ -286,34 +287,34 @@ def test_load_mnist_tiny_split(tmp_path):
 def test_load_mnist_bad_split(tmp_path):
     """An unknown split name is a ValueError, not a data problem."""
     with pytest.raises(ValueError):
-        utils.load_mnist(str(tmp_path), "validation")
+        mnist.load(str(tmp_path), "validation")
 
 
 def test_load_mnist_missing_files(tmp_path):
     """A split whose files are absent raises DataError naming the file."""
-    message = _raise_data_error(utils.load_mnist, str(tmp_path), "train")
+    message = _raise_data_error(mnist.load, str(tmp_path), "train")
     assert _TRAIN_IMAGES in message
 
 
 def test_load_mnist_wrong_image_size(tmp_path):
     """32x32 images raise DataError naming the file and the size found."""
     _write_split(str(tmp_path), "train", _random_images(3, size=32), _digit_labels(3))
-    message = _raise_data_error(utils.load_mnist, str(tmp_path), "train")
+    message = _raise_data_error(mnist.load, str(tmp_path), "train")
     assert _TRAIN_IMAGES in message and "32x32" in message
 
 
 def test_load_mnist_swapped_files(tmp_path):
     """A labels file where the images file should be raises DataError."""
     _write_split(str(tmp_path), "train", _random_images(3), _digit_labels(3))
-    utils.write_idx(str(tmp_path / _TRAIN_IMAGES), _digit_labels(3))
-    message = _raise_data_error(utils.load_mnist, str(tmp_path), "train")
+    idx.write_idx(str(tmp_path / _TRAIN_IMAGES), _digit_labels(3))
+    message = _raise_data_error(mnist.load, str(tmp_path), "train")
     assert _TRAIN_IMAGES in message and "labels" in message
 
 
 def test_load_mnist_count_mismatch(tmp_path):
     """3 images with 2 labels raise DataError giving both counts."""
     _write_split(str(tmp_path), "train", _random_images(3), _digit_labels(2))
-    message = _raise_data_error(utils.load_mnist, str(tmp_path), "train")
+    message = _raise_data_error(mnist.load, str(tmp_path), "train")
     assert "3 images" in message and "2 labels" in message
 
 
@@ -322,12 +323,32 @@ def test_load_mnist_label_out_of_range(tmp_path):
     labels = _digit_labels(4)
     labels[2] = 10
     _write_split(str(tmp_path), "test", _random_images(4), labels)
-    message = _raise_data_error(utils.load_mnist, str(tmp_path), "test")
+    message = _raise_data_error(mnist.load, str(tmp_path), "test")
     assert _TEST_LABELS in message and "label 10 at index 2" in message
 
 
 # ---------------------------------------------------------------------------
-# download_mnist / ensure_mnist (fake network only)
+# The dataset registry
+# ---------------------------------------------------------------------------
+
+
+def test_get_mnist_spec():
+    """data.get("mnist") is mnist.SPEC, describing 28x28 grayscale digits in 10 classes "0".."9"."""
+    spec = datasets.get("mnist")
+    assert spec is mnist.SPEC and datasets.DATASETS == {"mnist": mnist.SPEC}
+    assert (spec.name, spec.image_size, spec.channels, spec.num_classes) == ("mnist", _SIZE, 1, 10)
+    assert list(spec.class_names) == [str(digit) for digit in range(10)]
+    assert spec.ensure is mnist.ensure and spec.load is mnist.load
+
+
+def test_get_unknown_dataset():
+    """An unknown dataset name is a ValueError naming the known ones."""
+    with pytest.raises(ValueError, match="mnist"):
+        datasets.get("cifar10")
+
+
+# ---------------------------------------------------------------------------
+# mnist.download / mnist.ensure (fake network only)
 # ---------------------------------------------------------------------------
 
 
@@ -340,51 +361,51 @@ def test_download_mnist_good_bytes(tmp_path, tiny_mnist_files):
     """Verified files land in place, nothing else is left, and present files are skipped."""
     data_dir = str(tmp_path / "data")
     fake = _FakeUrlopen(_mirror_responses("https://a/", tiny_mnist_files))
-    paths = utils.download_mnist(data_dir, mirrors=("https://a/",), urlopen=fake)
-    assert sorted(os.listdir(data_dir)) == sorted(utils.MNIST_FILES)
+    paths = mnist.download(data_dir, mirrors=("https://a/",), urlopen=fake)
+    assert sorted(os.listdir(data_dir)) == sorted(mnist.FILES)
     for name, path in paths.items():
         assert path == os.path.join(data_dir, name)
         assert open(path, "rb").read() == tiny_mnist_files[name]
     assert len(fake.calls) == 4
-    utils.download_mnist(data_dir, mirrors=("https://a/",), urlopen=fake)
+    mnist.download(data_dir, mirrors=("https://a/",), urlopen=fake)
     assert len(fake.calls) == 4
-    assert utils.load_mnist(data_dir, "train")[0].shape == (6, _SIZE, _SIZE)
+    assert mnist.load(data_dir, "train")[0].shape == (6, _SIZE, _SIZE)
 
 
 def test_download_mnist_falls_back_to_next_mirror(tmp_path, tiny_mnist_files):
     """When the first mirror fails, the second mirror is tried and used."""
     fake = _FakeUrlopen(_mirror_responses("https://b/", tiny_mnist_files))
-    utils.download_mnist(str(tmp_path), mirrors=("https://a/", "https://b/"), urlopen=fake)
-    first = sorted(utils.MNIST_FILES)[0]
+    mnist.download(str(tmp_path), mirrors=("https://a/", "https://b/"), urlopen=fake)
+    first = sorted(mnist.FILES)[0]
     assert fake.calls.index("https://a/" + first) < fake.calls.index("https://b/" + first)
-    assert sorted(os.listdir(str(tmp_path))) == sorted(utils.MNIST_FILES)
+    assert sorted(os.listdir(str(tmp_path))) == sorted(mnist.FILES)
 
 
 def test_download_mnist_bad_bytes(tmp_path, tiny_mnist_files):
     """Bytes with the wrong SHA-256 raise DataError with both digests; no file is left."""
     bad = {name: b"corrupted " + data for name, data in tiny_mnist_files.items()}
     fake = _FakeUrlopen(_mirror_responses("https://a/", bad))
-    name = next(iter(utils.MNIST_FILES))
+    name = next(iter(mnist.FILES))
     got = hashlib.sha256(bad[name]).hexdigest()
     message = _raise_data_error(
-        utils.download_mnist, str(tmp_path), mirrors=("https://a/",), urlopen=fake)
-    assert name in message and utils.MNIST_FILES[name] in message and got in message
+        mnist.download, str(tmp_path), mirrors=("https://a/",), urlopen=fake)
+    assert name in message and mnist.FILES[name] in message and got in message
     assert os.listdir(str(tmp_path)) == []
 
 
 def test_download_mnist_no_network(tmp_path):
     """A urlopen that raises gives DataError 'cannot download X: <reason>'; no file left."""
     fake = _FakeUrlopen({})
-    message = _raise_data_error(utils.download_mnist, str(tmp_path), urlopen=fake)
+    message = _raise_data_error(mnist.download, str(tmp_path), urlopen=fake)
     assert message.startswith("cannot download ") and "no route to host" in message
-    assert fake.calls[0].startswith(utils.MNIST_MIRRORS[0])
-    assert len(fake.calls) == len(utils.MNIST_MIRRORS)
+    assert fake.calls[0].startswith(mnist.MIRRORS[0])
+    assert len(fake.calls) == len(mnist.MIRRORS)
     assert os.listdir(str(tmp_path)) == []
 
 
 def test_ensure_mnist_missing_without_download(tmp_path):
-    """ensure_mnist(download=False) with no files raises DataError and fetches nothing."""
-    message = _raise_data_error(utils.ensure_mnist, str(tmp_path), download=False)
+    """mnist.ensure(download=False) with no files raises DataError and fetches nothing."""
+    message = _raise_data_error(mnist.ensure, str(tmp_path), download=False)
     assert "not found" in message and "download" in message
     assert os.listdir(str(tmp_path)) == []
 
@@ -395,19 +416,19 @@ def test_ensure_mnist_accepts_present_files_unchecked(tmp_path):
     _write_split(str(tmp_path), "test", _random_images(2), _digit_labels(2))
     raw = str(tmp_path / _TEST_IMAGES[:-3])
     os.rename(str(tmp_path / _TEST_IMAGES), raw)
-    paths = utils.ensure_mnist(str(tmp_path), download=False)
+    paths = mnist.ensure(str(tmp_path), download=False)
     assert paths[_TEST_IMAGES] == raw
     assert paths[_TRAIN_LABELS] == str(tmp_path / _TRAIN_LABELS)
 
 
 def test_ensure_mnist_downloads_only_missing(tmp_path, tiny_mnist_files, monkeypatch):
     """With download=True only the absent file is fetched (through the injected urlopen)."""
-    monkeypatch.setattr(utils, "MNIST_MIRRORS", ("https://a/",))
+    monkeypatch.setattr(mnist, "MIRRORS", ("https://a/",))
     for name, data in tiny_mnist_files.items():
         if name != _TEST_LABELS:
             (tmp_path / name).write_bytes(data)
     fake = _FakeUrlopen(_mirror_responses("https://a/", tiny_mnist_files))
-    paths = utils.ensure_mnist(str(tmp_path), download=True, urlopen=fake)
+    paths = mnist.ensure(str(tmp_path), download=True, urlopen=fake)
     assert fake.calls == ["https://a/" + _TEST_LABELS]
     assert open(paths[_TEST_LABELS], "rb").read() == tiny_mnist_files[_TEST_LABELS]
 
@@ -421,32 +442,32 @@ def test_split_train_validation_sizes_and_determinism():
     """Sizes add up, parts are disjoint, the same seed repeats, another seed differs."""
     images = np.arange(100).reshape(100, 1, 1)
     labels = np.arange(100)
-    train_x, train_y, val_x, val_y = utils.split_train_validation(images, labels, 20, seed=3)
+    train_x, train_y, val_x, val_y = pipeline.split_train_validation(images, labels, 20, seed=3)
     assert (len(train_x), len(train_y), len(val_x), len(val_y)) == (80, 80, 20, 20)
     np.testing.assert_array_equal(train_x[:, 0, 0], train_y)
     np.testing.assert_array_equal(val_x[:, 0, 0], val_y)
     assert sorted(np.concatenate([train_y, val_y])) == list(range(100))
-    again = utils.split_train_validation(images, labels, 20, seed=3)
+    again = pipeline.split_train_validation(images, labels, 20, seed=3)
     np.testing.assert_array_equal(again[3], val_y)
-    other = utils.split_train_validation(images, labels, 20, seed=4)
+    other = pipeline.split_train_validation(images, labels, 20, seed=4)
     assert not np.array_equal(other[3], val_y)
 
 
 def test_split_train_validation_zero_and_invalid():
     """validation_size 0 keeps everything for training; out-of-range sizes are rejected."""
     images, labels = _random_images(7, size=2), _digit_labels(7)
-    train_x, train_y, val_x, val_y = utils.split_train_validation(images, labels, 0, seed=0)
+    train_x, train_y, val_x, val_y = pipeline.split_train_validation(images, labels, 0, seed=0)
     np.testing.assert_array_equal(train_x, images)
     np.testing.assert_array_equal(train_y, labels)
     assert val_x.shape == (0, 2, 2) and val_y.shape == (0,)
     with pytest.raises(ValueError):
-        utils.split_train_validation(images, labels, 8, seed=0)
+        pipeline.split_train_validation(images, labels, 8, seed=0)
 
 
 def test_scale_images():
     """uint8 [N, H, W] becomes float32 [N, H, W, 1] equal to pixel / 255."""
     images = np.array([[[0, 128], [255, 1]]], np.uint8)
-    scaled = utils.scale_images(images)
+    scaled = pipeline.scale_images(images)
     assert scaled.dtype == np.float32 and scaled.shape == (1, 2, 2, 1)
     np.testing.assert_allclose(scaled[..., 0], images / 255.0, rtol=1e-6)
 
@@ -459,13 +480,13 @@ def test_scale_images():
 def test_make_dataset_shapes_dtypes_scaling():
     """Batches are float32 [B, 28, 28, 1] = pixel/255 and int64 [B], in input order."""
     images, labels = _random_images(10), _digit_labels(10)
-    batches = _collect_batches(lambda: utils.make_dataset(images, labels, batch_size=4))
+    batches = _collect_batches(lambda: pipeline.make_dataset(images, labels, batch_size=4))
     assert [len(b[1]) for b in batches] == [4, 4, 2]  # Remainder kept: all 10 examples.
     batch_images, batch_labels = batches[0]
     assert batch_images.dtype == np.float32 and batch_images.shape == (4, _SIZE, _SIZE, 1)
     assert batch_labels.dtype == np.int64
     all_images = np.concatenate([b[0] for b in batches])
-    np.testing.assert_allclose(all_images, utils.scale_images(images), rtol=1e-6)
+    np.testing.assert_allclose(all_images, pipeline.scale_images(images), rtol=1e-6)
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), labels)
 
 
@@ -473,10 +494,10 @@ def test_make_dataset_static_shape_with_drop_remainder():
     """drop_remainder=True drops the partial batch and gives a static batch dimension."""
     images, labels = _random_images(10), _digit_labels(10)
     with tf.Graph().as_default():
-        dataset = utils.make_dataset(images, labels, batch_size=4, drop_remainder=True)
+        dataset = pipeline.make_dataset(images, labels, batch_size=4, drop_remainder=True)
         assert tf.data.get_output_shapes(dataset)[0].as_list() == [4, _SIZE, _SIZE, 1]
     batches = _collect_batches(
-        lambda: utils.make_dataset(images, labels, batch_size=4, drop_remainder=True))
+        lambda: pipeline.make_dataset(images, labels, batch_size=4, drop_remainder=True))
     assert [len(b[1]) for b in batches] == [4, 4]
 
 
@@ -488,8 +509,8 @@ def test_make_dataset_shuffle_repeat():
 
     def epochs():
         batches = _collect_batches(
-            lambda: utils.make_dataset(images, labels, batch_size=10, shuffle=True,
-                                       repeat=True, seed=7),
+            lambda: pipeline.make_dataset(images, labels, batch_size=10, shuffle=True,
+                                          repeat=True, seed=7),
             num_batches=2)
         return [b[1] for b in batches]
 
@@ -523,8 +544,8 @@ def test_make_dataset_random_shift():
     labels = _digit_labels(count)
 
     def shifted_batch():
-        batches = _collect_batches(lambda: utils.make_dataset(images, labels, batch_size=count, seed=5,
-                                                              max_shift=max_shift), num_batches=1)
+        batches = _collect_batches(lambda: pipeline.make_dataset(images, labels, batch_size=count, seed=5,
+                                                                 max_shift=max_shift), num_batches=1)
         return batches[0]
 
     batch_images, batch_labels = shifted_batch()
@@ -539,7 +560,7 @@ def test_make_dataset_random_shift():
     assert {dy for dy, _ in offsets} >= {-1, 1} and {dx for _, dx in offsets} >= {-1, 1}
     np.testing.assert_array_equal(shifted_batch()[0], batch_images)
     with pytest.raises(ValueError, match="max_shift"):
-        utils.make_dataset(images, labels, batch_size=4, max_shift=-1)
+        pipeline.make_dataset(images, labels, batch_size=4, max_shift=-1)
 
 
 def test_make_dataset_initializable_iterator_reruns():
@@ -547,7 +568,7 @@ def test_make_dataset_initializable_iterator_reruns():
     images, labels = _random_images(5), _digit_labels(5)
     with tf.Graph().as_default():
         iterator = tf.data.make_initializable_iterator(
-            utils.make_dataset(images, labels, batch_size=2))
+            pipeline.make_dataset(images, labels, batch_size=2))
         next_labels = iterator.get_next()[1]
         with tf.Session() as sess:
             for _ in range(2):
@@ -561,63 +582,20 @@ def test_make_dataset_initializable_iterator_reruns():
                 assert seen == list(labels)
 
 
-# ---------------------------------------------------------------------------
-# Confusion matrix and plots
-# ---------------------------------------------------------------------------
-
-
-def test_confusion_matrix_hand_example():
-    """Rows are true classes, columns predictions, counted by hand."""
-    labels = [0, 0, 1, 2, 2, 2]
-    predictions = [0, 1, 1, 2, 0, 2]
-    expected = np.array([[1, 1, 0],
-                         [0, 1, 0],
-                         [1, 0, 2]])
-    matrix = utils.confusion_matrix(labels, predictions, num_classes=3)
-    assert matrix.dtype == np.int64
-    np.testing.assert_array_equal(matrix, expected)
-    with pytest.raises(ValueError):
-        utils.confusion_matrix([0, 3], [0, 0], num_classes=3)
-
-
-def _assert_png(path):
-    """The file exists, is non-empty and starts with the PNG signature."""
-    data = open(path, "rb").read()
-    assert len(data) > len(_PNG_MAGIC) and data.startswith(_PNG_MAGIC)
-
-
-@pytest.mark.parametrize("as_float", [False, True])
-def test_save_mnist_as_image_writes_png(tmp_path, as_float):
-    """A digit grid (uint8 [N,28,28] or float [N,28,28,1], with predictions) is a PNG."""
-    images = _random_images(12)
-    if as_float:
-        images = utils.scale_images(images)
-    labels = _digit_labels(12)
-    predictions = labels.copy()
-    predictions[0] = 3
-    path = str(tmp_path / "sub" / "digits.png")
-    utils.save_mnist_as_image(images, labels, path, predictions=predictions, columns=5)
-    _assert_png(path)
-
-
-def test_plot_confusion_matrix_writes_png(tmp_path):
-    """A 10-class confusion matrix with class names is written as a PNG."""
-    matrix = utils.confusion_matrix(_digit_labels(30), _digit_labels(30)[::-1], 10)
-    path = str(tmp_path / "confusion.png")
-    utils.plot_confusion_matrix(matrix, path, class_names=[str(i) for i in range(10)])
-    _assert_png(path)
-
-
-@pytest.mark.parametrize("with_validation", [False, True])
-def test_plot_training_curves_writes_png(tmp_path, with_validation):
-    """Loss/accuracy curves, with or without validation points, are written as a PNG."""
-    history = {"step": [0, 10, 20], "loss": [2.3, 1.1, 0.5],
-               "train_accuracy": [0.1, 0.6, 0.9]}
-    if with_validation:
-        history.update(val_step=[10, 20], val_accuracy=[0.55, 0.85])
-    path = str(tmp_path / "curves.png")
-    utils.plot_training_curves(history, path)
-    _assert_png(path)
+def test_build_pipeline_batches():
+    """Training batches have the static shape [batch_size, 28, 28, 1]; evaluation reads every image once in
+    order, in batches of eval_batch_size with the remainder kept."""
+    images, labels = _random_images(5), _digit_labels(5)
+    with tf.Graph().as_default():
+        built = pipeline.build_pipeline(types.SimpleNamespace(image_size=_SIZE), 2, 3, seed=1)
+        assert built.train_images.shape.as_list() == [2, _SIZE, _SIZE, 1]
+        with tf.Session() as sess:
+            sess.run(built.eval_iterator.initializer, {built.images_in: images, built.labels_in: labels})
+            first, second = sess.run(built.eval_labels), sess.run(built.eval_labels)
+            with pytest.raises(tf.errors.OutOfRangeError):
+                sess.run(built.eval_labels)
+    assert (len(first), len(second)) == (3, 2)
+    np.testing.assert_array_equal(np.concatenate([first, second]), labels)
 
 
 # ---------------------------------------------------------------------------
@@ -631,8 +609,8 @@ _real_mnist = pytest.mark.skipif(
 @_real_mnist
 def test_real_mnist_contents():
     """The real files hold 60000/10000 28x28 examples with the known first labels."""
-    train_images, train_labels = utils.load_mnist(_MNIST_DIR, "train")
-    test_images, test_labels = utils.load_mnist(_MNIST_DIR, "test")
+    train_images, train_labels = mnist.load(_MNIST_DIR, "train")
+    test_images, test_labels = mnist.load(_MNIST_DIR, "test")
     assert train_images.shape == (60000, _SIZE, _SIZE) and train_labels.shape == (60000,)
     assert test_images.shape == (10000, _SIZE, _SIZE) and test_labels.shape == (10000,)
     assert list(train_labels[:10]) == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
@@ -642,9 +620,9 @@ def test_real_mnist_contents():
 
 @_real_mnist
 def test_real_mnist_checksums():
-    """Every .gz file present in the MNIST directory matches its SHA-256 in MNIST_FILES."""
-    present = [n for n in utils.MNIST_FILES if os.path.isfile(os.path.join(_MNIST_DIR, n))]
+    """Every .gz file present in the MNIST directory matches its SHA-256 in mnist.FILES."""
+    present = [n for n in mnist.FILES if os.path.isfile(os.path.join(_MNIST_DIR, n))]
     if not present:
         pytest.skip(f"no .gz files in {_MNIST_DIR} (uncompressed copies only)")
     for name in present:
-        assert utils.sha256_of(os.path.join(_MNIST_DIR, name)) == utils.MNIST_FILES[name]
+        assert download.sha256_of(os.path.join(_MNIST_DIR, name)) == mnist.FILES[name]

@@ -1,0 +1,194 @@
+"""The input pipeline: train/validation hold-out, pixel scaling, random shifts, `tf.data` iterators.
+
+Hinton, Sabour & Frosst, "Matrix capsules with EM routing", ICLR 2018, Section 5 trains on
+MNIST; this module turns a dataset's in-memory arrays into batches usable from
+`tensorflow.compat.v1` graph mode. It never reads command-line flags; callers pass plain values.
+
+Axis names used in the docstrings: N examples, B batch, H/W image height/width (28 for MNIST).
+"""
+
+import collections
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+
+_PIXEL_MAX = 255.0  # Largest uint8 intensity; dividing by it maps pixels to [0, 1].
+
+
+def split_train_validation(images, labels, validation_size, seed):
+    """Holds out a deterministic random subset of examples for validation.
+
+    Both parts keep the examples' original relative order, so
+    `validation_size=0` returns the input unchanged.
+
+    Args:
+        images: [N, ...] array.
+        labels: [N] array.
+        validation_size: number of examples to hold out, 0..N.
+        seed: integer seed of the permutation that picks the held-out examples.
+
+    Returns:
+        (train_images [N-V, ...], train_labels [N-V],
+         val_images [V, ...], val_labels [V]) with V = validation_size.
+
+    Raises:
+        ValueError: length mismatch or `validation_size` outside 0..N.
+    """
+    n = len(images)
+    if len(labels) != n:
+        raise ValueError(f"{n} images but {len(labels)} labels")
+    if not 0 <= validation_size <= n:
+        raise ValueError(f"validation_size must be in 0..{n}, got {validation_size}")
+    order = np.random.RandomState(seed).permutation(n)
+    val_idx = np.sort(order[:validation_size])
+    train_idx = np.sort(order[validation_size:])
+    return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+
+
+def scale_images(images):
+    """Scales uint8 pixels to float32 in [0, 1] and adds a channel axis.
+
+    pixel / 255 keeps the raw intensities, only rescaled to [0, 1]. The EM-routing
+    paper states no other MNIST preprocessing (its per-image standardisation is
+    for smallNORB); Sabour et al.'s research/capsules MNIST input also feeds
+    pixel * (1/255).
+
+    Args:
+        images: uint8 [N, H, W].
+
+    Returns:
+        float32 [N, H, W, 1] in [0, 1].
+    """
+    images = np.asarray(images)
+    return (images.astype(np.float32) / np.float32(_PIXEL_MAX))[..., np.newaxis]
+
+
+def _scale_batch(images, labels):
+    """tf.data map: uint8 [B, H, W], labels [B] -> float32 [B, H, W, 1], int64 [B]."""
+    scaled = tf.cast(images, tf.float32) / _PIXEL_MAX  # [B, H, W] in [0, 1], as scale_images.
+    scaled = tf.expand_dims(scaled, axis=-1)  # [B, H, W, 1]
+    return scaled, tf.cast(labels, tf.int64)
+
+
+def random_shift(image, max_shift, seed=None):
+    """Moves `image` by up to `max_shift` pixels along each axis, zeros filling in.
+
+    The two offsets are drawn uniformly and independently from -max_shift..max_shift
+    (pad by max_shift, then crop a random window of the original size). Sabour et
+    al. (2017) train their MNIST capsule network on images shifted by up to 2 pixels
+    this way; the EM-routing paper states no MNIST augmentation.
+
+    Args:
+        image: `[H, W]` tensor of any dtype.
+        max_shift: largest offset in pixels, >= 0.
+        seed: op-level seed of the offsets.
+
+    Returns:
+        `[H, W]`, the same dtype.
+    """
+    height, width = image.shape
+    padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift]])  # [H + 2s, W + 2s]
+    return tf.image.random_crop(padded, [height, width], seed=seed)  # [H, W]
+
+
+def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=None,
+                 drop_remainder=False, max_shift=0):
+    """Builds the tf.data input pipeline over in-memory MNIST arrays.
+
+    Order: from_tensor_slices -> shuffle (buffer = whole set, reshuffled every
+    epoch) -> repeat -> random shift (only with max_shift > 0) -> batch -> scale
+    to [0, 1] -> prefetch. Shuffling before repeat keeps epochs disjoint. Works in
+    `tensorflow.compat.v1` graph mode with `tf.data.make_one_shot_iterator` /
+    `make_initializable_iterator`.
+
+    NumPy arrays are embedded in the graph as constants (about 47 MB for the
+    MNIST train set); pass `tf.placeholder`s and feed them to an initializable
+    iterator to keep them out of the graph (and out of checkpoints' meta graphs).
+
+    Args:
+        images: uint8 [N, H, W], an array or a tensor.
+        labels: integer [N], an array or a tensor.
+        batch_size: examples per batch, > 0.
+        shuffle: shuffle the examples (differently each epoch).
+        repeat: repeat indefinitely.
+        seed: op-level shuffle seed (None: nondeterministic unless a graph seed
+            is set).
+        drop_remainder: drop the last partial batch; if False the last batch
+            may hold fewer than `batch_size` examples.
+        max_shift: move every image by up to this many pixels along each axis
+            (`random_shift`, a new draw each time it is read); 0: unchanged.
+
+    Returns:
+        `tf.data.Dataset` of (images float32 [B, H, W, 1] in [0, 1], labels
+        int64 [B]).
+
+    Raises:
+        ValueError: length mismatch, non-positive `batch_size` or negative `max_shift`.
+    """
+    if isinstance(images, np.ndarray) and len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))  # ([H, W], [])
+    if shuffle:
+        whole_set = tf.shape(images, out_type=tf.int64)[0]
+        dataset = dataset.shuffle(
+            buffer_size=whole_set, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    if max_shift:
+        dataset = dataset.map(lambda image, label: (random_shift(image, max_shift, seed), label))  # ([H, W], [])
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)  # ([B, H, W], [B])
+    dataset = dataset.map(_scale_batch)  # ([B, H, W, 1], [B])
+    return dataset.prefetch(tf.data.experimental.AUTOTUNE)
+
+
+Pipeline = collections.namedtuple(
+    "Pipeline", ["images_in", "labels_in", "train_iterator", "eval_iterator", "train_images", "train_labels",
+                 "eval_images", "eval_labels"])
+Pipeline.__doc__ = """The placeholders, iterators and batches `build_pipeline` returns.
+
+Attributes:
+    images_in: uint8 placeholder [N, H, W], fed when an iterator is initialised.
+    labels_in: int64 placeholder [N].
+    train_iterator: initializable iterator over shuffled, repeated, (optionally) shifted batches.
+    eval_iterator: initializable iterator over every example once, in order.
+    train_images: float32 [batch_size, H, W, 1] in [0, 1].
+    train_labels: int64 [batch_size].
+    eval_images: float32 [<= eval_batch_size, H, W, 1] in [0, 1].
+    eval_labels: int64 [<= eval_batch_size].
+"""
+
+
+def build_pipeline(hparams, batch_size, eval_batch_size, seed, max_shift=0):
+    """Training (shuffled, repeated) and evaluation (in order, every image) iterators and their batches.
+
+    Training batches have a static size (`[batch_size, H, W, 1]`; the repeated stream has no
+    remainder), so the training graph's micro-batches have static shapes: with a dynamic batch
+    size the shape arithmetic of every micro-batch costs the speed they bring (README,
+    performance). Training images are moved by up to `max_shift` pixels (`random_shift`).
+    Evaluation batches are `[<= eval_batch_size, H, W, 1]`, never shifted. The arrays are fed
+    through placeholders, so they stay out of the graph and the checkpoints.
+
+    Args:
+        hparams: hyperparameters; `hparams.image_size` gives H = W.
+        batch_size: training examples per batch, > 0.
+        eval_batch_size: evaluation examples per batch, > 0 (the last batch may hold fewer).
+        seed: op-level seed of the shuffle and the shifts.
+        max_shift: largest training shift in pixels, >= 0; 0 leaves the images as they are.
+
+    Returns:
+        A `Pipeline`.
+    """
+    images_in = tf.placeholder(tf.uint8, [None, hparams.image_size, hparams.image_size], name="images_in")
+    labels_in = tf.placeholder(tf.int64, [None], name="labels_in")
+    train_iterator = tf.data.make_initializable_iterator(make_dataset(
+        images_in, labels_in, batch_size, shuffle=True, repeat=True, seed=seed, drop_remainder=True,
+        max_shift=max_shift))
+    eval_iterator = tf.data.make_initializable_iterator(make_dataset(images_in, labels_in, eval_batch_size))
+    train_images, train_labels = train_iterator.get_next()  # [batch_size, H, W, 1], [batch_size]
+    eval_images, eval_labels = eval_iterator.get_next()  # [<= eval_batch_size, H, W, 1], [<= eval_batch_size]
+    return Pipeline(images_in, labels_in, train_iterator, eval_iterator, train_images, train_labels, eval_images,
+                    eval_labels)

@@ -1,0 +1,23 @@
+"""`DatasetSpec`, the one description every dataset module gives of itself.
+
+Its own module so that data/__init__.py can list the dataset modules while each of them builds
+its `SPEC` without importing the package it is part of (no import cycle).
+"""
+
+import collections
+
+DatasetSpec = collections.namedtuple(
+    "DatasetSpec", ["name", "image_size", "channels", "num_classes", "class_names", "ensure", "load"])
+DatasetSpec.__doc__ = """A dataset as the training code sees it.
+
+Attributes:
+    name: the key in `data.DATASETS`, e.g. "mnist".
+    image_size: H = W, pixels per image side.
+    channels: colour channels per pixel (1 for grayscale).
+    num_classes: C.
+    class_names: C display names, in class-index order.
+    ensure: callable(data_dir) that makes sure the files are in `data_dir` (downloading missing ones)
+        and raises `data.idx.DataError` when it cannot.
+    load: callable(data_dir, split) returning (uint8 images [N, H, W], int64 labels [N]) for the
+        split 'train' or 'test'.
+"""

@@ -1,0 +1,187 @@
+"""PNG pictures of a run: training curves, the test confusion matrix and a grid of samples.
+
+Hinton, Sabour & Frosst, "Matrix capsules with EM routing", ICLR 2018, Section 5
+reports test error; these pictures show where a run's errors come from. Drawn with
+matplotlib's Agg backend, without pyplot, so they work headless and in any thread.
+
+Axis names used in the docstrings: N examples, H/W image height/width, C classes.
+"""
+
+import math
+import os
+
+import numpy as np
+
+_PIXEL_MAX = 255.0  # Largest uint8 intensity: the white level of uint8 images.
+
+# Plot layout (inches and points); sized so 10 columns of titled digits stay legible.
+_DIGIT_CELL_WIDTH_IN = 1.2
+_DIGIT_CELL_HEIGHT_IN = 1.4
+_TITLE_FONT_PT = 8
+_CONFUSION_CELL_IN = 0.6
+_CONFUSION_MIN_SIZE_IN = 4.0
+_CURVES_FIGSIZE_IN = (11.0, 4.0)
+_PLOT_DPI = 100
+_CONFUSION_TEXT_SWITCH = 0.5  # Cells above this fraction of the max get white text.
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    """Counts (true class, predicted class) pairs.
+
+    Args:
+        labels: integer [N], values in 0..C-1.
+        predictions: integer [N], values in 0..C-1.
+        num_classes: C.
+
+    Returns:
+        int64 [C, C]; entry [i, j] counts examples of true class i predicted as j.
+
+    Raises:
+        ValueError: length mismatch or values outside 0..C-1.
+    """
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    predictions = np.asarray(predictions, dtype=np.int64).ravel()
+    if labels.shape != predictions.shape:
+        raise ValueError(f"{labels.size} labels but {predictions.size} predictions")
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} must be in 0..{num_classes - 1}")
+    flat = np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2)
+    return flat.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def _new_figure(figsize):
+    """Returns a matplotlib Figure drawn by the Agg backend, without touching pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize, dpi=_PLOT_DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save_png(figure, path):
+    """Writes `figure` to `path` as PNG, creating the parent directory if needed."""
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    figure.savefig(path, format="png")
+
+
+def _as_grayscale_2d(images):
+    """[N, H, W] or [N, H, W, 1] -> ([N, H, W], vmax) with vmax 255 for uint8, 1 for floats."""
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]  # [N, H, W]
+    if images.ndim != 3:
+        raise ValueError(f"images must be [N, H, W] or [N, H, W, 1], got {images.shape}")
+    vmax = _PIXEL_MAX if images.dtype == np.uint8 else 1.0
+    return images, vmax
+
+
+def plot_sample_grid(images, labels, path, predictions=None, columns=10):
+    """Saves a PNG grid of sample images, each titled with its label (and prediction).
+
+    Titles read "5", or "5 pred 3" when predictions are given; wrong predictions
+    get a red title.
+
+    Args:
+        images: [N, H, W] or [N, H, W, 1]; uint8 in 0..255 or float in [0, 1].
+        labels: integer [N].
+        path: output PNG path.
+        predictions: optional integer [N].
+        columns: images per row, > 0.
+
+    Raises:
+        ValueError: empty input, bad shapes or mismatched lengths.
+    """
+    images, vmax = _as_grayscale_2d(images)
+    n = len(images)
+    if n == 0 or len(labels) != n or (predictions is not None and len(predictions) != n):
+        raise ValueError("need N > 0 images with N labels (and N predictions if given)")
+    columns = min(columns, n)
+    rows = math.ceil(n / columns)
+    figure = _new_figure((columns * _DIGIT_CELL_WIDTH_IN, rows * _DIGIT_CELL_HEIGHT_IN))
+    for i in range(n):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        axes.imshow(images[i], cmap="gray", vmin=0.0, vmax=vmax)
+        axes.set_axis_off()
+        title, color = f"{labels[i]}", "black"
+        if predictions is not None:
+            title = f"{labels[i]} pred {predictions[i]}"
+            color = "black" if predictions[i] == labels[i] else "red"
+        axes.set_title(title, color=color, fontsize=_TITLE_FONT_PT)
+    figure.tight_layout()
+    _save_png(figure, path)
+
+
+def plot_confusion_matrix(matrix, path, class_names=None):
+    """Saves a confusion matrix as an annotated PNG heat map.
+
+    Args:
+        matrix: integer [C, C], rows = true class, columns = predicted class (as
+            returned by `confusion_matrix`).
+        path: output PNG path.
+        class_names: optional C tick labels; defaults to "0".."C-1".
+
+    Raises:
+        ValueError: `matrix` is not square or `class_names` has the wrong length.
+    """
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"matrix must be [C, C], got {matrix.shape}")
+    num_classes = matrix.shape[0]
+    names = [str(i) for i in range(num_classes)] if class_names is None else list(class_names)
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    side = max(_CONFUSION_MIN_SIZE_IN, num_classes * _CONFUSION_CELL_IN)
+    figure = _new_figure((side, side))
+    axes = figure.add_subplot(1, 1, 1)
+    axes.imshow(matrix, cmap="Blues")
+    threshold = _CONFUSION_TEXT_SWITCH * matrix.max() if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        axes.text(j, i, str(count), ha="center", va="center", fontsize=_TITLE_FONT_PT,
+                  color="white" if count > threshold else "black")
+    ticks = np.arange(num_classes)
+    axes.set_xticks(ticks)
+    axes.set_xticklabels(names)
+    axes.set_yticks(ticks)
+    axes.set_yticklabels(names)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    figure.tight_layout()
+    _save_png(figure, path)
+
+
+def plot_training_curves(history, path):
+    """Saves loss and accuracy curves as a two-panel PNG.
+
+    Args:
+        history: dict of equal-length lists 'step', 'loss', 'train_accuracy', and
+            optionally 'val_step' with 'val_accuracy' (equal length to each other).
+        path: output PNG path.
+
+    Raises:
+        KeyError: a required key is missing.
+        ValueError: paired lists differ in length.
+    """
+    steps, loss, train_acc = history["step"], history["loss"], history["train_accuracy"]
+    val_steps, val_acc = history.get("val_step", []), history.get("val_accuracy", [])
+    if not len(steps) == len(loss) == len(train_acc) or len(val_steps) != len(val_acc):
+        raise ValueError("history lists must pair up: step/loss/train_accuracy, "
+                         "val_step/val_accuracy")
+    figure = _new_figure(_CURVES_FIGSIZE_IN)
+    loss_axes = figure.add_subplot(1, 2, 1)
+    loss_axes.plot(steps, loss, label="train loss")
+    loss_axes.set_xlabel("step")
+    loss_axes.set_ylabel("loss")
+    loss_axes.legend()
+    acc_axes = figure.add_subplot(1, 2, 2)
+    acc_axes.plot(steps, train_acc, label="train accuracy")
+    if val_steps:
+        acc_axes.plot(val_steps, val_acc, marker="o", label="validation accuracy")
+    acc_axes.set_xlabel("step")
+    acc_axes.set_ylabel("accuracy")
+    acc_axes.legend()
+    figure.tight_layout()
+    _save_png(figure, path)
