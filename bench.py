@@ -12,7 +12,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as main.py; README, performance
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as main.py; docs/performance.md
 
 import collections  # noqa: E402
 import json  # noqa: E402
@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow.compat.v1 as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
+import capsule_layers as cl  # noqa: E402
 import model as capsnet  # noqa: E402
 import runtime  # noqa: E402
 
@@ -30,12 +31,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "small", "Network preset: paper or small.")
 flags.DEFINE_integer("batch_size", 64, "Images per step.")
 flags.DEFINE_string("mode", "train", "train (forward + loss + backward + Adam update) or infer (forward only).")
-flags.DEFINE_integer("steps", 10, "Timed steps (>= 10 for the README figures).")
+flags.DEFINE_integer("steps", 10, "Timed steps (>= 10 for the docs/performance.md figures).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (graph optimisation, allocator warm-up).")
 flags.DEFINE_integer("threads", 0, "CPU threads (0: every core); as main.py's --threads.")
 flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch (0: no split); as main.py's "
                      "--micro_batch_size.")
 flags.DEFINE_integer("iterations", None, "Routing iterations (default: the preset's).")
+flags.DEFINE_string("routing", None, "Routing form: paper or official (default: the preset's); as main.py's.")
 flags.DEFINE_bool("xla", False, "Turn on XLA auto-clustering (global_jit_level ON_1).")
 flags.DEFINE_bool("profile", False, "Trace one extra step and print the 12 most expensive op types.")
 
@@ -50,29 +52,34 @@ FLOPS_PER_MAC = 2
 M_STEP_FLOPS_PER_ENTRY = 6
 E_STEP_FLOPS_PER_ENTRY = 2
 TRAIN_FLOP_FACTOR = 3  # backward ~ 2x forward
+VOTE_MACS = cl.POSE_SIZE ** 3  # a 4x4 by 4x4 product: 64 multiply-adds
+PRIMARY_OUTPUTS_PER_TYPE = cl.POSE_ENTRIES + 1  # a primary capsule: 16 pose entries and 1 activation
 
 
 def forward_flops(hp):
-    """Approximate forward FLOPs per image: convolutions, votes (4x4 @ 4x4 = 64 MACs) and routing."""
-    conv1_out = (hp.image_size - hp.conv1_kernel) // hp.conv1_stride + 1
-    flops = FLOPS_PER_MAC * conv1_out ** 2 * hp.conv1_kernel ** 2 * hp.image_channels * hp.conv1_filters
-    flops += FLOPS_PER_MAC * conv1_out ** 2 * hp.conv1_filters * hp.primary_types * 17  # 16 pose + 1 activation
-    grid, types = conv1_out, hp.primary_types
-    layers = [(hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
-              (hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride)]
+    """Approximate forward FLOPs per image: convolutions, votes (4x4 @ 4x4 = 64 MACs) and routing.
+
+    Grid sizes follow `capsule_layers.conv_geometry`, so 'SAME' padding is counted too.
+    """
+    height, width, _, _ = cl.conv_geometry(hp.image_size, hp.image_size, hp.conv1_kernel, hp.conv1_stride,
+                                           hp.padding)
+    flops = FLOPS_PER_MAC * height * width * hp.conv1_kernel ** 2 * hp.image_channels * hp.conv1_filters
+    height, width, _, _ = cl.conv_geometry(height, width, hp.primary_kernel, 1, hp.padding)
+    flops += (FLOPS_PER_MAC * height * width * hp.primary_kernel ** 2 * hp.conv1_filters * hp.primary_types
+              * PRIMARY_OUTPUTS_PER_TYPE)
+    types = hp.primary_types
     routing_per_entry = hp.iterations * M_STEP_FLOPS_PER_ENTRY + (hp.iterations - 1) * E_STEP_FLOPS_PER_ENTRY
-    for out_types, kernel, stride in layers:
-        out_grid = (grid - kernel) // stride + 1
-        pairs = out_grid ** 2 * kernel ** 2 * types * out_types  # child-parent pairs
-        flops += pairs * (FLOPS_PER_MAC * 64 + 16 * routing_per_entry)
-        grid, types = out_grid, out_types
-    pairs = grid ** 2 * types * hp.num_classes
-    flops += pairs * (FLOPS_PER_MAC * 64 + 16 * routing_per_entry)
-    return flops
+    per_pair = FLOPS_PER_MAC * VOTE_MACS + cl.POSE_ENTRIES * routing_per_entry  # votes, then routing
+    for out_types, kernel, stride in [(hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
+                                      (hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride)]:
+        height, width, _, _ = cl.conv_geometry(height, width, kernel, stride, hp.padding)
+        flops += height * width * kernel ** 2 * types * out_types * per_pair  # child-parent pairs
+        types = out_types
+    return flops + height * width * types * hp.num_classes * per_pair
 
 
 def measure_matmul_rate(threads):
-    """fp32 FLOP/s of a square matmul on `threads` cores (0: all; the attainable peak the README compares with)."""
+    """fp32 FLOP/s of a square matmul on `threads` cores (0: all): the attainable peak of docs/performance.md."""
     with tf.Graph().as_default():
         a = tf.Variable(tf.random.normal([MATMUL_SIZE, MATMUL_SIZE]))
         product = tf.reduce_sum(tf.matmul(a, a))
@@ -117,7 +124,8 @@ def main(argv):
     tf.disable_v2_behavior()
     matmul_rate = measure_matmul_rate(FLAGS.threads)  # first, on an idle process
     overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
-    hp = runtime.with_run_length(capsnet.hparams_for(FLAGS.preset, **overrides), FLAGS.warmup + FLAGS.steps)
+    hp = capsnet.hparams_for(FLAGS.preset, FLAGS.routing, **overrides)
+    hp = runtime.with_run_length(hp, FLAGS.warmup + FLAGS.steps)
     net = capsnet.CapsNetEMModel(hp, runtime.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
     fetches = build(net, FLAGS.batch_size, FLAGS.mode)
     config = runtime.session_config(FLAGS.threads, net.micro_batches)

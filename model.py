@@ -123,7 +123,7 @@ def parse_bool(value):
 WHOLE_RUN = 0
 
 # beta_v that centres the cost at the variance floor: cost_h = beta_v + log(sigma_h) is 0 when sigma_h^2 is
-# at the floor, near which the variances start (README "Training recipe"): -log(sqrt(5e-4)) = 3.8005,
+# at the floor, near which the variances start (docs/experiments.md, "Training recipe"): -log(sqrt(5e-4)) = 3.8005,
 # rounded to 3.8 as in every tuning run.
 CENTRED_BETA_V = 3.8
 
@@ -132,7 +132,7 @@ PRESETS = {
     # optimiser settings.
     "paper": HParams(),
     # The paper's small network of section 5 (68K parameters): A=64, B=8, C=D=16, with the CPU recipe that
-    # the README's tuning runs chose: centred costs, lambda 0.1, a constant margin of 0.2, and Adam at
+    # the tuning runs of docs/experiments.md chose: centred costs, lambda 0.1, a constant margin of 0.2, and Adam at
     # 0.01 decayed to a tenth over the run.
     "small": HParams(conv1_filters=64, primary_types=8, conv_caps1_types=16, conv_caps2_types=16, iterations=2,
                      final_lambda=0.1, class_final_lambda=0.1, beta_v_init=CENTRED_BETA_V,
@@ -213,7 +213,7 @@ def margin_schedule(step, hparams):
     'sigmoid': 0.2 + 0.79 * sigmoid(min(10, 8 * step / ramp - 4)), the official code's schedule
     with its 50000 written as ramp / 8 (ramp = 400000 gives it exactly).
     'linear': 0.2 + (0.9 - 0.2) * min(1, step / ramp).
-    'constant': 0.2 at every step (the CPU recipe's choice, README "Training recipe"; no ramp).
+    'constant': 0.2 at every step (the CPU recipe's choice, docs/experiments.md; no ramp).
     """
     if hparams.margin_schedule != "constant":
         _check_schedule_length(hparams, "margin_ramp_steps")
@@ -269,7 +269,7 @@ class CapsNetEMModel:
     `micro_batches` > 1 builds the network once per micro-batch (shared variables, outputs
     concatenated in order, see `split_batch`): the same function of the batch, computed in
     independent parts that a CPU runs side by side on its inter-op threads, each small enough that
-    routing's vote tensors can stay in cache (README, performance: a gain only while the CPU's L3
+    routing's vote tensors can stay in cache (docs/performance.md: a gain only while the CPU's L3
     cache is free). Each image is routed on its own, so only float summation order changes.
     """
 

@@ -22,6 +22,9 @@ _CONFUSION_CELL_IN = 0.6
 _CONFUSION_MIN_SIZE_IN = 4.0
 _CURVES_FIGSIZE_IN = (11.0, 4.0)
 _PLOT_DPI = 100
+_ABLATION_FIGSIZE_IN = (6.0, 4.0)
+_ROUTING_COLUMNS = 4  # routing.png: panels per row
+_ROUTING_PANEL_IN = 3.0  # routing.png: width and height of one panel
 _CONFUSION_TEXT_SWITCH = 0.5  # Cells above this fraction of the max get white text.
 
 
@@ -61,11 +64,17 @@ def _new_figure(figsize):
 
 
 def _save_png(figure, path):
-    """Writes `figure` to `path` as PNG, creating the parent directory if needed."""
+    """Writes `figure` to `path` as PNG, creating the parent directory if needed.
+
+    The PNG goes to a temporary file first and is renamed into place, so an interrupted run never leaves
+    half a picture.
+    """
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    figure.savefig(path, format="png")
+    temporary = path + ".tmp"
+    figure.savefig(temporary, format="png")
+    os.replace(temporary, path)
 
 
 def _as_grayscale_2d(images):
@@ -183,5 +192,55 @@ def plot_training_curves(history, path):
     acc_axes.set_xlabel("step")
     acc_axes.set_ylabel("accuracy")
     acc_axes.legend()
+    figure.tight_layout()
+    _save_png(figure, path)
+
+
+def plot_routing(statistics, path):
+    """Small multiples of routing statistics: one panel per statistic, one line per layer, x = iteration.
+
+    Args:
+        statistics: {layer: {statistic: [value per iteration]}} (diagnostics.STATISTICS).
+        path: output PNG path.
+    """
+    layers = sorted(statistics)
+    names = sorted({name for layer in layers for name in statistics[layer]})
+    columns = min(len(names), _ROUTING_COLUMNS)
+    rows = -(-len(names) // columns)
+    figure = _new_figure((_ROUTING_PANEL_IN * columns, _ROUTING_PANEL_IN * rows))
+    for index, name in enumerate(names):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        for layer in layers:
+            values = statistics[layer].get(name)
+            if values:
+                axes.plot(range(1, len(values) + 1), values, marker="o", label=layer)
+        if name.startswith("variance"):
+            axes.set_yscale("log")
+        axes.set_title(name, fontsize=_TITLE_FONT_PT)
+        axes.set_xlabel("iteration (M-step)")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    figure.axes[0].legend(fontsize=_TITLE_FONT_PT)
+    figure.tight_layout()
+    _save_png(figure, path)
+
+
+def plot_ablation(table, path):
+    """Validation accuracy against routing iterations, one line per variant, error bars over seeds.
+
+    Args:
+        table: {variant: {iterations: [accuracy per seed]}} (fractions).
+        path: output PNG path.
+    """
+    figure = _new_figure(_ABLATION_FIGSIZE_IN)
+    axes = figure.add_subplot(1, 1, 1)
+    for variant, by_count in sorted(table.items()):
+        counts = sorted(by_count)
+        means = [100.0 * sum(by_count[k]) / len(by_count[k]) for k in counts]
+        spreads = [50.0 * (max(by_count[k]) - min(by_count[k])) for k in counts]
+        axes.errorbar(counts, means, yerr=spreads, marker="o", capsize=3, label=variant)
+    axes.set_xlabel("routing iterations")
+    axes.set_ylabel("validation accuracy (%)")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.legend(fontsize=_TITLE_FONT_PT)
     figure.tight_layout()
     _save_png(figure, path)

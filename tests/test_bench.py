@@ -1,6 +1,6 @@
 """End-to-end test of bench.py: one tiny timed run, its JSON line and its FLOP count.
 
-bench.py's figures themselves (README, performance) come from runs on an idle machine, not from here.
+bench.py's figures themselves (docs/performance.md) come from runs on an idle machine, not from here.
 """
 
 import json

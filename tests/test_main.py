@@ -41,15 +41,22 @@ def main_env():
     return env
 
 
+def without_sweep(args):
+    """`args`, with --sweep_images 0 added to a test-mode command that does not set it: the iteration sweep
+    builds three more graphs, and has a test of its own."""
+    args = [str(a) for a in args]
+    return args + ["--sweep_images", "0"] if "--test" in args and "--sweep_images" not in args else args
+
+
 def run_main(args, cwd):
     """Runs `python main.py ARGS` in `cwd` to the end; returns the CompletedProcess (text output)."""
-    return subprocess.run([sys.executable, MAIN] + [str(a) for a in args], cwd=str(cwd), env=main_env(),
+    return subprocess.run([sys.executable, MAIN] + without_sweep(args), cwd=str(cwd), env=main_env(),
                           capture_output=True, text=True, timeout=_SUBPROCESS_TIMEOUT_S)
 
 
 def start_main(args, cwd, stdout, stderr):
     """Starts `python main.py ARGS` in `cwd` with output going to the open files `stdout`, `stderr`."""
-    return subprocess.Popen([sys.executable, MAIN] + [str(a) for a in args], cwd=str(cwd), env=main_env(),
+    return subprocess.Popen([sys.executable, MAIN] + without_sweep(args), cwd=str(cwd), env=main_env(),
                             stdout=stdout, stderr=stderr, text=True)
 
 
@@ -188,17 +195,15 @@ def test_real_mnist_smoke(tmp_path):
 
 
 def test_hparams_flag_parsing():
-    """--hparams 'name=value,...' converts values to the HParams field types; unknown names and bad values fail."""
+    """--hparams 'name=value,...' converts values to the HParams field types, after the preset and the hyperparameter
+    flags; unknown names and bad values are usage errors naming them."""
     import main
 
-    assert main.parse_hparams("weight_stddev=0.3, iterations=2,padding=SAME") == {
-        "weight_stddev": 0.3, "iterations": 2, "padding": "SAME"}
-    assert main.parse_hparams("") == {}
-    with pytest.raises(main.UsageError, match="unknown hyperparameter 'nonsense'"):
-        main.parse_hparams("nonsense=1")
-    with pytest.raises(main.UsageError, match="not a valid int"):
-        main.parse_hparams("iterations=two")
-    assert main.parse_hparams("standardise_costs=False") == {"standardise_costs": False}
-    assert main.parse_hparams("standardise_costs=TRUE") == {"standardise_costs": True}
-    with pytest.raises(main.UsageError, match="not a valid bool"):
-        main.parse_hparams("standardise_costs=yes")
+    values = {"preset": "small", "iterations": 3, "hparams": "weight_stddev=0.3, iterations=2,padding=SAME"}
+    hparams = main.resolve_hparams(values)
+    assert (hparams.weight_stddev, hparams.iterations, hparams.padding) == (0.3, 2, "SAME")
+    assert main.resolve_hparams(dict(values, hparams="standardise_costs=TRUE")).standardise_costs is True
+    for text, message in (("nonsense=1", "unknown hyperparameter 'nonsense'"), ("iterations=two", "not a valid int"),
+                          ("standardise_costs=yes", "not a valid bool"), ("iterations=0", "iterations must be > 0")):
+        with pytest.raises(main.UsageError, match=message):
+            main.resolve_hparams(dict(values, hparams=text))

@@ -243,7 +243,7 @@ def test_test_mode_takes_data_dir_threads_and_micro_batches(workspace, monkeypat
     result = run_main(["--test", "True", "--result_dir", "run", "--data_dir", "other", "--threads", "1",
                        "--micro_batch_size", "4"], cwd=workspace)
     assert result.returncode == 0, result.stderr
-    assert read_json(str(workspace / "run" / main.RESULTS_FILE))["n"] == 20
+    assert read_json(str(workspace / "run" / main.run_dir.RESULTS_FILE))["n"] == 20
     saved = read_json(str(workspace / "run" / "flags.json"))["flags"]
     assert saved["micro_batch_size"] == 0  # the run trained without micro-batches
     sessions = []
@@ -253,7 +253,7 @@ def test_test_mode_takes_data_dir_threads_and_micro_batches(workspace, monkeypat
                         or new_session(threads, model))
     monkeypatch.chdir(workspace)
     argv = ["main.py", "--test", "True", "--result_dir", "run", "--threads", str(saved["threads"] + 1),
-            "--micro_batch_size", str(saved["batch_size"] // 2)]
+            "--micro_batch_size", str(saved["batch_size"] // 2), "--sweep_images", "0"]
     try:
         with tf.Graph().as_default():
             assert main.main(argv) == 0
@@ -314,14 +314,14 @@ def test_saved_hparams_rule_test_mode(workspace, monkeypatch, capsys):
     saved = read_json(os.path.join(run_dir, "flags.json"))
     monkeypatch.setitem(capsnet.PRESETS, "small", dataclasses.replace(capsnet.PRESETS["small"], conv1_filters=32))
     assert main.resolve_hparams(saved["flags"]).conv1_filters == 32
-    assert main.read_run_hparams(run_dir, saved["flags"]) == capsnet.HParams(**saved["hparams"])
+    assert main.run_hparams(run_dir, saved["flags"]) == capsnet.HParams(**saved["hparams"])
     with tf.Graph().as_default():
-        main.test(run_dir, {"data_dir": str(workspace / "data")})
+        main.test(run_dir, {"data_dir": str(workspace / "data"), "sweep_images": 0})
     assert "test accuracy" in capsys.readouterr().out
     del saved["hparams"]["standardise_costs"]  # a run saved before that field existed: its flags fill it in
     with open(os.path.join(run_dir, "flags.json"), "w") as f:
         json.dump(saved, f)
-    assert main.read_run_hparams(run_dir, saved["flags"]).standardise_costs is False
+    assert main.run_hparams(run_dir, saved["flags"]).standardise_costs is False
 
 
 def test_resume_conflicting_flag(workspace):

@@ -1,0 +1,93 @@
+"""Test-mode evaluation: predictions over a split with progress, and the report (JSON and pictures).
+
+Graph building, sessions and checkpoints stay in main.py; this module runs a built inference graph over
+arrays of images and writes what test mode reports. No flags are read here.
+"""
+
+import os
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+
+import plots
+import progress
+import run_dir
+
+SAMPLE_IMAGES = 100  # images in the test-sample picture
+
+
+def predict(sess, pipeline, predictions, images, labels, desc, quiet, statistics=None):
+    """Predictions for every image of `images` `[n, H, W]` (no remainder dropped), with a progress bar.
+
+    Args:
+      sess: a session holding the restored variables.
+      pipeline: `data.pipeline.Pipeline` whose evaluation iterator feeds `predictions`.
+      predictions: the int prediction tensor `[batch]`.
+      images, labels: the arrays to evaluate.
+      desc: the progress bar's label.
+      quiet: plain progress lines instead of a bar.
+      statistics: optional {key: scalar tensor} fetched with every batch and averaged over the images.
+
+    Returns:
+      (predictions `[n]`, labels `[n]`, {key: mean value} or None).
+    """
+    sess.run(pipeline.eval_iterator.initializer, {pipeline.images_in: images, pipeline.labels_in: labels})
+    fetches = [predictions, pipeline.eval_labels] + ([statistics] if statistics else [])
+    all_predictions, all_labels, sums, correct = [], [], {}, 0
+    with progress.progress(len(labels), desc, "img", quiet) as bar:
+        while True:
+            try:
+                batch = sess.run(fetches)
+            except tf.errors.OutOfRangeError:  # every image has been seen
+                break
+            all_predictions.append(batch[0])
+            all_labels.append(batch[1])
+            correct += int(np.sum(batch[0] == batch[1]))
+            for key, value in (batch[2].items() if statistics else ()):
+                sums[key] = sums.get(key, 0.0) + float(value) * len(batch[0])
+            seen = sum(len(part) for part in all_labels)
+            bar.set_postfix(acc="%.2f%%" % (100.0 * correct / seen))
+            bar.update(len(batch[0]))
+    seen = max(sum(len(part) for part in all_labels), 1)
+    means = {key: total / seen for key, total in sums.items()} if statistics else None
+    return np.concatenate(all_predictions), np.concatenate(all_labels), means
+
+
+def routing_table(statistics):
+    """{(layer, statistic, iteration): value} as {layer: {statistic: [value per iteration]}}."""
+    table = {}
+    for (layer, name, iteration), value in sorted(statistics.items()):
+        table.setdefault(layer, {}).setdefault(name, []).append((iteration, value))
+    return {layer: {name: [v for _, v in sorted(pairs)] for name, pairs in names.items()}
+            for layer, names in table.items()}
+
+
+def report(result_dir, checkpoint, global_step, predictions, labels, images, class_names, extra):
+    """Prints and writes test accuracy, error, per-class accuracy, the confusion matrix and `extra`.
+
+    `extra` ({name: JSON-able}) joins test_results.json (e.g. the iteration sweep and routing statistics);
+    a 'routing' entry is also drawn as routing.png. Every file is written whole or not at all.
+    """
+    matrix = plots.confusion_matrix(labels, predictions, len(class_names))
+    per_class = (np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)).tolist()
+    accuracy = float(np.mean(predictions == labels))
+    results = dict(extra, accuracy=accuracy, error=1.0 - accuracy, n=int(len(labels)), per_class=per_class,
+                   checkpoint=checkpoint, global_step=global_step, confusion_matrix=matrix.tolist())
+    plots.plot_confusion_matrix(matrix, os.path.join(result_dir, "confusion_matrix.png"), class_names)
+    plots.plot_sample_grid(images[:SAMPLE_IMAGES], labels[:SAMPLE_IMAGES],
+                           os.path.join(result_dir, "test_samples.png"), predictions[:SAMPLE_IMAGES])
+    if extra.get("routing"):
+        plots.plot_routing(extra["routing"], os.path.join(result_dir, "routing.png"))
+    run_dir.write_json_atomically(os.path.join(result_dir, run_dir.RESULTS_FILE), results)
+    print("test accuracy %.2f%% (error %.2f%%) on %d images, checkpoint %s (step %d)"
+          % (100 * accuracy, 100 * (1 - accuracy), len(labels), checkpoint, global_step))
+    print("per-class accuracy: " + " ".join("%s:%.2f%%" % (name, 100 * a) for name, a in zip(class_names, per_class)))
+    sweep = extra.get("iteration_sweep")
+    if sweep:
+        print("iteration sweep (first %d images): " % sweep["images"]
+              + " ".join("%s:%.2f%%" % (k, 100 * a) for k, a in sorted(sweep["accuracy"].items(), key=_as_int)))
+    return 0
+
+
+def _as_int(item):
+    return int(item[0])

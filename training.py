@@ -1,0 +1,116 @@
+"""The training loop: steps, periodic checkpoints, the history and curve, validation at every epoch end.
+
+main.py builds the graph and the session and hands them to `TrainingRun`; Ctrl-C and SIGTERM finish the
+current step and raise `Interrupted`, after which main.py saves. No flags are read here.
+"""
+
+import collections
+import os
+import signal
+import time
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+
+import evaluation
+import model as capsnet
+import plots
+import progress
+import run_dir
+
+MAX_CHECKPOINTS = 3  # checkpoints kept in a run directory
+
+# What the loop needs to know of the run: the training and validation arrays, the batch size, the steps per
+# epoch and the last step, and the intervals and output settings (plain values, read from flags by main.py).
+Schedule = collections.namedtuple("Schedule", ["batch_size", "steps_per_epoch", "max_steps", "save_every_steps",
+                                               "summary_every_steps", "quiet"])
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived during training: the step finished; save and exit 0."""
+
+
+class TrainingRun:
+    """The state of one training process: session, graph, saver, history and the loop over steps."""
+
+    def __init__(self, result_dir, sess, graph, eval_predictions, pipeline, data, schedule):
+        self.result_dir, self.sess, self.graph, self.pipeline = result_dir, sess, graph, pipeline
+        self.eval_predictions, self.schedule = eval_predictions, schedule
+        self.train_x, self.train_y, self.val_x, self.val_y = data
+        self.saver = tf.train.Saver(max_to_keep=MAX_CHECKPOINTS)
+        self.writer = tf.summary.FileWriter(result_dir)
+        self.history = run_dir.read_history(result_dir)
+        self.stop_signals = []
+        self._checkpoint_step = None  # step of the last checkpoint this process wrote
+
+    def save(self, step):
+        """A checkpoint (TF writes it to temporary files and renames, then updates 'checkpoint' atomically),
+        the history and the training-curve picture. A step already checkpointed (a periodic save that
+        falls on an epoch end or the last step) is not written twice."""
+        if step != self._checkpoint_step:
+            self.saver.save(self.sess, os.path.join(self.result_dir, run_dir.CHECKPOINT_PREFIX), global_step=step,
+                            write_meta_graph=False)
+            self._checkpoint_step = step
+        run_dir.write_json_atomically(os.path.join(self.result_dir, run_dir.HISTORY_FILE), self.history)
+        if self.history["step"]:
+            plots.plot_training_curves(self.history, os.path.join(self.result_dir, "training_curves.png"))
+
+    def _on_signal(self, signum, frame):
+        self.stop_signals.append(signum)
+
+    def run(self, step):
+        """Trains from `step` to the last step, validating at every epoch end; returns the last step."""
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        self.sess.run(self.pipeline.train_iterator.initializer,
+                      {self.pipeline.images_in: self.train_x, self.pipeline.labels_in: self.train_y})
+        schedule = self.schedule
+        while step < schedule.max_steps:
+            step = self._train_epoch(step)
+            if step % schedule.steps_per_epoch == 0 or step >= schedule.max_steps:
+                self._validate(step)
+            self.save(step)
+        return step
+
+    def _train_epoch(self, step):
+        """Trains to the end of the current epoch (or the last step), saving every save_every_steps."""
+        schedule, graph = self.schedule, self.graph
+        epoch, per_epoch = step // schedule.steps_per_epoch, schedule.steps_per_epoch
+        end = min(schedule.max_steps, (epoch + 1) * per_epoch)
+        fetches = [graph.train_op, graph.loss, graph.accuracy, graph.global_step]
+        with progress.progress(end - epoch * per_epoch, "epoch %d" % (epoch + 1), "step", schedule.quiet,
+                               initial=step - epoch * per_epoch) as bar:
+            while step < end:
+                if self.stop_signals:
+                    raise Interrupted()
+                summarise = (step + 1) % schedule.summary_every_steps == 0
+                started = time.time()
+                results = capsnet.run_step(self.sess, graph, fetches + ([graph.summary_op] if summarise else []))
+                elapsed = time.time() - started
+                _, loss, accuracy, step = results[:4]
+                if summarise:
+                    self._record(results[4], step, loss, accuracy)
+                if step % schedule.save_every_steps == 0:
+                    self.save(step)
+                bar.set_postfix(loss="%.4f" % loss, acc="%.3f" % accuracy,
+                                img_s="%.0f" % (schedule.batch_size / elapsed))
+                bar.update(1)
+        return step
+
+    def _record(self, summary, step, loss, accuracy):
+        self.writer.add_summary(summary, step)
+        self.history["step"].append(int(step))
+        self.history["loss"].append(float(loss))
+        self.history["train_accuracy"].append(float(accuracy))
+
+    def _validate(self, step):
+        if len(self.val_x) == 0:
+            return
+        predictions, labels, _ = evaluation.predict(self.sess, self.pipeline, self.eval_predictions, self.val_x,
+                                                    self.val_y, "validation", self.schedule.quiet)
+        accuracy = float(np.mean(predictions == labels))
+        self.history["val_step"].append(int(step))
+        self.history["val_accuracy"].append(accuracy)
+        summary = tf.Summary(value=[tf.Summary.Value(tag="accuracy/validation", simple_value=accuracy)])
+        self.writer.add_summary(summary, step)
+        progress.write("step %d: validation accuracy %.2f%% on %d images" % (step, 100 * accuracy, len(labels)))
