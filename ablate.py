@@ -28,9 +28,16 @@ from run_dir import UsageError
 flags, FLAGS = main.flags, main.FLAGS
 
 # Each variant: the routing form it starts from, then the HParams it changes. "official-X" is the released
-# code's routing with its piece X set back to the paper's.
-PAPER_ACTIVATION = {"activation_form": "paper", "beta_v_init": 0.0, "beta_a_init": 0.0, "class_beta_v_init": 0.0,
-                    "class_beta_a_init": 0.0, "final_lambda": 0.01, "class_final_lambda": 0.01}
+# code's routing with its piece X set back to the paper's; "official+X" adds a change neither has.
+PAPER_ACTIVATION = {
+    "activation_form": "paper",
+    "beta_v_init": 0.0,
+    "beta_a_init": 0.0,
+    "class_beta_v_init": 0.0,
+    "class_beta_a_init": 0.0,
+    "final_lambda": 0.01,
+    "class_final_lambda": 0.01,
+}
 VARIANTS = {
     "paper": ("paper", {}),
     "official": ("official", {}),
@@ -39,6 +46,7 @@ VARIANTS = {
     "official-mass_epsilon": ("official", {"conv_mass_epsilon": 0.0, "class_mass_epsilon": 0.0}),
     "official-normalise_over": ("official", {"normalise_over": "positions_and_types"}),
     "official-coordinate_addition": ("official", {"coordinate_addition": "paper"}),
+    "official+stop_assignment_gradient": ("official", {"assignment_gradient": False}),  # a further variant
 }
 CSV_FIELDS = ("variant", "iterations", "seed", "steps", "validation_accuracy", "status", "wall_s", "run_dir")
 EXIT_INTERRUPTED = 130
@@ -77,8 +85,16 @@ def cell_values(base, cell, steps):
     variant, iterations, seed = cell
     routing, overrides = VARIANTS[variant]
     hparams = ",".join("%s=%s" % item for item in sorted(overrides.items()))
-    return dict(base, routing=routing, iterations=iterations, seed=seed, hparams=hparams, max_steps=steps,
-                result_dir=None, test="False")
+    return dict(
+        base,
+        routing=routing,
+        iterations=iterations,
+        seed=seed,
+        hparams=hparams,
+        max_steps=steps,
+        result_dir=None,
+        test="False",
+    )
 
 
 def cell_dir(study_dir, cell):
@@ -112,8 +128,9 @@ def train_cell(values, result_dir):
     resumable = main.run_dir.check_new_or_resumable(result_dir)
     if resumable:  # the run-length and speed flags come from this study's command
         saved = main.run_dir.read_flags(result_dir, main.flag_defaults(), main.validate_flags)
-        values = main.run_dir.merge_resumed_flags(saved, dict(values, result_dir=result_dir), CELL_RUN_FLAGS,
-                                                  main.RUN_DEFINING_FLAGS, main.RUN_LENGTH_FLAGS)
+        values = main.run_dir.merge_resumed_flags(
+            saved, dict(values, result_dir=result_dir), CELL_RUN_FLAGS, main.RUN_DEFINING_FLAGS, main.RUN_LENGTH_FLAGS
+        )
     code = main.train(dict(values, result_dir=result_dir), result_dir, resumable)
     return code, time.time() - started
 
@@ -125,8 +142,9 @@ def run_cells(study_dir, todo, base, steps, parallel):
     """Trains the cells of `todo` `parallel` at a time; yields (cell, status, accuracy, wall seconds)."""
     context = multiprocessing.get_context("spawn")  # a fresh TensorFlow per worker
     with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context) as pool:
-        futures = {pool.submit(train_cell, cell_values(base, cell, steps), cell_dir(study_dir, cell)): cell
-                   for cell in todo}
+        futures = {
+            pool.submit(train_cell, cell_values(base, cell, steps), cell_dir(study_dir, cell)): cell for cell in todo
+        }
         for future in concurrent.futures.as_completed(futures):
             cell = futures[future]
             code, wall = future.result()
@@ -146,16 +164,21 @@ def write_outputs(study_dir, rows):
     for row in rows:
         if row["validation_accuracy"] != "":
             table.setdefault(row["variant"], {}).setdefault(int(row["iterations"]), []).append(
-                float(row["validation_accuracy"]))
+                float(row["validation_accuracy"])
+            )
     counts = sorted({k for by_count in table.values() for k in by_count})
-    lines = ["| variant | " + " | ".join("%d iteration%s" % (k, "s" * (k > 1)) for k in counts) + " |",
-             "|---|" + "---|" * len(counts)]
+    lines = [
+        "| variant | " + " | ".join("%d iteration%s" % (k, "s" * (k > 1)) for k in counts) + " |",
+        "|---|" + "---|" * len(counts),
+    ]
     for variant, by_count in table.items():
         cells = [_mean_spread(by_count.get(k)) for k in counts]
         lines.append("| %s | %s |" % (variant, " | ".join(cells)))
     with open(os.path.join(study_dir, "ablation.md"), "w") as f:
-        f.write("Validation accuracy (%%) at the last step, mean ± spread (half the range) over seeds.\n\n%s\n"
-                % "\n".join(lines))
+        f.write(
+            "Validation accuracy (%%) at the last step, mean ± spread (half the range) over seeds.\n\n%s\n"
+            % "\n".join(lines)
+        )
     plots.plot_ablation(table, os.path.join(study_dir, "ablation.png"))
 
 
@@ -174,8 +197,11 @@ def study(argv):
         raise UsageError("--study_dir is required")
     if FLAGS.cell_steps <= 0 or FLAGS.parallel <= 0:
         raise UsageError("--cell_steps and --parallel must be > 0")
-    cells = cells_of(parse_list("variants", FLAGS.variants), parse_list("iteration_counts", FLAGS.iteration_counts,
-                                                                        int), parse_list("seeds", FLAGS.seeds, int))
+    cells = cells_of(
+        parse_list("variants", FLAGS.variants),
+        parse_list("iteration_counts", FLAGS.iteration_counts, int),
+        parse_list("seeds", FLAGS.seeds, int),
+    )
     base = dict(values, quiet=True, threads=values["threads"] or max(1, (os.cpu_count() or 1) // FLAGS.parallel))
     rows, todo = [], []
     for cell in cells:
@@ -184,28 +210,42 @@ def study(argv):
             todo.append(cell)
         else:
             rows.append(_row(cell, FLAGS.cell_steps, accuracy, "finished before", ""))
-    print("ablation in %s: %d cells of %d steps, %d finished before, %d to train, %d at a time"
-          % (FLAGS.study_dir, len(cells), FLAGS.cell_steps, len(cells) - len(todo), len(todo), FLAGS.parallel),
-          flush=True)
+    print(
+        "ablation in %s: %d cells of %d steps, %d finished before, %d to train, %d at a time"
+        % (FLAGS.study_dir, len(cells), FLAGS.cell_steps, len(cells) - len(todo), len(todo), FLAGS.parallel),
+        flush=True,
+    )
     os.makedirs(FLAGS.study_dir, exist_ok=True)
-    for done, (cell, status, accuracy, wall) in enumerate(run_cells(FLAGS.study_dir, todo, base, FLAGS.cell_steps,
-                                                                    FLAGS.parallel), 1):
+    for done, (cell, status, accuracy, wall) in enumerate(
+        run_cells(FLAGS.study_dir, todo, base, FLAGS.cell_steps, FLAGS.parallel), 1
+    ):
         rows.append(_row(cell, FLAGS.cell_steps, accuracy, status, "%.0f" % wall))
-        print("[%d/%d] %s, %d iterations, seed %d: %s, validation %s, %.0f s"
-              % (done, len(todo), *cell, status, "—" if accuracy is None else "%.2f%%" % (100 * accuracy), wall),
-              flush=True)
+        print(
+            "[%d/%d] %s, %d iterations, seed %d: %s, validation %s, %.0f s"
+            % (done, len(todo), *cell, status, "—" if accuracy is None else "%.2f%%" % (100 * accuracy), wall),
+            flush=True,
+        )
         write_outputs(FLAGS.study_dir, rows)
     write_outputs(FLAGS.study_dir, rows)
-    print("wrote %s" % ", ".join(os.path.join(FLAGS.study_dir, name)
-                                  for name in ("ablation.csv", "ablation.md", "ablation.png")))
+    print(
+        "wrote %s"
+        % ", ".join(os.path.join(FLAGS.study_dir, name) for name in ("ablation.csv", "ablation.md", "ablation.png"))
+    )
     return 0
 
 
 def _row(cell, steps, accuracy, status, wall):
     variant, iterations, seed = cell
-    return {"variant": variant, "iterations": iterations, "seed": seed, "steps": steps,
-            "validation_accuracy": "" if accuracy is None else "%.4f" % accuracy, "status": status, "wall_s": wall,
-            "run_dir": os.path.join("cells", os.path.basename(cell_dir("", cell)))}
+    return {
+        "variant": variant,
+        "iterations": iterations,
+        "seed": seed,
+        "steps": steps,
+        "validation_accuracy": "" if accuracy is None else "%.4f" % accuracy,
+        "status": status,
+        "wall_s": wall,
+        "run_dir": os.path.join("cells", os.path.basename(cell_dir("", cell))),
+    }
 
 
 def run(argv):

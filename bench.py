@@ -34,8 +34,7 @@ flags.DEFINE_string("mode", "train", "train (forward + loss + backward + Adam up
 flags.DEFINE_integer("steps", 10, "Timed steps (>= 10 for the docs/performance.md figures).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (graph optimisation, allocator warm-up).")
 flags.DEFINE_integer("threads", 0, "CPU threads (0: every core); as main.py's --threads.")
-flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch (0: no split); as main.py's "
-                     "--micro_batch_size.")
+flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch (0: no split); as main.py's --micro_batch_size.")
 flags.DEFINE_integer("iterations", None, "Routing iterations (default: the preset's).")
 flags.DEFINE_string("routing", None, "Routing form: paper or official (default: the preset's); as main.py's.")
 flags.DEFINE_bool("xla", False, "Turn on XLA auto-clustering (global_jit_level ON_1).")
@@ -52,7 +51,7 @@ FLOPS_PER_MAC = 2
 M_STEP_FLOPS_PER_ENTRY = 6
 E_STEP_FLOPS_PER_ENTRY = 2
 TRAIN_FLOP_FACTOR = 3  # backward ~ 2x forward
-VOTE_MACS = cl.POSE_SIZE ** 3  # a 4x4 by 4x4 product: 64 multiply-adds
+VOTE_MACS = cl.POSE_SIZE**3  # a 4x4 by 4x4 product: 64 multiply-adds
 PRIMARY_OUTPUTS_PER_TYPE = cl.POSE_ENTRIES + 1  # a primary capsule: 16 pose entries and 1 activation
 
 
@@ -61,19 +60,27 @@ def forward_flops(hp):
 
     Grid sizes follow `capsule_layers.conv_geometry`, so 'SAME' padding is counted too.
     """
-    height, width, _, _ = cl.conv_geometry(hp.image_size, hp.image_size, hp.conv1_kernel, hp.conv1_stride,
-                                           hp.padding)
-    flops = FLOPS_PER_MAC * height * width * hp.conv1_kernel ** 2 * hp.image_channels * hp.conv1_filters
+    height, width, _, _ = cl.conv_geometry(hp.image_size, hp.image_size, hp.conv1_kernel, hp.conv1_stride, hp.padding)
+    flops = FLOPS_PER_MAC * height * width * hp.conv1_kernel**2 * hp.image_channels * hp.conv1_filters
     height, width, _, _ = cl.conv_geometry(height, width, hp.primary_kernel, 1, hp.padding)
-    flops += (FLOPS_PER_MAC * height * width * hp.primary_kernel ** 2 * hp.conv1_filters * hp.primary_types
-              * PRIMARY_OUTPUTS_PER_TYPE)
+    flops += (
+        FLOPS_PER_MAC
+        * height
+        * width
+        * hp.primary_kernel**2
+        * hp.conv1_filters
+        * hp.primary_types
+        * PRIMARY_OUTPUTS_PER_TYPE
+    )
     types = hp.primary_types
     routing_per_entry = hp.iterations * M_STEP_FLOPS_PER_ENTRY + (hp.iterations - 1) * E_STEP_FLOPS_PER_ENTRY
     per_pair = FLOPS_PER_MAC * VOTE_MACS + cl.POSE_ENTRIES * routing_per_entry  # votes, then routing
-    for out_types, kernel, stride in [(hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
-                                      (hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride)]:
+    for out_types, kernel, stride in [
+        (hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
+        (hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride),
+    ]:
         height, width, _, _ = cl.conv_geometry(height, width, kernel, stride, hp.padding)
-        flops += height * width * kernel ** 2 * types * out_types * per_pair  # child-parent pairs
+        flops += height * width * kernel**2 * types * out_types * per_pair  # child-parent pairs
         types = out_types
     return flops + height * width * types * hp.num_classes * per_pair
 
@@ -91,7 +98,7 @@ def measure_matmul_rate(threads):
                 started = time.perf_counter()
                 sess.run(product)
                 times.append(time.perf_counter() - started)
-    return FLOPS_PER_MAC * MATMUL_SIZE ** 3 / float(np.median(times))
+    return FLOPS_PER_MAC * MATMUL_SIZE**3 / float(np.median(times))
 
 
 def top_ops(run_metadata, count=TOP_OPS):
@@ -106,14 +113,83 @@ def top_ops(run_metadata, count=TOP_OPS):
 
 def build(net, batch_size, mode):
     hp = net.hparams
-    images = tf.Variable(tf.random.uniform([batch_size, hp.image_size, hp.image_size, hp.image_channels]),
-                         trainable=False, name="bench_images")
-    labels = tf.Variable(tf.random.uniform([batch_size], maxval=hp.num_classes, dtype=tf.int64), trainable=False,
-                         name="bench_labels")
+    images = tf.Variable(
+        tf.random.uniform([batch_size, hp.image_size, hp.image_size, hp.image_channels]),
+        trainable=False,
+        name="bench_images",
+    )
+    labels = tf.Variable(
+        tf.random.uniform([batch_size], maxval=hp.num_classes, dtype=tf.int64), trainable=False, name="bench_labels"
+    )
     if mode == "train":
         graph = net.train(images, labels)
         return [graph.train_op, graph.loss]
     return [net.inference(images).activations]
+
+
+def time_steps(fetches, config):
+    """Warm-up, then FLAGS.steps timed steps: (step times in s, peak RSS in MB, a traced step's metadata or None)."""
+    with tf.Session(config=config) as sess:
+        sess.run(tf.global_variables_initializer())
+        for _ in range(FLAGS.warmup):
+            sess.run(fetches)
+        times = []
+        for _ in range(FLAGS.steps):
+            started = time.perf_counter()
+            sess.run(fetches)
+            times.append(time.perf_counter() - started)
+        metadata = None
+        if FLAGS.profile:
+            metadata = tf.RunMetadata()
+            sess.run(fetches, options=tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE), run_metadata=metadata)
+    return times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB, metadata
+
+
+def report(hp, net, times, peak_rss_mb, matmul_rate):
+    """The benchmark's row and JSON line."""
+    median = float(np.median(times))
+    images_per_sec = FLAGS.batch_size / median
+    flops = forward_flops(hp)
+    factor = TRAIN_FLOP_FACTOR if FLAGS.mode == "train" else 1
+    result = {
+        "preset": FLAGS.preset,
+        "batch_size": FLAGS.batch_size,
+        "mode": FLAGS.mode,
+        "iterations": hp.iterations,
+        "routing": hp.routing,
+        "images_per_sec": round(images_per_sec, 2),
+        "step_ms": {
+            k: round(MS_PER_S * v, 1) for k, v in (("min", min(times)), ("median", median), ("max", max(times)))
+        },
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "flops_per_image": flops,
+        "threads": FLAGS.threads or os.cpu_count(),
+        "micro_batch_size": FLAGS.micro_batch_size,
+        "micro_batches": net.micro_batches,
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        "xla": FLAGS.xla,
+        "matmul_gflops": round(matmul_rate / 1e9, 1),
+        "fraction_of_matmul_rate": round(flops * factor * images_per_sec / matmul_rate, 4),
+    }
+    print(
+        "%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), peak RSS %.0f MB, "
+        "%.1f MFLOP/img, %.1f%% of %.0f GFLOP/s"
+        % (
+            FLAGS.preset,
+            FLAGS.mode,
+            FLAGS.batch_size,
+            net.micro_batches,
+            images_per_sec,
+            result["step_ms"]["median"],
+            result["step_ms"]["min"],
+            result["step_ms"]["max"],
+            peak_rss_mb,
+            flops / 1e6,
+            100 * result["fraction_of_matmul_rate"],
+            result["matmul_gflops"],
+        )
+    )
+    return result
 
 
 def main(argv):
@@ -131,42 +207,10 @@ def main(argv):
     config = runtime.session_config(FLAGS.threads, net.micro_batches)
     if FLAGS.xla:
         config.graph_options.optimizer_options.global_jit_level = tf.OptimizerOptions.ON_1
-    with tf.Session(config=config) as sess:
-        sess.run(tf.global_variables_initializer())
-        for _ in range(FLAGS.warmup):
-            sess.run(fetches)
-        times = []
-        for _ in range(FLAGS.steps):
-            started = time.perf_counter()
-            sess.run(fetches)
-            times.append(time.perf_counter() - started)
-        if FLAGS.profile:
-            metadata = tf.RunMetadata()
-            sess.run(fetches, options=tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE), run_metadata=metadata)
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
-    median = float(np.median(times))
-    images_per_sec = FLAGS.batch_size / median
-    flops = forward_flops(hp)
-    factor = TRAIN_FLOP_FACTOR if FLAGS.mode == "train" else 1
-    result = {
-        "preset": FLAGS.preset, "batch_size": FLAGS.batch_size, "mode": FLAGS.mode, "iterations": hp.iterations,
-        "images_per_sec": round(images_per_sec, 2),
-        "step_ms": {k: round(MS_PER_S * v, 1) for k, v in
-                    (("min", min(times)), ("median", median), ("max", max(times)))},
-        "peak_rss_mb": round(peak_rss_mb, 1), "flops_per_image": flops, "threads": FLAGS.threads or os.cpu_count(),
-        "micro_batch_size": FLAGS.micro_batch_size, "micro_batches": net.micro_batches,
-        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "xla": FLAGS.xla,
-        "matmul_gflops": round(matmul_rate / 1e9, 1),
-        "fraction_of_matmul_rate": round(flops * factor * images_per_sec / matmul_rate, 4),
-    }
-    print("%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), peak RSS %.0f MB, "
-          "%.1f MFLOP/img, %.1f%% of %.0f GFLOP/s"
-          % (FLAGS.preset, FLAGS.mode, FLAGS.batch_size, net.micro_batches, images_per_sec, result["step_ms"]["median"],
-             result["step_ms"]["min"], result["step_ms"]["max"], peak_rss_mb, flops / 1e6,
-             100 * result["fraction_of_matmul_rate"], result["matmul_gflops"]))
-    if FLAGS.profile:
-        for op_type, ms in top_ops(metadata):
-            print("  %-28s %8.1f ms" % (op_type, ms))
+    times, peak_rss_mb, metadata = time_steps(fetches, config)
+    result = report(hp, net, times, peak_rss_mb, matmul_rate)
+    for op_type, ms in top_ops(metadata) if metadata else ():
+        print("  %-28s %8.1f ms" % (op_type, ms))
     print(json.dumps(result))
 
 

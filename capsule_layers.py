@@ -33,18 +33,15 @@ Inside routing, votes are parent-major, `[NP, O, KKI, 16]` (em_routing.py).
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-from em_routing import (ACTIVATION_FORMS, DEFAULT_FINAL_LAMBDA, NORMALISE_OVER, OFFICIAL_BETA_A_SCALE,
-                        OFFICIAL_CLASS_MASS_EPSILON, OFFICIAL_CONV_MASS_EPSILON, OFFICIAL_MEAN_MOMENTUM, PAPER_FORM,
-                        POSE_ENTRIES, POSE_SIZE, RoutingForm, _safe_log, em_routing, inverse_temperatures)
-from receptive_field import VALID_PADDINGS, ReceptiveField, conv_geometry, receptive_field_centres
+from em_routing import DEFAULT_FINAL_LAMBDA, PAPER_FORM, POSE_ENTRIES, POSE_SIZE, RoutingForm, _safe_log, em_routing
+from em_routing import inverse_temperatures
+from receptive_field import ReceptiveField, conv_geometry, receptive_field_centres
 
-__all__ = [
-    "ACTIVATION_FORMS", "ClassCaps", "ConvCaps", "DEFAULT_FINAL_LAMBDA", "NORMALISE_OVER", "OFFICIAL_BETA_A_SCALE",
-    "OFFICIAL_CLASS_MASS_EPSILON", "OFFICIAL_CONV_MASS_EPSILON", "OFFICIAL_COORDINATE_SCALE",
-    "OFFICIAL_MEAN_MOMENTUM", "PAPER_FORM", "POSE_ENTRIES", "POSE_SIZE", "PrimaryCaps", "ReceptiveField", "ReluConv",
-    "RoutedCapsuleLayer", "RoutingForm", "VALID_PADDINGS", "class_caps", "conv_caps", "conv_geometry", "em_routing",
-    "inverse_temperatures", "official_coordinate_offsets", "primary_caps", "receptive_field_centres", "relu_conv",
-]
+# Re-exported: a network is built from capsule_layers alone.
+__all__ = ["PAPER_FORM", "POSE_ENTRIES", "POSE_SIZE", "ReceptiveField", "conv_geometry", "receptive_field_centres"]
+__all__ += ["inverse_temperatures", "RoutingForm", "ReluConv", "PrimaryCaps", "ConvCaps", "ClassCaps"]
+__all__ += ["RoutedCapsuleLayer", "official_coordinate_offsets", "relu_conv", "primary_caps", "conv_caps"]
+__all__ += ["class_caps"]
 
 # Default initialisers. Each vote entry is a sum of 4 products, so N(0, 0.5^2) weights keep the
 # vote scale equal to the pose scale.
@@ -68,6 +65,7 @@ def official_coordinate_offsets(centres):
     offsets[:, :, 0] = OFFICIAL_COORDINATE_SCALE * centres[:, :, 1]  # column
     offsets[:, :, 1] = OFFICIAL_COORDINATE_SCALE * centres[:, :, 0]  # row
     return offsets
+
 
 # Layers.
 # ----------------------------------------------------------------------------------------------
@@ -132,8 +130,9 @@ class ReluConv(_CapsuleLayer):
         if image_shape.rank != 4 or image_shape[-1] is None:
             raise ValueError("%s: images must be [N, H, W, channels], got %s" % (self.name, image_shape))
         k = self.kernel_size
-        self.kernel = self._variable("kernel", [k, k, int(image_shape[-1]), self.filters],
-                                     tf.glorot_uniform_initializer(), decay=True)
+        self.kernel = self._variable(
+            "kernel", [k, k, int(image_shape[-1]), self.filters], tf.glorot_uniform_initializer(), decay=True
+        )
         self.bias = self._variable("bias", [self.filters], tf.zeros_initializer())
 
     def call(self, images):
@@ -141,10 +140,9 @@ class ReluConv(_CapsuleLayer):
         return tf.nn.relu(tf.nn.conv2d(images, self.kernel, strides, self.padding) + self.bias)  # [N, OH, OW, F]
 
 
-def relu_conv(images, filters, kernel_size=5, stride=2, padding="VALID", name="relu_conv1", dtype=tf.float32,
-              reuse=None):
-    """Functional form of `ReluConv`: `[N, H, W, channels]` -> `[N, OH, OW, F]`."""
-    return _apply(ReluConv(filters, kernel_size, stride, padding, name=name, dtype=dtype), [images], reuse)
+def relu_conv(inputs, *args, reuse=None, **kwargs):
+    """Functional form of `ReluConv(*args, **kwargs)` applied to `inputs`, `reuse` as in tf.layers."""
+    return _apply(ReluConv(*args, **kwargs), [inputs], reuse)
 
 
 def _check_capsules(layer, pose_shape, activation_shape):
@@ -175,11 +173,11 @@ class PrimaryCaps(_CapsuleLayer):
             raise ValueError("%s: features must be [N, H, W, F], got %s" % (self.name, feature_shape))
         k, features = self.kernel_size, int(feature_shape[-1])
         glorot = tf.glorot_uniform_initializer()
-        self.pose_kernel = self._variable("pose_kernel", [k, k, features, self.types * POSE_ENTRIES], glorot,
-                                          decay=True)
+        self.pose_kernel = self._variable(
+            "pose_kernel", [k, k, features, self.types * POSE_ENTRIES], glorot, decay=True
+        )
         self.pose_bias = self._variable("pose_bias", [self.types * POSE_ENTRIES], tf.zeros_initializer())
-        self.activation_kernel = self._variable("activation_kernel", [k, k, features, self.types], glorot,
-                                                decay=True)
+        self.activation_kernel = self._variable("activation_kernel", [k, k, features, self.types], glorot, decay=True)
         self.activation_bias = self._variable("activation_bias", [self.types], tf.zeros_initializer())
 
     def call(self, features):
@@ -193,17 +191,32 @@ class PrimaryCaps(_CapsuleLayer):
         return poses, activations
 
 
-def primary_caps(features, types, kernel_size=1, stride=1, padding="VALID", name="primary_caps", dtype=tf.float32,
-                 reuse=None):
-    """Functional form of `PrimaryCaps`: `[N, H, W, F]` -> (poses `[N, OH, OW, T, 4, 4]`, acts `[N, OH, OW, T]`)."""
-    return _apply(PrimaryCaps(types, kernel_size, stride, padding, name=name, dtype=dtype), [features], reuse)
+def primary_caps(inputs, *args, reuse=None, **kwargs):
+    """Functional form of `PrimaryCaps(*args, **kwargs)` applied to `inputs`, `reuse` as in tf.layers."""
+    return _apply(PrimaryCaps(*args, **kwargs), [inputs], reuse)
 
 
 class RoutedCapsuleLayer(_CapsuleLayer):
-    """Shared variables and routing settings of the convolutional and class capsule layers."""
+    """Shared variables and routing settings of the convolutional and class capsule layers.
 
-    def __init__(self, name, dtype, iterations, final_lambda, weights_initializer, beta_v_initializer,
-                 beta_a_initializer, beta_a_scale, standardise_costs, form):
+    Routing options (keyword arguments of ConvCaps, ClassCaps and their functional forms): weights_initializer
+    (default N(0, 0.5^2)), beta_v_initializer and beta_a_initializer (default 0), beta_a_scale (beta_a = scale *
+    variable; 1.0), standardise_costs (paper form only; False), form (`RoutingForm`; the paper's).
+    """
+
+    def __init__(
+        self,
+        name,
+        dtype,
+        iterations,
+        final_lambda,
+        weights_initializer=None,
+        beta_v_initializer=None,
+        beta_a_initializer=None,
+        beta_a_scale=1.0,
+        standardise_costs=False,
+        form=PAPER_FORM,
+    ):
         super().__init__(name, dtype)
         if standardise_costs and form.activation != "paper":
             raise ValueError("%s: standardise_costs applies to the paper's activation form only" % name)
@@ -228,8 +241,15 @@ class RoutedCapsuleLayer(_CapsuleLayer):
     def _route(self, votes, child_activations, initial_assignments, normalise):
         with tf.name_scope("em_routing"):
             routing = em_routing(
-                votes, child_activations, initial_assignments, self.beta_v, self.beta_a_scale * self.beta_a,
-                self.inverse_temps, normalise, self.standardise_costs, self.form
+                votes,
+                child_activations,
+                initial_assignments,
+                self.beta_v,
+                self.beta_a_scale * self.beta_a,
+                self.inverse_temps,
+                normalise,
+                self.standardise_costs,
+                self.form,
             )
         self.end_points = {
             "votes": votes,
@@ -253,12 +273,19 @@ class ConvCaps(RoutedCapsuleLayer):
     `[N*P, O]`), 'parents_per_iteration' (list of `Parents`).
     """
 
-    def __init__(self, types, kernel_size=3, stride=1, padding="VALID", iterations=3,
-                 final_lambda=DEFAULT_FINAL_LAMBDA, weights_initializer=None, beta_v_initializer=None,
-                 beta_a_initializer=None, beta_a_scale=1.0, standardise_costs=False, form=PAPER_FORM,
-                 name="conv_caps", dtype=tf.float32):
-        super().__init__(name, dtype, iterations, final_lambda, weights_initializer, beta_v_initializer,
-                         beta_a_initializer, beta_a_scale, standardise_costs, form)
+    def __init__(
+        self,
+        types,
+        kernel_size=3,
+        stride=1,
+        padding="VALID",
+        iterations=3,
+        final_lambda=DEFAULT_FINAL_LAMBDA,
+        name="conv_caps",
+        dtype=tf.float32,
+        **routing_options,
+    ):
+        super().__init__(name, dtype, iterations, final_lambda, **routing_options)
         conv_geometry(kernel_size, kernel_size, kernel_size, stride, padding)  # validates padding
         self.types, self.kernel_size, self.stride, self.padding = types, kernel_size, stride, padding
 
@@ -326,7 +353,7 @@ class ConvCaps(RoutedCapsuleLayer):
           `[NP, 1, KKI]` over every parent that sees the child ('positions_and_types'), or `[NP, O, KKI]`
           over the positions of each parent type separately ('positions').
         """
-        field, kk, in_types, out_types = self.field, self.kernel_size ** 2, self.input_types, self.types
+        field, kk, in_types, out_types = self.field, self.kernel_size**2, self.input_types, self.types
         if self.form.normalise_over == "positions_and_types":
             over_types = {"sum": tf.reduce_sum, "max": tf.reduce_max}[reduce](values, axis=1)  # [NP, KKI]
             return self._extract(field.fold(self._to_patch_major(over_types, batch), reduce))  # [NP, 1, KKI]
@@ -358,14 +385,12 @@ class ConvCaps(RoutedCapsuleLayer):
             return shifted * tf.exp(-log_denominator) * valid
 
 
-def conv_caps(poses, activations, types, kernel_size=3, stride=1, padding="VALID", iterations=3,
-              final_lambda=DEFAULT_FINAL_LAMBDA, name="conv_caps", dtype=tf.float32, reuse=None, **options):
-    """Functional form of `ConvCaps` (`options`: its initializers, form, ...).
+def conv_caps(poses, activations, *args, reuse=None, **kwargs):
+    """Functional form of `ConvCaps(*args, **kwargs)` applied to (poses, activations), `reuse` as in tf.layers.
 
-    (poses `[N, H, W, I, 4, 4]`, activations `[N, H, W, I]`) -> (`[N, OH, OW, O, 4, 4]`, `[N, OH, OW, O]`).
+    (`[N, H, W, I, 4, 4]`, `[N, H, W, I]`) -> (`[N, OH, OW, O, 4, 4]`, `[N, OH, OW, O]`).
     """
-    layer = ConvCaps(types, kernel_size, stride, padding, iterations, final_lambda, name=name, dtype=dtype, **options)
-    return _apply(layer, [poses, activations], reuse)
+    return _apply(ConvCaps(*args, **kwargs), [poses, activations], reuse)
 
 
 class ClassCaps(RoutedCapsuleLayer):
@@ -384,12 +409,18 @@ class ClassCaps(RoutedCapsuleLayer):
     (h, w, i)), 'activations_per_iteration' (list of `[N, L]`), 'parents_per_iteration' (list of `Parents`).
     """
 
-    def __init__(self, classes, iterations=3, final_lambda=DEFAULT_FINAL_LAMBDA, coordinate_addition=True,
-                 weights_initializer=None, beta_v_initializer=None, beta_a_initializer=None, beta_a_scale=1.0,
-                 standardise_costs=False, form=PAPER_FORM, coordinate_offsets=None, name="class_caps",
-                 dtype=tf.float32):
-        super().__init__(name, dtype, iterations, final_lambda, weights_initializer, beta_v_initializer,
-                         beta_a_initializer, beta_a_scale, standardise_costs, form)
+    def __init__(
+        self,
+        classes,
+        iterations=3,
+        final_lambda=DEFAULT_FINAL_LAMBDA,
+        coordinate_addition=True,
+        coordinate_offsets=None,
+        name="class_caps",
+        dtype=tf.float32,
+        **routing_options,
+    ):
+        super().__init__(name, dtype, iterations, final_lambda, **routing_options)
         self.classes, self.coordinate_addition = classes, coordinate_addition
         self.coordinate_offsets = coordinate_offsets
 
@@ -404,8 +435,10 @@ class ClassCaps(RoutedCapsuleLayer):
         if self.coordinate_offsets is not None:
             per_cell = np.asarray(self.coordinate_offsets, np.float64)  # [H, W, 16]
             if per_cell.shape != (self.height, self.width, POSE_ENTRIES):
-                raise ValueError("%s: coordinate_offsets must be [%d, %d, %d], got %s"
-                                 % (self.name, self.height, self.width, POSE_ENTRIES, per_cell.shape))
+                raise ValueError(
+                    "%s: coordinate_offsets must be [%d, %d, %d], got %s"
+                    % (self.name, self.height, self.width, POSE_ENTRIES, per_cell.shape)
+                )
             offsets = np.repeat(per_cell[:, :, None, :], self.input_types, axis=2)  # [H, W, I, 16]
         else:
             offsets = np.zeros([self.height, self.width, self.input_types, POSE_SIZE, POSE_SIZE])
@@ -436,11 +469,9 @@ class ClassCaps(RoutedCapsuleLayer):
         return tf.reshape(pose_means, [batch, classes, POSE_SIZE, POSE_SIZE]), out_activations  # [N, L, 4, 4], [N, L]
 
 
-def class_caps(poses, activations, classes, iterations=3, final_lambda=DEFAULT_FINAL_LAMBDA,
-               coordinate_addition=True, name="class_caps", dtype=tf.float32, reuse=None, **options):
-    """Functional form of `ClassCaps` (`options`: its initializers, form, ...).
+def class_caps(poses, activations, *args, reuse=None, **kwargs):
+    """Functional form of `ClassCaps(*args, **kwargs)` applied to (poses, activations), `reuse` as in tf.layers.
 
     (`[N, H, W, I, 4, 4]`, `[N, H, W, I]`) -> (`[N, L, 4, 4]`, `[N, L]`).
     """
-    layer = ClassCaps(classes, iterations, final_lambda, coordinate_addition, name=name, dtype=dtype, **options)
-    return _apply(layer, [poses, activations], reuse)
+    return _apply(ClassCaps(*args, **kwargs), [poses, activations], reuse)

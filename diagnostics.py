@@ -18,8 +18,16 @@ import tensorflow.compat.v1 as tf
 import capsule_layers as cl
 
 PERCENTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
-STATISTICS = ("variance_p10", "variance_p50", "variance_p90", "mass_fraction_p50", "activation_p10",
-              "activation_p50", "activation_p90", "assignment_entropy")
+STATISTICS = (
+    "variance_p10",
+    "variance_p50",
+    "variance_p90",
+    "mass_fraction_p50",
+    "activation_p10",
+    "activation_p50",
+    "activation_p90",
+    "assignment_entropy",
+)
 _ENTROPY_FLOOR = 1e-30  # p log p at p = 0 is 0; the floor keeps log finite
 
 
@@ -57,19 +65,24 @@ def layer_statistics(layer):
 
 def routing_statistics(layers):
     """{(layer name, statistic, iteration): scalar tensor} of every routed layer in `layers`."""
-    return {(layer.name,) + key: value for layer in layers if isinstance(layer, cl.RoutedCapsuleLayer)
-            for key, value in layer_statistics(layer).items()}
+    return {
+        (layer.name,) + key: value
+        for layer in layers
+        if isinstance(layer, cl.RoutedCapsuleLayer)
+        for key, value in layer_statistics(layer).items()
+    }
 
 
 def routing_summaries(layers):
     """TensorBoard scalars 'routing/<layer>/<statistic>/iteration_<t>' for every routed layer."""
-    return [tf.summary.scalar("routing/%s/%s/iteration_%d" % key, value)
-            for key, value in sorted(routing_statistics(layers).items())]
+    return [
+        tf.summary.scalar("routing/%s/%s/iteration_%d" % key, value)
+        for key, value in sorted(routing_statistics(layers).items())
+    ]
 
 
 def gradient_norm_summaries(grads_and_vars, layers):
     """TensorBoard scalars 'gradient_norm/<variable>': the L2 norm of the gradient reaching each layer's
     kernels and transformation matrices (relu_conv1's kernel first)."""
     weights = {id(w) for layer in layers for w in layer.weights_to_decay}
-    return [tf.summary.scalar("gradient_norm/" + v.op.name, tf.norm(g)) for g, v in grads_and_vars
-            if id(v) in weights]
+    return [tf.summary.scalar("gradient_norm/" + v.op.name, tf.norm(g)) for g, v in grads_and_vars if id(v) in weights]

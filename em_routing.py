@@ -59,12 +59,16 @@ class RoutingForm:
         child sums to 1 over every parent that sees it; 'positions' (the released code): separately for every
         parent type, over the positions whose receptive field holds the child -- types do not compete, and R
         starts at 1/O as in their code. The class layer always normalises over the classes.
+      assignment_gradient: False treats every E-step's R as a constant in the backward pass (a stop-gradient),
+        so gradients reach the votes only through the M-steps' sums; True (the paper, the released code)
+        differentiates through every E-step.
     """
 
     activation: str = "paper"
     mean_momentum: float = 0.0
     mass_epsilon: float = 0.0
     normalise_over: str = "positions_and_types"
+    assignment_gradient: bool = True
 
     def __post_init__(self):
         if self.activation not in ACTIVATION_FORMS:
@@ -99,7 +103,6 @@ def _safe_log(x):
     return tf.log(tf.maximum(x, _LOG_FLOOR))
 
 
-
 class _VoteContractions:
     """The routing's only uses of the votes, and their hand-written gradient.
 
@@ -131,8 +134,10 @@ class _VoteContractions:
 
     def quadratic_forms(self, linear, quadratic):
         """sum_h V_ih a_h + V_ih^2 b_h for every child: a, b `[NP, O, 16]` -> `[NP, O, children]`."""
-        forms = (tf.matmul(self.votes, linear[..., None])[..., 0]
-                 + tf.matmul(self.squared_votes, quadratic[..., None])[..., 0])  # [NP, O, children]
+        forms = (
+            tf.matmul(self.votes, linear[..., None])[..., 0]
+            + tf.matmul(self.squared_votes, quadratic[..., None])[..., 0]
+        )  # [NP, O, children]
         self._forms.append((linear, quadratic, forms))
         return forms
 
@@ -144,14 +149,17 @@ class _VoteContractions:
         """
         used = [(y, dy) for y, dy in zip(outputs, output_gradients) if dy is not None]
         num_sums = len(self._sums)
-        contractions = ([vote_sum for _, vote_sum, _ in self._sums] + [squared for _, _, squared in self._sums]
-                        + [form for _, _, form in self._forms])
+        contractions = (
+            [vote_sum for _, vote_sum, _ in self._sums]
+            + [squared for _, _, squared in self._sums]
+            + [form for _, _, form in self._forms]
+        )
         grads = tf.gradients([y for y, _ in used], contractions + list(inputs), [dy for _, dy in used])
-        input_grads = grads[len(contractions):]
+        input_grads = grads[len(contractions) :]
         # A contraction that does not reach the used outputs contributes nothing to dL/dV.
-        grads = [tf.zeros_like(x) if g is None else g for x, g in zip(contractions, grads[:len(contractions)])]
-        vote_sum_grads, squared_sum_grads = grads[:num_sums], grads[num_sums:2 * num_sums]  # [NP, O, 1, 16] each
-        form_grads = grads[2 * num_sums:]  # [NP, O, children] each
+        grads = [tf.zeros_like(x) if g is None else g for x, g in zip(contractions, grads[: len(contractions)])]
+        vote_sum_grads, squared_sum_grads = grads[:num_sums], grads[num_sums : 2 * num_sums]  # [NP, O, 1, 16] each
+        form_grads = grads[2 * num_sums :]  # [NP, O, children] each
         shape = tf.shape(self.votes)[:3]
         # Column k of U is the per-child factor of use k; row k of W_lin / W_sq its per-parent factor.
         per_child = [tf.broadcast_to(r, shape) for r, _, _ in self._sums] + form_grads  # k x [NP, O, children]
@@ -193,12 +201,22 @@ def _activation_logits(mass, variance, beta_v, beta_a, inverse_temperature, stan
 
 # One M-step's result for every parent: mean and variance `[NP, O, 16]`, activations and their logs `[NP, O]`,
 # mass sum_i r_ij `[NP, O, 1]`, and the assignments R it used (broadcastable to `[NP, O, children]`).
-Parents = collections.namedtuple("Parents", ["mean", "variance", "activations", "log_activations", "mass",
-                                             "assignments"])
+Parents = collections.namedtuple(
+    "Parents", ["mean", "variance", "activations", "log_activations", "mass", "assignments"]
+)
 
 
-def _m_step(assignments, child_activations, contractions, previous_mean, beta_v, beta_a, inverse_temperature,
-            standardise_costs, form):
+def _m_step(
+    assignments,
+    child_activations,
+    contractions,
+    previous_mean,
+    beta_v,
+    beta_a,
+    inverse_temperature,
+    standardise_costs,
+    form,
+):
     """M-step: every parent's Gaussian from its weighted votes, then its activation.
 
     sigma^2 = sum_i r_i (V_i - mu)^2 / mass = E[V^2] - 2 mu E[V] + mu^2 sum_i r_i / mass, clamped at 0
@@ -236,8 +254,9 @@ def _m_step(assignments, child_activations, contractions, previous_mean, beta_v,
             mean = (1.0 - momentum) * vote_mean + momentum * previous_mean if momentum else vote_mean
             spread = mean_square - 2.0 * mean * vote_mean + tf.square(mean) * mass_fraction  # [NP, O, 16]
         variance = tf.nn.relu(spread) + _VARIANCE_FLOOR  # [NP, O, 16]
-        logits = _activation_logits(mass, variance, beta_v, beta_a, inverse_temperature, standardise_costs,
-                                    form)  # [NP, O]
+        logits = _activation_logits(
+            mass, variance, beta_v, beta_a, inverse_temperature, standardise_costs, form
+        )  # [NP, O]
         return Parents(mean, variance, tf.sigmoid(logits), tf.log_sigmoid(logits), mass, assignments)
 
 
@@ -266,8 +285,17 @@ def _e_step_log_numerators(contractions, mean, variance, log_activations):
 Routing = collections.namedtuple("Routing", ["poses", "activations", "assignments", "per_iteration"])
 
 
-def em_routing(votes, child_activations, initial_assignments, beta_v, beta_a, inverse_temps, normalise,
-               standardise_costs=False, form=PAPER_FORM):
+def em_routing(
+    votes,
+    child_activations,
+    initial_assignments,
+    beta_v,
+    beta_a,
+    inverse_temps,
+    normalise,
+    standardise_costs=False,
+    form=PAPER_FORM,
+):
     """EM routing (paper Procedure 1) in the parent-major layout.
 
     The votes gradient is assembled by `_VoteContractions` (one batched matmul), the gradients of
@@ -296,14 +324,26 @@ def em_routing(votes, child_activations, initial_assignments, beta_v, beta_a, in
         per_iteration = []
         for iteration, inverse_temperature in enumerate(inverse_temps):
             with tf.name_scope("iteration_%d" % iteration):
-                parents = _m_step(assignments, child_activations, contractions, previous_mean, beta_v, beta_a,
-                                  inverse_temperature, standardise_costs, form)
+                parents = _m_step(
+                    assignments,
+                    child_activations,
+                    contractions,
+                    previous_mean,
+                    beta_v,
+                    beta_a,
+                    inverse_temperature,
+                    standardise_costs,
+                    form,
+                )
                 per_iteration.append(parents)
                 previous_mean = parents.mean if form.mean_momentum else None
                 if iteration < len(inverse_temps) - 1:
-                    log_numerators = _e_step_log_numerators(contractions, parents.mean, parents.variance,
-                                                            parents.log_activations)
+                    log_numerators = _e_step_log_numerators(
+                        contractions, parents.mean, parents.variance, parents.log_activations
+                    )
                     assignments = normalise(log_numerators)
+                    if not form.assignment_gradient:
+                        assignments = tf.stop_gradient(assignments)
         outputs = [parents.mean, parents.activations, assignments] + [x for p in per_iteration for x in p]
 
         def gradient(*output_gradients):
@@ -313,7 +353,7 @@ def em_routing(votes, child_activations, initial_assignments, beta_v, beta_a, in
         return outputs, gradient
 
     mean, activations, assignments, *flat = route(votes, child_activations, initial_assignments, beta_v, beta_a)
-    per_iteration = [Parents(*flat[i:i + fields]) for i in range(0, len(flat), fields)]
+    per_iteration = [Parents(*flat[i : i + fields]) for i in range(0, len(flat), fields)]
     return Routing(mean, activations, assignments, per_iteration)
 
 

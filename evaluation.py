@@ -1,19 +1,27 @@
-"""Test-mode evaluation: predictions over a split with progress, and the report (JSON and pictures).
-
-Graph building, sessions and checkpoints stay in main.py; this module runs a built inference graph over
-arrays of images and writes what test mode reports. No flags are read here.
+"""Test-mode evaluation: a checkpoint over arrays of images with progress, the test-time iteration sweep,
+and the report (JSON and pictures). No flags are read here: main.py passes `Settings`.
 """
 
+import collections
+import dataclasses
 import os
 
 import numpy as np
 import tensorflow.compat.v1 as tf
 
+import diagnostics
+import model as capsnet
 import plots
 import progress
 import run_dir
+import runtime
+from data import pipeline as data_pipeline
 
 SAMPLE_IMAGES = 100  # images in the test-sample picture
+SWEEP_OFFSETS = (-1, 1, 2)  # test-time iteration sweep: the run's count plus these (0 is the main evaluation)
+
+# How an evaluation runs: images per batch, the pipeline's seed, CPU threads, micro-batches, plain progress.
+Settings = collections.namedtuple("Settings", ["batch_size", "seed", "threads", "micro_batches", "quiet"])
 
 
 def predict(sess, pipeline, predictions, images, labels, desc, quiet, statistics=None):
@@ -43,7 +51,7 @@ def predict(sess, pipeline, predictions, images, labels, desc, quiet, statistics
             all_predictions.append(batch[0])
             all_labels.append(batch[1])
             correct += int(np.sum(batch[0] == batch[1]))
-            for key, value in (batch[2].items() if statistics else ()):
+            for key, value in batch[2].items() if statistics else ():
                 sums[key] = sums.get(key, 0.0) + float(value) * len(batch[0])
             seen = sum(len(part) for part in all_labels)
             bar.set_postfix(acc="%.2f%%" % (100.0 * correct / seen))
@@ -53,13 +61,46 @@ def predict(sess, pipeline, predictions, images, labels, desc, quiet, statistics
     return np.concatenate(all_predictions), np.concatenate(all_labels), means
 
 
+def evaluate_checkpoint(result_dir, hparams, settings, images, labels, desc, statistics=False):
+    """DIR's latest checkpoint, built with `hparams` in a graph of its own, on `images`.
+
+    Returns:
+      (predictions, labels, mean routing statistics or None, checkpoint path, global step).
+    """
+    with tf.Graph().as_default():
+        pipeline = data_pipeline.build_pipeline(hparams, settings.batch_size, settings.batch_size, settings.seed)
+        global_step = tf.train.get_or_create_global_step()
+        model = capsnet.CapsNetEMModel(hparams, settings.micro_batches)
+        inference = model.inference(pipeline.eval_images)
+        routing = diagnostics.routing_statistics(model.layers) if statistics else None
+        with runtime.new_session(settings.threads, settings.micro_batches) as sess:
+            checkpoint = run_dir.restore_latest(sess, tf.train.Saver(), result_dir)
+            outputs = predict(sess, pipeline, inference.predictions, images, labels, desc, settings.quiet, routing)
+            return outputs + (checkpoint, int(sess.run(global_step)))
+
+
+def iteration_sweep(result_dir, hparams, settings, images, labels, accuracy_as_trained):
+    """Accuracy on `images` with the run's iteration count and SWEEP_OFFSETS more (counts below 1 skipped)."""
+    accuracy = {"0": accuracy_as_trained}
+    for offset in SWEEP_OFFSETS:
+        iterations = hparams.iterations + offset
+        if iterations >= 1:
+            swept = dataclasses.replace(hparams, iterations=iterations)
+            predictions, truth, *_ = evaluate_checkpoint(
+                result_dir, swept, settings, images, labels, "%d iterations" % iterations
+            )
+            accuracy["%+d" % offset] = float(np.mean(predictions == truth))
+    return {"images": int(len(labels)), "trained_iterations": hparams.iterations, "accuracy": accuracy}
+
+
 def routing_table(statistics):
     """{(layer, statistic, iteration): value} as {layer: {statistic: [value per iteration]}}."""
     table = {}
     for (layer, name, iteration), value in sorted(statistics.items()):
         table.setdefault(layer, {}).setdefault(name, []).append((iteration, value))
-    return {layer: {name: [v for _, v in sorted(pairs)] for name, pairs in names.items()}
-            for layer, names in table.items()}
+    return {
+        layer: {name: [v for _, v in sorted(pairs)] for name, pairs in names.items()} for layer, names in table.items()
+    }
 
 
 def report(result_dir, checkpoint, global_step, predictions, labels, images, class_names, extra):
@@ -71,21 +112,37 @@ def report(result_dir, checkpoint, global_step, predictions, labels, images, cla
     matrix = plots.confusion_matrix(labels, predictions, len(class_names))
     per_class = (np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)).tolist()
     accuracy = float(np.mean(predictions == labels))
-    results = dict(extra, accuracy=accuracy, error=1.0 - accuracy, n=int(len(labels)), per_class=per_class,
-                   checkpoint=checkpoint, global_step=global_step, confusion_matrix=matrix.tolist())
+    results = dict(
+        extra,
+        accuracy=accuracy,
+        error=1.0 - accuracy,
+        n=int(len(labels)),
+        per_class=per_class,
+        checkpoint=checkpoint,
+        global_step=global_step,
+        confusion_matrix=matrix.tolist(),
+    )
     plots.plot_confusion_matrix(matrix, os.path.join(result_dir, "confusion_matrix.png"), class_names)
-    plots.plot_sample_grid(images[:SAMPLE_IMAGES], labels[:SAMPLE_IMAGES],
-                           os.path.join(result_dir, "test_samples.png"), predictions[:SAMPLE_IMAGES])
+    plots.plot_sample_grid(
+        images[:SAMPLE_IMAGES],
+        labels[:SAMPLE_IMAGES],
+        os.path.join(result_dir, "test_samples.png"),
+        predictions[:SAMPLE_IMAGES],
+    )
     if extra.get("routing"):
         plots.plot_routing(extra["routing"], os.path.join(result_dir, "routing.png"))
     run_dir.write_json_atomically(os.path.join(result_dir, run_dir.RESULTS_FILE), results)
-    print("test accuracy %.2f%% (error %.2f%%) on %d images, checkpoint %s (step %d)"
-          % (100 * accuracy, 100 * (1 - accuracy), len(labels), checkpoint, global_step))
+    print(
+        "test accuracy %.2f%% (error %.2f%%) on %d images, checkpoint %s (step %d)"
+        % (100 * accuracy, 100 * (1 - accuracy), len(labels), checkpoint, global_step)
+    )
     print("per-class accuracy: " + " ".join("%s:%.2f%%" % (name, 100 * a) for name, a in zip(class_names, per_class)))
     sweep = extra.get("iteration_sweep")
     if sweep:
-        print("iteration sweep (first %d images): " % sweep["images"]
-              + " ".join("%s:%.2f%%" % (k, 100 * a) for k, a in sorted(sweep["accuracy"].items(), key=_as_int)))
+        print(
+            "iteration sweep (first %d images): " % sweep["images"]
+            + " ".join("%s:%.2f%%" % (k, 100 * a) for k, a in sorted(sweep["accuracy"].items(), key=_as_int))
+        )
     return 0
 
 

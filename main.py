@@ -52,7 +52,6 @@ with quiet_native_stderr():
 from absl import flags  # noqa: E402
 
 import data  # noqa: E402
-import diagnostics  # noqa: E402
 import evaluation  # noqa: E402
 import model as capsnet  # noqa: E402
 import run_dir  # noqa: E402
@@ -75,73 +74,119 @@ def define_hparam_flags(helps):
 
 
 # ---- model -----------------------------------------------------------------------------------------
-flags.DEFINE_string("preset", "paper", "Network size: 'paper' (A=B=C=D=32, 3 iterations) or 'small' "
-                    "(A=64, B=8, C=D=16, 2 iterations).")
-flags.DEFINE_string("routing", None, "Routing form: 'paper' (the paper's equations) or 'official' (the authors' "
-                    "released code: activation form, damped means, per-type normaliser, their inits and lambda); "
-                    "applied after the preset, before the flags below (default: the preset's).")
-flags.DEFINE_string("hparams", "", "Comma-separated name=value overrides of any HParams field of model.py, "
-                    "e.g. 'weight_stddev=0.3,beta_a_init=-0.5'; applied after the preset and the flags below.")
+flags.DEFINE_string(
+    "preset", "paper", "Network size: 'paper' (A=B=C=D=32, 3 iterations) or 'small' (A=64, B=8, C=D=16, 2 iterations)."
+)
+flags.DEFINE_string(
+    "routing",
+    None,
+    "Routing form: 'paper' (the paper's equations) or 'official' (the authors' "
+    "released code: activation form, damped means, per-type normaliser, their inits and lambda); "
+    "applied after the preset, before the flags below (default: the preset's).",
+)
+flags.DEFINE_string(
+    "hparams",
+    "",
+    "Comma-separated name=value overrides of any HParams field of model.py, "
+    "e.g. 'weight_stddev=0.3,beta_a_init=-0.5'; applied after the preset and the flags below.",
+)
 MODEL_HPARAMS = define_hparam_flags({"padding": "Padding of the conv and conv-capsule layers: VALID or SAME"})
 # ---- routing ---------------------------------------------------------------------------------------
-ROUTING_HPARAMS = define_hparam_flags({
-    "iterations": "EM routing iterations, >= 1",
-    "final_lambda": "Final inverse temperature of the conv-capsule layers; lambda_i = final * (1 - 0.95^(i+1))",
-    "class_final_lambda": "Final inverse temperature of the class layer",
-})
+ROUTING_HPARAMS = define_hparam_flags(
+    {
+        "iterations": "EM routing iterations, >= 1",
+        "final_lambda": "Final inverse temperature of the conv-capsule layers; lambda_i = final * (1 - 0.95^(i+1))",
+        "class_final_lambda": "Final inverse temperature of the class layer",
+    }
+)
 # ---- optimisation ----------------------------------------------------------------------------------
 flags.DEFINE_integer("batch_size", 64, "Images per training step, > 0.")
-OPTIMISATION_HPARAMS = define_hparam_flags({
-    "learning_rate": "Initial Adam learning rate, > 0",
-    "lr_decay_rate": "Learning-rate decay factor per --lr_decay_steps",
-    "lr_decay_steps": "Steps per learning-rate decay, >= 0 (0: the whole run)",
-    "weight_decay": "L2 weight-decay coefficient",
-    "margin_schedule": "Spread-loss margin schedule: 'sigmoid' (official code), 'linear' or 'constant' (0.2)",
-    "margin_ramp_steps": "Steps of the margin ramp from 0.2 to 0.9, >= 0 (0: the whole run)",
-})
+OPTIMISATION_HPARAMS = define_hparam_flags(
+    {
+        "learning_rate": "Initial Adam learning rate, > 0",
+        "lr_decay_rate": "Learning-rate decay factor per --lr_decay_steps",
+        "lr_decay_steps": "Steps per learning-rate decay, >= 0 (0: the whole run)",
+        "weight_decay": "L2 weight-decay coefficient",
+        "margin_schedule": "Spread-loss margin schedule: 'sigmoid' (official code), 'linear' or 'constant' (0.2)",
+        "margin_ramp_steps": "Steps of the margin ramp from 0.2 to 0.9, >= 0 (0: the whole run)",
+    }
+)
 # ---- data ------------------------------------------------------------------------------------------
-flags.DEFINE_string("data_dir", os.path.join(".", "data", "mnist"), "Folder of the four MNIST IDX files "
-                    "(.gz or raw); they are downloaded and SHA-256-verified when missing.")
+flags.DEFINE_string(
+    "data_dir",
+    os.path.join(".", "data", "mnist"),
+    "Folder of the four MNIST IDX files (.gz or raw); they are downloaded and SHA-256-verified when missing.",
+)
 flags.DEFINE_integer("validation_size", 5000, "Training images held out for per-epoch validation, >= 0.")
-flags.DEFINE_integer("max_shift", 0, "Augmentation: every training image is moved by up to this many pixels along "
-                     "each axis, zeros filling in (0: none; validation and test images never are).")
+flags.DEFINE_integer(
+    "max_shift",
+    0,
+    "Augmentation: every training image is moved by up to this many pixels along "
+    "each axis, zeros filling in (0: none; validation and test images never are).",
+)
 flags.DEFINE_integer("seed", 1, "Random seed for initialisation, the validation split and shuffling.")
 # ---- run -------------------------------------------------------------------------------------------
-flags.DEFINE_string("result_dir", None, "Run folder (flags, checkpoints, summaries, plots). Default when "
-                    "training: a new timestamped folder under ./results; an existing run is resumed.")
-flags.DEFINE_string("test", "False", "True: evaluate --result_dir's latest checkpoint on the test set; "
-                    "False: train.")
+flags.DEFINE_string(
+    "result_dir",
+    None,
+    "Run folder (flags, checkpoints, summaries, plots). Default when "
+    "training: a new timestamped folder under ./results; an existing run is resumed.",
+)
+flags.DEFINE_string("test", "False", "True: evaluate --result_dir's latest checkpoint on the test set; False: train.")
 flags.DEFINE_integer("epochs", 10, "Training epochs (ignored when --max_steps is set).")
 flags.DEFINE_integer("max_steps", None, "Stop after this many training steps in total (global step).")
 flags.DEFINE_integer("save_every_steps", 500, "Checkpoint interval in steps, > 0.")
 flags.DEFINE_integer("summary_every_steps", 50, "TensorBoard summary and curve interval in steps, > 0.")
-flags.DEFINE_integer("threads", 0, "CPU threads, >= 0 (0: every core). With micro-batches each thread runs one "
-                     "micro-batch at a time; without, every op uses them all.")
-flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch, >= 0 (0: no split): the batch is computed in "
-                     "parts of this size side by side on the CPU threads; same results. See docs/performance.md "
-                     "before using it.")
+flags.DEFINE_integer(
+    "threads",
+    0,
+    "CPU threads, >= 0 (0: every core). With micro-batches each thread runs one "
+    "micro-batch at a time; without, every op uses them all.",
+)
+flags.DEFINE_integer(
+    "micro_batch_size",
+    0,
+    "Images per micro-batch, >= 0 (0: no split): the batch is computed in "
+    "parts of this size side by side on the CPU threads; same results. See docs/performance.md "
+    "before using it.",
+)
 flags.DEFINE_integer("eval_batch_size", 100, "Images per evaluation batch (validation and test mode), > 0.")
-flags.DEFINE_integer("sweep_images", 1000, "Test mode: also evaluate the first N test images with 1 fewer and 1, 2 "
-                     "more routing iterations than the run's (the iteration sweep), >= 0 (0: no sweep).")
-flags.DEFINE_bool("quiet", False, "Plain progress lines (one per tenth of a pass) instead of bars; also when stderr "
-                  "is not a terminal.")
+flags.DEFINE_integer(
+    "sweep_images",
+    1000,
+    "Test mode: also evaluate the first N test images with 1 fewer and 1, 2 "
+    "more routing iterations than the run's (the iteration sweep), >= 0 (0: no sweep).",
+)
+flags.DEFINE_bool(
+    "quiet",
+    False,
+    "Plain progress lines (one per tenth of a pass) instead of bars; also when stderr is not a terminal.",
+)
 
 # This program's flags (absl and TensorFlow define more of their own, which are not saved with a run).
 PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]))
 # Flags that override a field of the preset's HParams when given.
 HPARAM_FLAGS = MODEL_HPARAMS + ROUTING_HPARAMS + OPTIMISATION_HPARAMS
 # Flags that define the architecture, the optimisation or the data of a run: a resumed run must keep them.
-RUN_DEFINING_FLAGS = ("preset", "routing", "hparams") + HPARAM_FLAGS + (
-    "batch_size", "data_dir", "validation_size", "max_shift", "seed")
+RUN_DEFINING_FLAGS = (
+    ("preset", "routing", "hparams") + HPARAM_FLAGS + ("batch_size", "data_dir", "validation_size", "max_shift", "seed")
+)
 # Flags that test mode takes from its command line (with --test and --result_dir); the rest come from flags.json.
-TEST_FLAGS = ("test", "result_dir", "data_dir", "threads", "micro_batch_size", "eval_batch_size", "sweep_images",
-              "quiet")
+TEST_FLAGS = (
+    "test",
+    "result_dir",
+    "data_dir",
+    "threads",
+    "micro_batch_size",
+    "eval_batch_size",
+    "sweep_images",
+    "quiet",
+)
 # Flags that set where a run ends (--max_steps, when given, wins over --epochs).
 RUN_LENGTH_FLAGS = ("epochs", "max_steps")
 POSITIVE_FLAGS = ("batch_size", "save_every_steps", "summary_every_steps", "epochs", "max_steps", "eval_batch_size")
 NON_NEGATIVE_FLAGS = ("validation_size", "threads", "micro_batch_size", "sweep_images")
 HELP_ARGUMENTS = ("-h", "--help", "--helpshort", "--helpfull")
-SWEEP_OFFSETS = (-1, 1, 2)  # test-time iteration sweep: the run's count plus these (0 is the main evaluation)
 EXIT_USAGE = 2
 EXIT_NON_FINITE = 3
 EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-ended command
@@ -160,11 +205,14 @@ def parse_test_flag(value):
 
 
 def resolve_hparams(values):
-    """The preset, then --routing, then every given hyperparameter flag, then --hparams: validated HParams."""
+    """The preset, then --routing, the dataset's image and class sizes, every given hyperparameter flag, then
+    --hparams: validated HParams."""
     for name, choices in (("preset", capsnet.PRESETS), ("routing", capsnet.ROUTING_FORMS)):
         if values.get(name) is not None and values[name] not in choices:
             raise UsageError("--%s must be one of %s, got %r" % (name, "/".join(choices), values[name]))
-    overrides = {name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None}
+    spec = data.get(DATASET)  # the dataset sets what the network sees and tells apart
+    overrides = dict(image_size=spec.image_size, image_channels=spec.channels, num_classes=spec.num_classes)
+    overrides.update({name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None})
     try:
         hparams = capsnet.hparams_for(values["preset"], values.get("routing"), **overrides)
     except ValueError as error:  # a flag's value: HParams names the field, which is the flag's name
@@ -215,14 +263,12 @@ def load_split(values, split):
     return spec.load(values["data_dir"], split)
 
 
-def new_model(hparams, values):
-    """The model, split into the micro-batches --micro_batch_size asks for at --batch_size."""
-    return capsnet.CapsNetEMModel(hparams, runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"]))
-
-
-def new_session(threads, model):
-    """A session on `threads` CPU threads (0: every core), set up for `model`'s micro-batches."""
-    return tf.Session(config=runtime.session_config(threads, model.micro_batches))
+def eval_settings(values):
+    """How test mode and the sweep evaluate: `evaluation.Settings` from the flag values."""
+    micro_batches = runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"])
+    return evaluation.Settings(
+        values["eval_batch_size"], values["seed"], values["threads"], micro_batches, values["quiet"]
+    )
 
 
 def describe(hparams, values):
@@ -237,8 +283,10 @@ def training_data(values):
     """(train images, train labels, validation images, validation labels) of the run."""
     images, labels = load_split(values, "train")
     if values["validation_size"] >= len(images):
-        raise UsageError("--validation_size must be smaller than the %d training images in %s, got %d"
-                         % (len(images), values["data_dir"], values["validation_size"]))
+        raise UsageError(
+            "--validation_size must be smaller than the %d training images in %s, got %d"
+            % (len(images), values["data_dir"], values["validation_size"])
+        )
     return data_pipeline.split_train_validation(images, labels, values["validation_size"], values["seed"])
 
 
@@ -249,18 +297,38 @@ def train(values, result_dir, resumed):
     steps_per_epoch, max_steps = run_length(values, len(arrays[0]))
     hparams = runtime.with_run_length(hparams, max_steps)  # a new run's whole-run schedules
     start = run_dir.latest_checkpoint(result_dir)[1] if resumed else 0
-    print("%s %s at step %d of %d (%d steps per epoch, batch %d; %s: %d training, %d validation images; %s)"
-          % ("resuming" if start else "training into", result_dir, start, max_steps, steps_per_epoch,
-             values["batch_size"], DATASET, len(arrays[0]), len(arrays[2]), describe(hparams, values)), flush=True)
+    print(
+        "%s %s at step %d of %d (%d steps per epoch, batch %d; %s: %d training, %d validation images; %s)"
+        % (
+            "resuming" if start else "training into",
+            result_dir,
+            start,
+            max_steps,
+            steps_per_epoch,
+            values["batch_size"],
+            DATASET,
+            len(arrays[0]),
+            len(arrays[2]),
+            describe(hparams, values),
+        ),
+        flush=True,
+    )
     tf.set_random_seed(values["seed"])
-    pipeline = data_pipeline.build_pipeline(hparams, values["batch_size"], values["eval_batch_size"], values["seed"],
-                                            values["max_shift"])
-    model = new_model(hparams, values)
+    pipeline = data_pipeline.build_pipeline(
+        hparams, values["batch_size"], values["eval_batch_size"], values["seed"], values["max_shift"]
+    )
+    model = capsnet.CapsNetEMModel(hparams, runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"]))
     graph = model.train(pipeline.train_images, pipeline.train_labels)
     eval_predictions = model.inference(pipeline.eval_images).predictions  # the same variables
-    schedule = training.Schedule(values["batch_size"], steps_per_epoch, max_steps, values["save_every_steps"],
-                                 values["summary_every_steps"], values["quiet"])
-    with new_session(values["threads"], model) as sess:
+    schedule = training.Schedule(
+        values["batch_size"],
+        steps_per_epoch,
+        max_steps,
+        values["save_every_steps"],
+        values["summary_every_steps"],
+        values["quiet"],
+    )
+    with runtime.new_session(values["threads"], model.micro_batches) as sess:
         sess.run(tf.global_variables_initializer())
         run_dir.write_run(result_dir, values, hparams)  # the first file of a new run: after start-up
         run = training.TrainingRun(result_dir, sess, graph, eval_predictions, pipeline, arrays, schedule)
@@ -268,8 +336,10 @@ def train(values, result_dir, resumed):
             run_dir.restore_latest(sess, run.saver, result_dir)
         else:
             run.writer.add_graph(sess.graph)
-        print("%d parameters; training from step %d" % (capsnet.count_parameters(tf.trainable_variables()), start),
-              flush=True)
+        print(
+            "%d parameters; training from step %d" % (capsnet.count_parameters(tf.trainable_variables()), start),
+            flush=True,
+        )
         return run_training(run, sess, graph, result_dir, start)
 
 
@@ -280,14 +350,18 @@ def run_training(run, sess, graph, result_dir, step):
     except training.Interrupted:
         step = int(sess.run(graph.global_step))
         run.save(step)
-        print("interrupted: saved step %d in %s; run main.py --result_dir %s to resume"
-              % (step, result_dir, result_dir))
+        print(
+            "interrupted: saved step %d in %s; run main.py --result_dir %s to resume" % (step, result_dir, result_dir)
+        )
         return 0
     except capsnet.NonFiniteError as error:
         step = int(sess.run(graph.global_step))
         run_dir.write_json_atomically(os.path.join(result_dir, run_dir.HISTORY_FILE), run.history)
-        print("error: non-finite value at step %d: %s; training stopped, no variable was updated and the last good "
-              "checkpoint is kept" % (step + 1, error), file=sys.stderr)
+        print(
+            "error: non-finite value at step %d: %s; training stopped, no variable was updated and the last good "
+            "checkpoint is kept" % (step + 1, error),
+            file=sys.stderr,
+        )
         return EXIT_NON_FINITE
     print("finished at step %d; checkpoints in %s" % (step, result_dir))
     return 0
@@ -299,45 +373,13 @@ def training_run_flags(values, given):
     if not run_dir.check_new_or_resumable(result_dir):
         return result_dir, dict(values, result_dir=result_dir), False
     saved = run_dir.read_flags(result_dir, flag_defaults(), validate_flags)
-    merged = run_dir.merge_resumed_flags(saved, dict(values, result_dir=result_dir), given, RUN_DEFINING_FLAGS,
-                                         RUN_LENGTH_FLAGS)
+    merged = run_dir.merge_resumed_flags(
+        saved, dict(values, result_dir=result_dir), given, RUN_DEFINING_FLAGS, RUN_LENGTH_FLAGS
+    )
     return result_dir, dict(merged, result_dir=result_dir), True
 
 
 # ---- test -----------------------------------------------------------------------------------------------
-
-
-def evaluate_checkpoint(result_dir, hparams, values, images, labels, desc, statistics=False):
-    """DIR's latest checkpoint, built with `hparams` in a graph of its own, on `images`.
-
-    Returns:
-      (predictions, labels, mean routing statistics or None, checkpoint path, global step).
-    """
-    batch = values["eval_batch_size"]
-    with tf.Graph().as_default():
-        pipeline = data_pipeline.build_pipeline(hparams, batch, batch, values["seed"])
-        global_step = tf.train.get_or_create_global_step()
-        model = new_model(hparams, values)
-        inference = model.inference(pipeline.eval_images)
-        routing = diagnostics.routing_statistics(model.layers) if statistics else None
-        with new_session(values["threads"], model) as sess:
-            checkpoint = run_dir.restore_latest(sess, tf.train.Saver(), result_dir)
-            outputs = evaluation.predict(sess, pipeline, inference.predictions, images, labels, desc, values["quiet"],
-                                         routing)
-            return outputs + (checkpoint, int(sess.run(global_step)))
-
-
-def iteration_sweep(result_dir, hparams, values, images, labels, accuracy_as_trained):
-    """Accuracy on `images` with the run's iteration count and SWEEP_OFFSETS more (counts below 1 skipped)."""
-    accuracy = {"0": accuracy_as_trained}
-    for offset in SWEEP_OFFSETS:
-        iterations = hparams.iterations + offset
-        if iterations >= 1:
-            swept = dataclasses.replace(hparams, iterations=iterations)
-            predictions, truth, *_ = evaluate_checkpoint(result_dir, swept, values, images, labels,
-                                                         "%d iterations" % iterations)
-            accuracy["%+d" % offset] = float(np.mean(predictions == truth))
-    return {"images": int(len(labels)), "trained_iterations": hparams.iterations, "accuracy": accuracy}
 
 
 def test(result_dir, overrides):
@@ -351,19 +393,33 @@ def test(result_dir, overrides):
         raise UsageError("%s holds no checkpoint" % result_dir)
     hparams = run_hparams(result_dir, values)
     images, labels = load_split(values, "test")
-    print("evaluating %s: checkpoint %s (step %d), %s test split, %d images, batch %d; %s"
-          % (result_dir, os.path.basename(checkpoint), step, DATASET, len(labels), values["eval_batch_size"],
-             describe(hparams, values)), flush=True)
-    predictions, truth, routing, checkpoint, step = evaluate_checkpoint(result_dir, hparams, values, images, labels,
-                                                                        "test", statistics=True)
+    print(
+        "evaluating %s: checkpoint %s (step %d), %s test split, %d images, batch %d; %s"
+        % (
+            result_dir,
+            os.path.basename(checkpoint),
+            step,
+            DATASET,
+            len(labels),
+            values["eval_batch_size"],
+            describe(hparams, values),
+        ),
+        flush=True,
+    )
+    settings = eval_settings(values)
+    predictions, truth, routing, checkpoint, step = evaluation.evaluate_checkpoint(
+        result_dir, hparams, settings, images, labels, "test", statistics=True
+    )
     extra = {"routing": evaluation.routing_table(routing)}
     count = min(values["sweep_images"], len(labels))
     if count:
         as_trained = float(np.mean(predictions[:count] == truth[:count]))
-        extra["iteration_sweep"] = iteration_sweep(result_dir, hparams, values, images[:count], labels[:count],
-                                                   as_trained)
-    return evaluation.report(result_dir, checkpoint, step, predictions, truth, images,
-                             data.get(DATASET).class_names, extra)
+        extra["iteration_sweep"] = evaluation.iteration_sweep(
+            result_dir, hparams, settings, images[:count], labels[:count], as_trained
+        )
+    return evaluation.report(
+        result_dir, checkpoint, step, predictions, truth, images, data.get(DATASET).class_names, extra
+    )
 
 
 # ---- entry point -----------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def confusion_matrix(labels, predictions, num_classes):
     for name, values in (("labels", labels), ("predictions", predictions)):
         if values.size and (values.min() < 0 or values.max() >= num_classes):
             raise ValueError(f"{name} must be in 0..{num_classes - 1}")
-    flat = np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2)
+    flat = np.bincount(labels * num_classes + predictions, minlength=num_classes**2)
     return flat.reshape(num_classes, num_classes).astype(np.int64)
 
 
@@ -149,8 +149,15 @@ def plot_confusion_matrix(matrix, path, class_names=None):
     axes.imshow(matrix, cmap="Blues")
     threshold = _CONFUSION_TEXT_SWITCH * matrix.max() if matrix.size else 0
     for (i, j), count in np.ndenumerate(matrix):
-        axes.text(j, i, str(count), ha="center", va="center", fontsize=_TITLE_FONT_PT,
-                  color="white" if count > threshold else "black")
+        axes.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=_TITLE_FONT_PT,
+            color="white" if count > threshold else "black",
+        )
     ticks = np.arange(num_classes)
     axes.set_xticks(ticks)
     axes.set_xticklabels(names)
@@ -177,8 +184,7 @@ def plot_training_curves(history, path):
     steps, loss, train_acc = history["step"], history["loss"], history["train_accuracy"]
     val_steps, val_acc = history.get("val_step", []), history.get("val_accuracy", [])
     if not len(steps) == len(loss) == len(train_acc) or len(val_steps) != len(val_acc):
-        raise ValueError("history lists must pair up: step/loss/train_accuracy, "
-                         "val_step/val_accuracy")
+        raise ValueError("history lists must pair up: step/loss/train_accuracy, val_step/val_accuracy")
     figure = _new_figure(_CURVES_FIGSIZE_IN)
     loss_axes = figure.add_subplot(1, 2, 1)
     loss_axes.plot(steps, loss, label="train loss")

@@ -43,8 +43,12 @@ class PlainProgress:
         rate = (self.n - self._start_n) / elapsed
         extra = "".join(", %s=%s" % (name, value) for name, value in self.postfix.items())
         percent = 100.0 * self.n / max(self.total, 1)
-        print("%s: %3.0f%% (%d/%d %s, %.1f %s/s%s)" % (self.desc, percent, self.n, self.total, self.unit, rate,
-                                                      self.unit, extra), file=self.stream, flush=True)
+        print(
+            "%s: %3.0f%% (%d/%d %s, %.1f %s/s%s)"
+            % (self.desc, percent, self.n, self.total, self.unit, rate, self.unit, extra),
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self):
         pass

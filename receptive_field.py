@@ -18,7 +18,6 @@ def _pair(value):
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-
 def conv_geometry(height, width, kernel_size, stride, padding):
     """Output size and leading padding of a convolution, with the rules of `tf.nn.conv2d`.
 
@@ -44,10 +43,9 @@ def conv_geometry(height, width, kernel_size, stride, padding):
             out.append(n)
             pad.append(max((n - 1) * s + k - size, 0) // 2)
     if out[0] < 1 or out[1] < 1:
-        raise ValueError(
-            "a %dx%d kernel with %s padding does not fit a %dx%d input" % (kh, kw, padding, height, width)
-        )
+        raise ValueError("a %dx%d kernel with %s padding does not fit a %dx%d input" % (kh, kw, padding, height, width))
     return out[0], out[1], pad[0], pad[1]
+
 
 def receptive_field_centres(size, convolutions):
     """Where each output cell of a chain of convolutions looks, as the released code tracks it.
@@ -73,8 +71,9 @@ def receptive_field_centres(size, convolutions):
         taps = np.clip(taps, 0, cells - 1)
         window = grid[taps[:, None, :, None], taps[None, :, None, :]]  # [out, out, K, K, 2]
         mask = inside[:, None, :, None] & inside[None, :, None, :]  # [out, out, K, K]
-        grid = np.where(mask[..., None], window, 0.0).sum(axis=(2, 3)) / kernel_size ** 2  # [out, out, 2]
+        grid = np.where(mask[..., None], window, 0.0).sum(axis=(2, 3)) / kernel_size**2  # [out, out, 2]
     return grid
+
 
 class ReceptiveField:
     """Which child position each (parent position, kernel offset) sees, and the fold over it.
@@ -94,9 +93,7 @@ class ReceptiveField:
     def __init__(self, height, width, kernel_size, stride, padding):
         self.height, self.width = height, width
         self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), padding
-        self.out_height, self.out_width, pad_top, pad_left = conv_geometry(
-            height, width, kernel_size, stride, padding
-        )
+        self.out_height, self.out_width, pad_top, pad_left = conv_geometry(height, width, kernel_size, stride, padding)
         kh, kw = self.kernel_size
         sh, sw = self.stride
         rows = np.arange(self.out_height)[:, None] * sh + np.arange(kh)[None, :] - pad_top  # [OH, kh]

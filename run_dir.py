@@ -40,8 +40,9 @@ def write_json_atomically(path, payload):
 def write_run(result_dir, flags, hparams):
     """Creates `result_dir` if needed and saves the run's flags and hyperparameters in flags.json."""
     os.makedirs(result_dir, exist_ok=True)
-    write_json_atomically(os.path.join(result_dir, FLAGS_FILE),
-                          {"flags": flags, "hparams": dataclasses.asdict(hparams)})
+    write_json_atomically(
+        os.path.join(result_dir, FLAGS_FILE), {"flags": flags, "hparams": dataclasses.asdict(hparams)}
+    )
 
 
 def _read_section(result_dir, section):
@@ -131,8 +132,10 @@ def merge_resumed_flags(saved, values, given, run_defining, run_length):
     """
     for name in run_defining:
         if name in given and values[name] != saved.get(name):
-            raise UsageError("--%s=%s conflicts with the run saved in %s (%s=%s); drop the flag to resume"
-                             % (name, values[name], values["result_dir"], name, saved.get(name)))
+            raise UsageError(
+                "--%s=%s conflicts with the run saved in %s (%s=%s); drop the flag to resume"
+                % (name, values[name], values["result_dir"], name, saved.get(name))
+            )
     overrides = set(given) - set(run_defining)
     if overrides & set(run_length):
         overrides |= set(run_length)
@@ -152,8 +155,10 @@ def check_test_flags(result_dir, given, allowed):
         raise UsageError("--test True needs --result_dir DIR of a trained run")
     ignored = sorted(set(given) - set(allowed))
     if ignored:
-        raise UsageError("--%s has no effect with --test True: the network and its settings come from %s; "
-                         "drop the flag" % (ignored[0], os.path.join(result_dir, FLAGS_FILE)))
+        raise UsageError(
+            "--%s has no effect with --test True: the network and its settings come from %s; "
+            "drop the flag" % (ignored[0], os.path.join(result_dir, FLAGS_FILE))
+        )
     if not os.path.isdir(result_dir):
         raise UsageError("--result_dir %s does not exist" % result_dir)
 
@@ -176,8 +181,9 @@ def restore_latest(sess, saver, result_dir):
         saver.restore(sess, checkpoint)
     except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
         first_line = str(error.message).strip().splitlines()[0]
-        raise UsageError("checkpoint %s does not match the architecture in %s: %s"
-                         % (checkpoint, FLAGS_FILE, first_line[:200])) from None
+        raise UsageError(
+            "checkpoint %s does not match the architecture in %s: %s" % (checkpoint, FLAGS_FILE, first_line[:200])
+        ) from None
     return checkpoint
 
 

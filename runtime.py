@@ -27,8 +27,14 @@ def session_config(threads, micro_batches):
     return tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
 
 
+def new_session(threads, micro_batches):
+    """A session on `threads` CPU threads (0: every core), set up for a model of `micro_batches` parts."""
+    return tf.Session(config=session_config(threads, micro_batches))
+
+
 def with_run_length(hparams, steps):
     """`hparams` with every schedule length that stands for the whole run (model.WHOLE_RUN) set to `steps`."""
-    lengths = {name: steps for name in ("lr_decay_steps", "margin_ramp_steps")
-               if getattr(hparams, name) == capsnet.WHOLE_RUN}
+    lengths = {
+        name: steps for name in ("lr_decay_steps", "margin_ramp_steps") if getattr(hparams, name) == capsnet.WHOLE_RUN
+    }
     return dataclasses.replace(hparams, **lengths)

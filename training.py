@@ -22,8 +22,9 @@ MAX_CHECKPOINTS = 3  # checkpoints kept in a run directory
 
 # What the loop needs to know of the run: the training and validation arrays, the batch size, the steps per
 # epoch and the last step, and the intervals and output settings (plain values, read from flags by main.py).
-Schedule = collections.namedtuple("Schedule", ["batch_size", "steps_per_epoch", "max_steps", "save_every_steps",
-                                               "summary_every_steps", "quiet"])
+Schedule = collections.namedtuple(
+    "Schedule", ["batch_size", "steps_per_epoch", "max_steps", "save_every_steps", "summary_every_steps", "quiet"]
+)
 
 
 class Interrupted(Exception):
@@ -48,8 +49,12 @@ class TrainingRun:
         the history and the training-curve picture. A step already checkpointed (a periodic save that
         falls on an epoch end or the last step) is not written twice."""
         if step != self._checkpoint_step:
-            self.saver.save(self.sess, os.path.join(self.result_dir, run_dir.CHECKPOINT_PREFIX), global_step=step,
-                            write_meta_graph=False)
+            self.saver.save(
+                self.sess,
+                os.path.join(self.result_dir, run_dir.CHECKPOINT_PREFIX),
+                global_step=step,
+                write_meta_graph=False,
+            )
             self._checkpoint_step = step
         run_dir.write_json_atomically(os.path.join(self.result_dir, run_dir.HISTORY_FILE), self.history)
         if self.history["step"]:
@@ -62,8 +67,10 @@ class TrainingRun:
         """Trains from `step` to the last step, validating at every epoch end; returns the last step."""
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
-        self.sess.run(self.pipeline.train_iterator.initializer,
-                      {self.pipeline.images_in: self.train_x, self.pipeline.labels_in: self.train_y})
+        self.sess.run(
+            self.pipeline.train_iterator.initializer,
+            {self.pipeline.images_in: self.train_x, self.pipeline.labels_in: self.train_y},
+        )
         schedule = self.schedule
         while step < schedule.max_steps:
             step = self._train_epoch(step)
@@ -78,8 +85,9 @@ class TrainingRun:
         epoch, per_epoch = step // schedule.steps_per_epoch, schedule.steps_per_epoch
         end = min(schedule.max_steps, (epoch + 1) * per_epoch)
         fetches = [graph.train_op, graph.loss, graph.accuracy, graph.global_step]
-        with progress.progress(end - epoch * per_epoch, "epoch %d" % (epoch + 1), "step", schedule.quiet,
-                               initial=step - epoch * per_epoch) as bar:
+        with progress.progress(
+            end - epoch * per_epoch, "epoch %d" % (epoch + 1), "step", schedule.quiet, initial=step - epoch * per_epoch
+        ) as bar:
             while step < end:
                 if self.stop_signals:
                     raise Interrupted()
@@ -92,8 +100,9 @@ class TrainingRun:
                     self._record(results[4], step, loss, accuracy)
                 if step % schedule.save_every_steps == 0:
                     self.save(step)
-                bar.set_postfix(loss="%.4f" % loss, acc="%.3f" % accuracy,
-                                img_s="%.0f" % (schedule.batch_size / elapsed))
+                bar.set_postfix(
+                    loss="%.4f" % loss, acc="%.3f" % accuracy, img_s="%.0f" % (schedule.batch_size / elapsed)
+                )
                 bar.update(1)
         return step
 
@@ -106,8 +115,9 @@ class TrainingRun:
     def _validate(self, step):
         if len(self.val_x) == 0:
             return
-        predictions, labels, _ = evaluation.predict(self.sess, self.pipeline, self.eval_predictions, self.val_x,
-                                                    self.val_y, "validation", self.schedule.quiet)
+        predictions, labels, _ = evaluation.predict(
+            self.sess, self.pipeline, self.eval_predictions, self.val_x, self.val_y, "validation", self.schedule.quiet
+        )
         accuracy = float(np.mean(predictions == labels))
         self.history["val_step"].append(int(step))
         self.history["val_accuracy"].append(accuracy)

@@ -58,8 +58,7 @@ def _try_mirror(url, dest, expected_sha256, urlopen):
         None on success, else a one-line reason this mirror failed. The temp file
         never survives a failure.
     """
-    fd, tmp_path = tempfile.mkstemp(
-        prefix=f".{os.path.basename(dest)}.", suffix=".part", dir=os.path.dirname(dest))
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".part", dir=os.path.dirname(dest))
     try:
         with os.fdopen(fd, "wb") as out_file:
             try:
@@ -127,6 +126,5 @@ def download_missing(files, data_dir, mirrors, urlopen=None):
     paths = {}
     for name, expected_sha256 in files.items():
         path = os.path.join(data_dir, name)
-        paths[name] = path if os.path.exists(path) else download_file(
-            name, expected_sha256, data_dir, mirrors, urlopen)
+        paths[name] = path if os.path.exists(path) else download_file(name, expected_sha256, data_dir, mirrors, urlopen)
     return paths

@@ -89,17 +89,17 @@ def _parse_idx_header(path, data):
         if zero_prefix and element_type != _IDX_UBYTE:
             raise DataError(
                 f"{path}: unsupported IDX element type 0x{element_type:02x} "
-                f"(only 0x{_IDX_UBYTE:02x}, unsigned byte, is supported)")
+                f"(only 0x{_IDX_UBYTE:02x}, unsigned byte, is supported)"
+            )
         raise DataError(
             f"{path}: bad IDX magic number {magic} (0x{magic:08x}); expected "
-            f"{IDX_IMAGES_MAGIC} (images) or {IDX_LABELS_MAGIC} (labels)")
+            f"{IDX_IMAGES_MAGIC} (images) or {IDX_LABELS_MAGIC} (labels)"
+        )
     ndim = _IDX_NDIM[magic]
     header_bytes = _IDX_WORD.size * (1 + ndim)
     if len(data) < header_bytes:
-        raise DataError(
-            f"{path}: truncated IDX header ({len(data)} bytes, need {header_bytes})")
-    dims = tuple(_IDX_WORD.unpack_from(data, _IDX_WORD.size * (1 + i))[0]
-                 for i in range(ndim))
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, need {header_bytes})")
+    dims = tuple(_IDX_WORD.unpack_from(data, _IDX_WORD.size * (1 + i))[0] for i in range(ndim))
     return dims, header_bytes
 
 
@@ -124,12 +124,12 @@ def read_idx(path):
     found = len(data) - header_bytes
     if found < expected:
         raise DataError(
-            f"{path}: truncated IDX payload (header declares shape {list(dims)}, "
-            f"{expected} bytes; found {found})")
+            f"{path}: truncated IDX payload (header declares shape {list(dims)}, {expected} bytes; found {found})"
+        )
     if found > expected:
         raise DataError(
-            f"{path}: {found - expected} unexpected trailing bytes after the IDX "
-            f"payload of shape {list(dims)}")
+            f"{path}: {found - expected} unexpected trailing bytes after the IDX payload of shape {list(dims)}"
+        )
     # copy(): frombuffer over `bytes` is read-only; callers may modify the array.
     return np.frombuffer(data, dtype=np.uint8, offset=header_bytes).reshape(dims).copy()
 
@@ -149,8 +149,7 @@ def write_idx(path, array):
         raise ValueError(f"write_idx needs a uint8 array, got {array.dtype}")
     if array.ndim not in _IDX_MAGIC_FOR_NDIM:
         raise ValueError(f"write_idx needs a [N, H, W] or [N] array, got shape {array.shape}")
-    header = _IDX_WORD.pack(_IDX_MAGIC_FOR_NDIM[array.ndim]) + b"".join(
-        _IDX_WORD.pack(d) for d in array.shape)
+    header = _IDX_WORD.pack(_IDX_MAGIC_FOR_NDIM[array.ndim]) + b"".join(_IDX_WORD.pack(d) for d in array.shape)
     data = header + np.ascontiguousarray(array).tobytes()
     if path.endswith(".gz"):
         data = gzip.compress(data, mtime=0)  # mtime=0: identical bytes on every run.

@@ -22,14 +22,10 @@ NAME = "mnist"
 # shared/data/mnist/README.md (byte-identical to the files once published at
 # http://yann.lecun.com/exdb/mnist/).
 FILES = {
-    "train-images-idx3-ubyte.gz":
-        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-    "train-labels-idx1-ubyte.gz":
-        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-    "t10k-images-idx3-ubyte.gz":
-        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    "t10k-labels-idx1-ubyte.gz":
-        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
 }
 
 # Public mirrors of the original files (the ones torchvision and TFDS use), tried
@@ -76,7 +72,7 @@ def download(data_dir, mirrors=MIRRORS, urlopen=None):
 
 def _find_file(data_dir, name):
     """Returns the path of `name` (.gz) or its uncompressed form in `data_dir`, or None."""
-    for candidate in (name, name[:-len(".gz")]):
+    for candidate in (name, name[: -len(".gz")]):
         path = os.path.join(data_dir, candidate)
         if os.path.isfile(path):
             return path
@@ -86,9 +82,7 @@ def _find_file(data_dir, name):
 def _missing_file_error(data_dir, name):
     """The DataError for an MNIST file absent (in both forms) when download is off."""
     path = os.path.join(data_dir, name)
-    return DataError(
-        f"{path}: MNIST file not found (nor uncompressed {name[:-len('.gz')]}) "
-        "and download is disabled")
+    return DataError(f"{path}: MNIST file not found (nor uncompressed {name[: -len('.gz')]}) and download is disabled")
 
 
 def ensure(data_dir, download=True, urlopen=None):
@@ -128,9 +122,7 @@ def _check_images(path, images):
         raise DataError(f"{path}: expected an IDX images file, found a labels file")
     size = images.shape[1:]
     if size != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(
-            f"{path}: images are {size[0]}x{size[1]}, expected "
-            f"{IMAGE_SIZE}x{IMAGE_SIZE}")
+        raise DataError(f"{path}: images are {size[0]}x{size[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
 
 
 def _check_labels(path, labels):
@@ -139,9 +131,7 @@ def _check_labels(path, labels):
         raise DataError(f"{path}: expected an IDX labels file, found an images file")
     bad = np.flatnonzero(labels >= NUM_CLASSES)
     if bad.size:
-        raise DataError(
-            f"{path}: label {labels[bad[0]]} at index {bad[0]} is outside "
-            f"0..{NUM_CLASSES - 1}")
+        raise DataError(f"{path}: label {labels[bad[0]]} at index {bad[0]} is outside 0..{NUM_CLASSES - 1}")
 
 
 def load(data_dir, split):
@@ -171,11 +161,16 @@ def load(data_dir, split):
     labels = read_idx(labels_path)
     _check_labels(labels_path, labels)
     if len(images) != len(labels):
-        raise DataError(
-            f"{images_path}: {len(images)} images but {labels_path} has "
-            f"{len(labels)} labels")
+        raise DataError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels")
     return images, labels.astype(np.int64)
 
 
-SPEC = DatasetSpec(name=NAME, image_size=IMAGE_SIZE, channels=CHANNELS, num_classes=NUM_CLASSES,
-                   class_names=CLASS_NAMES, ensure=ensure, load=load)
+SPEC = DatasetSpec(
+    name=NAME,
+    image_size=IMAGE_SIZE,
+    channels=CHANNELS,
+    num_classes=NUM_CLASSES,
+    class_names=CLASS_NAMES,
+    ensure=ensure,
+    load=load,
+)

@@ -91,8 +91,7 @@ def random_shift(image, max_shift, seed=None):
     return tf.image.random_crop(padded, [height, width], seed=seed)  # [H, W]
 
 
-def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=None,
-                 drop_remainder=False, max_shift=0):
+def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=None, drop_remainder=False, max_shift=0):
     """Builds the tf.data input pipeline over in-memory MNIST arrays.
 
     Order: from_tensor_slices -> shuffle (buffer = whole set, reshuffled every
@@ -134,8 +133,7 @@ def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=N
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))  # ([H, W], [])
     if shuffle:
         whole_set = tf.shape(images, out_type=tf.int64)[0]
-        dataset = dataset.shuffle(
-            buffer_size=whole_set, seed=seed, reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(buffer_size=whole_set, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
     if max_shift:
@@ -146,8 +144,18 @@ def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=N
 
 
 Pipeline = collections.namedtuple(
-    "Pipeline", ["images_in", "labels_in", "train_iterator", "eval_iterator", "train_images", "train_labels",
-                 "eval_images", "eval_labels"])
+    "Pipeline",
+    [
+        "images_in",
+        "labels_in",
+        "train_iterator",
+        "eval_iterator",
+        "train_images",
+        "train_labels",
+        "eval_images",
+        "eval_labels",
+    ],
+)
 Pipeline.__doc__ = """The placeholders, iterators and batches `build_pipeline` returns.
 
 Attributes:
@@ -184,11 +192,21 @@ def build_pipeline(hparams, batch_size, eval_batch_size, seed, max_shift=0):
     """
     images_in = tf.placeholder(tf.uint8, [None, hparams.image_size, hparams.image_size], name="images_in")
     labels_in = tf.placeholder(tf.int64, [None], name="labels_in")
-    train_iterator = tf.data.make_initializable_iterator(make_dataset(
-        images_in, labels_in, batch_size, shuffle=True, repeat=True, seed=seed, drop_remainder=True,
-        max_shift=max_shift))
+    train_iterator = tf.data.make_initializable_iterator(
+        make_dataset(
+            images_in,
+            labels_in,
+            batch_size,
+            shuffle=True,
+            repeat=True,
+            seed=seed,
+            drop_remainder=True,
+            max_shift=max_shift,
+        )
+    )
     eval_iterator = tf.data.make_initializable_iterator(make_dataset(images_in, labels_in, eval_batch_size))
     train_images, train_labels = train_iterator.get_next()  # [batch_size, H, W, 1], [batch_size]
     eval_images, eval_labels = eval_iterator.get_next()  # [<= eval_batch_size, H, W, 1], [<= eval_batch_size]
-    return Pipeline(images_in, labels_in, train_iterator, eval_iterator, train_images, train_labels, eval_images,
-                    eval_labels)
+    return Pipeline(
+        images_in, labels_in, train_iterator, eval_iterator, train_images, train_labels, eval_images, eval_labels
+    )

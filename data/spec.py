@@ -7,7 +7,8 @@ its `SPEC` without importing the package it is part of (no import cycle).
 import collections
 
 DatasetSpec = collections.namedtuple(
-    "DatasetSpec", ["name", "image_size", "channels", "num_classes", "class_names", "ensure", "load"])
+    "DatasetSpec", ["name", "image_size", "channels", "num_classes", "class_names", "ensure", "load"]
+)
 DatasetSpec.__doc__ = """A dataset as the training code sees it.
 
 Attributes:

@@ -43,13 +43,13 @@ def _sigmoid(x):
 
 def _geometry_1d(size, kernel, stride, padding):
     """Returns (out_size, pad_before) for one spatial dimension (tf.nn.conv2d rule)."""
-    if padding == 'VALID':
+    if padding == "VALID":
         return (size - kernel) // stride + 1, 0
-    if padding == 'SAME':
+    if padding == "SAME":
         out = int(math.ceil(size / stride))
         pad_total = max((out - 1) * stride + kernel - size, 0)
         return out, pad_total // 2
-    raise ValueError('padding must be VALID or SAME, got %r' % (padding,))
+    raise ValueError("padding must be VALID or SAME, got %r" % (padding,))
 
 
 def conv_geometry(height, width, kernel_size, stride, padding):
@@ -100,8 +100,7 @@ def _conv2d(x, kernel, stride, padding):
     return out
 
 
-def primary_caps_reference(x, pose_kernel, pose_bias, act_kernel, act_bias, stride=1,
-                           padding='VALID'):
+def primary_caps_reference(x, pose_kernel, pose_bias, act_kernel, act_bias, stride=1, padding="VALID"):
     """PrimaryCaps layer.
 
     Args:
@@ -122,9 +121,21 @@ def primary_caps_reference(x, pose_kernel, pose_bias, act_kernel, act_bias, stri
     return poses, _sigmoid(logits)
 
 
-def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, iterations,
-                         final_lambda, standardise_costs=False, activation_form='paper', mean_momentum=0.0,
-                         mass_epsilon=0.0, normalise_over='positions_and_types'):
+def em_routing_reference(
+    votes,
+    child_acts,
+    sees,
+    beta_v,
+    beta_a,
+    parent_type,
+    iterations,
+    final_lambda,
+    standardise_costs=False,
+    activation_form="paper",
+    mean_momentum=0.0,
+    mass_epsilon=0.0,
+    normalise_over="positions_and_types",
+):
     """EM routing (paper Procedure 1) for ONE example over an explicit bipartite graph.
 
     Args:
@@ -159,15 +170,16 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
 
     num_types = len(beta_a)
     # The parents each child is normalised over: all of them, or those of one type at a time.
-    if normalise_over == 'positions':
-        groups = [[[j for j in parents_of[i] if parent_type[j] == o] for o in range(num_types)]
-                  for i in range(num_children)]
+    if normalise_over == "positions":
+        groups = [
+            [[j for j in parents_of[i] if parent_type[j] == o] for o in range(num_types)] for i in range(num_children)
+        ]
     else:
         groups = [[parents_of[i]] for i in range(num_children)]
     assign = np.zeros((num_children, num_parents), np.float64)
     for i in range(num_children):
         for j in parents_of[i]:
-            assign[i, j] = 1.0 / (num_types if normalise_over == 'positions' else len(parents_of[i]))
+            assign[i, j] = 1.0 / (num_types if normalise_over == "positions" else len(parents_of[i]))
 
     mu = np.zeros((num_parents, POSE_SIZE), np.float64)
     var = np.zeros((num_parents, POSE_SIZE), np.float64)
@@ -194,7 +206,7 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
             total_cost[j] = np.sum(cost)
         for j in range(num_parents):
             o = parent_type[j]
-            if activation_form == 'official':
+            if activation_form == "official":
                 fit = -np.sum(np.log(var[j])) - POSE_SIZE * beta_v[o] * (math.log(2.0 * math.pi) + 1.0)
                 logit = lam * (masses[j] * fit - OFFICIAL_BETA_A_SCALE * beta_a[o])
             elif standardise_costs:
@@ -216,7 +228,7 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
                 logits = []
                 for j in group:
                     diff = votes[i, j] - mu[j]
-                    log_p = -np.sum(diff ** 2 / (2.0 * var[j]) + 0.5 * np.log(2.0 * math.pi * var[j]))
+                    log_p = -np.sum(diff**2 / (2.0 * var[j]) + 0.5 * np.log(2.0 * math.pi * var[j]))
                     logits.append(log_parent_acts[j] + log_p)
                 shift = max(logits)
                 exp_terms = [math.exp(logit - shift) for logit in logits]
@@ -227,8 +239,20 @@ def em_routing_reference(votes, child_acts, sees, beta_v, beta_a, parent_type, i
     return mu, parent_acts, assign, history
 
 
-def conv_caps_reference(poses, acts, weights, beta_v, beta_a, kernel_size, stride, padding,
-                        iterations, final_lambda, standardise_costs=False, **form):
+def conv_caps_reference(
+    poses,
+    acts,
+    weights,
+    beta_v,
+    beta_a,
+    kernel_size,
+    stride,
+    padding,
+    iterations,
+    final_lambda,
+    standardise_costs=False,
+    **form,
+):
     """ConvCaps layer with EM routing.
 
     Args:
@@ -268,16 +292,26 @@ def conv_caps_reference(poses, acts, weights, beta_v, beta_a, kernel_size, strid
                     votes[child, parent] = vote.reshape(POSE_SIZE)
         child_acts = acts[b].reshape(num_children)  # row-major == (h*W + w)*I + i
         mu, parent_acts, assign, _ = em_routing_reference(
-            votes, child_acts, sees, beta_v, beta_a, parent_type, iterations, final_lambda, standardise_costs,
-            **form)
+            votes, child_acts, sees, beta_v, beta_a, parent_type, iterations, final_lambda, standardise_costs, **form
+        )
         out_poses[b] = mu.reshape(out_h, out_w, num_out, POSE_DIM, POSE_DIM)
         out_acts[b] = parent_acts.reshape(out_h, out_w, num_out)
         assignments.append(assign)
     return out_poses, out_acts, assignments
 
 
-def class_caps_reference(poses, acts, weights, beta_v, beta_a, iterations, final_lambda,
-                         standardise_costs=False, coordinate_offsets=None, **form):
+def class_caps_reference(
+    poses,
+    acts,
+    weights,
+    beta_v,
+    beta_a,
+    iterations,
+    final_lambda,
+    standardise_costs=False,
+    coordinate_offsets=None,
+    **form,
+):
     """ClassCaps layer: every grid cell is a child; votes get coordinate addition.
 
     Args:
@@ -317,8 +351,17 @@ def class_caps_reference(poses, acts, weights, beta_v, beta_a, iterations, final
                             vote[1, POSE_DIM - 1] += (w + CELL_CENTRE) / width
                         votes[child, c] = vote.reshape(POSE_SIZE)
         mu, parent_acts, _, _ = em_routing_reference(
-            votes, acts[b].reshape(num_children), sees, beta_v, beta_a,
-            list(range(num_classes)), iterations, final_lambda, standardise_costs, **form)
+            votes,
+            acts[b].reshape(num_children),
+            sees,
+            beta_v,
+            beta_a,
+            list(range(num_classes)),
+            iterations,
+            final_lambda,
+            standardise_costs,
+            **form,
+        )
         out_poses[b] = mu.reshape(num_classes, POSE_DIM, POSE_DIM)
         out_acts[b] = parent_acts
     return out_poses, out_acts
@@ -337,7 +380,7 @@ def fold_reference(patches, height, width, kernel_size, stride, padding):
     """
     patches = np.asarray(patches, np.float64)
     n, _, _, k_h, k_w, channels = patches.shape
-    assert (k_h, k_w) == _pair(kernel_size), 'patch shape does not match kernel_size'
+    assert (k_h, k_w) == _pair(kernel_size), "patch shape does not match kernel_size"
     out = np.zeros((n, height, width, channels), np.float64)
     for b in range(n):
         for oh, ow, kh, kw, h, w in _receptive_field(height, width, kernel_size, stride, padding):

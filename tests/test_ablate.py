@@ -10,13 +10,28 @@ import pytest
 from test_main import REPO_ROOT, SMALL_RUN, assert_png, main_env, write_tiny_mnist
 
 ABLATE = os.path.join(REPO_ROOT, "ablate.py")
-STUDY = ["--study_dir", "study", "--variants", "paper,official", "--iteration_counts", "2", "--seeds", "1",
-         "--cell_steps", "2", "--parallel", "2", "--data_dir", "data"] + SMALL_RUN
+STUDY = [
+    "--study_dir",
+    "study",
+    "--variants",
+    "paper,official",
+    "--iteration_counts",
+    "2",
+    "--seeds",
+    "1",
+    "--cell_steps",
+    "2",
+    "--parallel",
+    "2",
+    "--data_dir",
+    "data",
+] + SMALL_RUN
 
 
 def run_ablate(args, cwd):
-    return subprocess.run([sys.executable, ABLATE] + args, cwd=str(cwd), env=main_env(), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, ABLATE] + args, cwd=str(cwd), env=main_env(), capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +67,15 @@ def test_rerun_trains_nothing(study):
     assert "2 finished before, 0 to train" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--variants", "paper,nonsense"], "unknown variant 'nonsense'"),
-    (["--iteration_counts", "0,2"], "--iteration_counts must be >= 1"),
-    (["--seeds", "one"], "--seeds"),
-], ids=["unknown_variant", "zero_iterations", "bad_seed"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--variants", "paper,nonsense"], "unknown variant 'nonsense'"),
+        (["--iteration_counts", "0,2"], "--iteration_counts must be >= 1"),
+        (["--seeds", "one"], "--seeds"),
+    ],
+    ids=["unknown_variant", "zero_iterations", "bad_seed"],
+)
 def test_bad_input_is_one_line(tmp_path, args, message):
     """A bad study flag is one line on stderr and exit code 2; nothing is trained."""
     result = run_ablate(["--study_dir", "study"] + args, tmp_path)

@@ -12,8 +12,20 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO_ROOT, "bench.py")
 _SUBPROCESS_TIMEOUT_S = 300
 # Keys issue 5 asks of the JSON line, plus the run's settings.
-_REQUIRED_KEYS = {"preset", "batch_size", "mode", "images_per_sec", "step_ms", "peak_rss_mb", "flops_per_image",
-                  "threads", "micro_batch_size", "micro_batches", "matmul_gflops", "fraction_of_matmul_rate"}
+_REQUIRED_KEYS = {
+    "preset",
+    "batch_size",
+    "mode",
+    "images_per_sec",
+    "step_ms",
+    "peak_rss_mb",
+    "flops_per_image",
+    "threads",
+    "micro_batch_size",
+    "micro_batches",
+    "matmul_gflops",
+    "fraction_of_matmul_rate",
+}
 
 
 def _small_forward_flops():
@@ -29,8 +41,20 @@ def _small_forward_flops():
 
 def test_tiny_run_prints_a_row_and_json():
     """A 2-image, 1-step training benchmark in 2 micro-batches prints its row and a complete JSON line."""
-    command = [sys.executable, BENCH, "--preset", "small", "--batch_size", "2", "--steps", "1", "--warmup", "1",
-               "--micro_batch_size", "1"]
+    command = [
+        sys.executable,
+        BENCH,
+        "--preset",
+        "small",
+        "--batch_size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--micro_batch_size",
+        "1",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=_SUBPROCESS_TIMEOUT_S, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     row, json_line = result.stdout.strip().splitlines()[-2:]

@@ -8,9 +8,11 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 import capsule_layers as cl
+import em_routing
 import numpy_reference as ref
 
 CONFIGS = list(itertools.product(("VALID", "SAME"), (1, 2)))  # (padding, stride)
+GEOMETRIES = [("%s_stride%d" % config, *config) for config in CONFIGS]  # named test cases
 RELATIVE_TOLERANCE = 1e-5  # issue acceptance: float64 TF vs reference
 GRADIENT_TOLERANCE = 1e-4
 FINITE_DIFFERENCE_DELTA = 1e-6  # float64 central differences: truncation ~1e-12, rounding ~1e-10
@@ -27,18 +29,18 @@ def _relative_error(actual, expected):
 
 
 def _routing_variables(rng, weight_shape, parents):
-    return (rng.normal(scale=0.5, size=weight_shape), rng.uniform(0.0, 1.0, parents),
-            rng.uniform(0.0, 1.0, parents))
+    return (rng.normal(scale=0.5, size=weight_shape), rng.uniform(0.0, 1.0, parents), rng.uniform(0.0, 1.0, parents))
 
 
 def _initializers(weights, beta_v, beta_a):
-    return dict(weights_initializer=tf.constant_initializer(weights),
-                beta_v_initializer=tf.constant_initializer(beta_v),
-                beta_a_initializer=tf.constant_initializer(beta_a))
+    return dict(
+        weights_initializer=tf.constant_initializer(weights),
+        beta_v_initializer=tf.constant_initializer(beta_v),
+        beta_a_initializer=tf.constant_initializer(beta_a),
+    )
 
 
-class ReceptiveFieldTest(tf.test.TestCase):
-
+class ReceptiveFieldTest(parameterized.TestCase, tf.test.TestCase):
     def test_fold_one_dimensional_example(self):
         """Size-2, stride-1 patches of [1, 2, 3, 4] fold back to [1, 4, 6, 4], not [6, 9]."""
         field = cl.ReceptiveField(1, 4, (1, 2), 1, "VALID")
@@ -47,33 +49,33 @@ class ReceptiveFieldTest(tf.test.TestCase):
             folded = sess.run(field.fold(tf.constant(patches)))
         self.assertAllClose(folded.ravel(), [1.0, 4.0, 6.0, 4.0])
 
-    def test_fold_matches_brute_force(self):
+    @parameterized.named_parameters(*GEOMETRIES)
+    def test_fold_matches_brute_force(self, padding, stride):
         """The dense fold equals a loop over parents and offsets, for VALID/SAME and strides 1/2."""
         rng = np.random.RandomState(0)
-        for padding, stride in CONFIGS:
-            field = cl.ReceptiveField(6, 5, 3, stride, padding)
-            patches = rng.normal(size=[2, field.out_height, field.out_width, 3, 3, 4])
-            with self.session() as sess:
-                folded = sess.run(field.fold(tf.constant(patches)))
-            self.assertAllClose(folded, ref.fold_reference(patches, 6, 5, 3, stride, padding), atol=1e-12)
+        field = cl.ReceptiveField(6, 5, 3, stride, padding)
+        patches = rng.normal(size=[2, field.out_height, field.out_width, 3, 3, 4])
+        with self.session() as sess:
+            folded = sess.run(field.fold(tf.constant(patches)))
+        self.assertAllClose(folded, ref.fold_reference(patches, 6, 5, 3, stride, padding), atol=1e-12)
 
-    def test_fold_max_matches_brute_force(self):
+    @parameterized.named_parameters(*GEOMETRIES)
+    def test_fold_max_matches_brute_force(self, padding, stride):
         """The fold-max (the E-step's per-child shift) is the maximum over every patch holding the child."""
         rng = np.random.RandomState(1)
-        for padding, stride in CONFIGS:
-            field = cl.ReceptiveField(5, 5, 3, stride, padding)
-            patches = rng.normal(size=[1, field.out_height, field.out_width, 3, 3, 2])
-            expected = np.full([1, 5, 5, 2], -np.inf)
-            _, _, pad_top, pad_left = ref.conv_geometry(5, 5, 3, stride, padding)
-            offsets = itertools.product(range(field.out_height), range(field.out_width), range(3), range(3))
-            for oh, ow, kh, kw in offsets:
-                h, w = oh * stride + kh - pad_top, ow * stride + kw - pad_left
-                if 0 <= h < 5 and 0 <= w < 5:
-                    expected[0, h, w] = np.maximum(expected[0, h, w], patches[0, oh, ow, kh, kw])
-            with self.session() as sess:
-                folded = sess.run(field.fold(tf.constant(patches), "max"))
-            seen = np.isfinite(expected)
-            self.assertAllClose(folded[seen], expected[seen])
+        field = cl.ReceptiveField(5, 5, 3, stride, padding)
+        patches = rng.normal(size=[1, field.out_height, field.out_width, 3, 3, 2])
+        expected = np.full([1, 5, 5, 2], -np.inf)
+        _, _, pad_top, pad_left = ref.conv_geometry(5, 5, 3, stride, padding)
+        offsets = itertools.product(range(field.out_height), range(field.out_width), range(3), range(3))
+        for oh, ow, kh, kw in offsets:
+            h, w = oh * stride + kh - pad_top, ow * stride + kw - pad_left
+            if 0 <= h < 5 and 0 <= w < 5:
+                expected[0, h, w] = np.maximum(expected[0, h, w], patches[0, oh, ow, kh, kw])
+        with self.session() as sess:
+            folded = sess.run(field.fold(tf.constant(patches), "max"))
+        seen = np.isfinite(expected)
+        self.assertAllClose(folded[seen], expected[seen])
 
     def test_parent_counts(self):
         """Corner, edge and centre children are seen by the right number of parent positions."""
@@ -85,7 +87,6 @@ class ReceptiveFieldTest(tf.test.TestCase):
 
 
 class PrimaryCapsTest(tf.test.TestCase):
-
     def test_shapes_variables_and_reference(self):
         """Output shapes, the 4 variables, and float64 agreement with the loop reference."""
         rng = np.random.RandomState(2)
@@ -94,41 +95,66 @@ class PrimaryCapsTest(tf.test.TestCase):
         poses, activations = layer(tf.constant(features))
         self.assertEqual(poses.shape.as_list(), [2, 3, 3, 4, 4, 4])
         self.assertEqual(activations.shape.as_list(), [2, 3, 3, 4])
-        self.assertEqual(sorted(v.op.name for v in layer.variables),
-                         ["primary_caps/activation_bias", "primary_caps/activation_kernel",
-                          "primary_caps/pose_bias", "primary_caps/pose_kernel"])
+        self.assertEqual(
+            sorted(v.op.name for v in layer.variables),
+            [
+                "primary_caps/activation_bias",
+                "primary_caps/activation_kernel",
+                "primary_caps/pose_bias",
+                "primary_caps/pose_kernel",
+            ],
+        )
         with self.session() as sess:
             sess.run(tf.global_variables_initializer())
             sess.run([layer.pose_bias.assign(rng.normal(size=64)), layer.activation_bias.assign(rng.normal(size=4))])
-            values = sess.run([poses, activations, layer.pose_kernel, layer.pose_bias,
-                               layer.activation_kernel, layer.activation_bias])
+            values = sess.run(
+                [poses, activations, layer.pose_kernel, layer.pose_bias, layer.activation_kernel, layer.activation_bias]
+            )
         expected = ref.primary_caps_reference(features, *values[2:], stride=2, padding="SAME")
         self.assertLess(_relative_error(values[0], expected[0]), RELATIVE_TOLERANCE)
         self.assertLess(_relative_error(values[1], expected[1]), RELATIVE_TOLERANCE)
 
 
-class ConvCapsTest(tf.test.TestCase):
-
-    def _build(self, rng, padding, stride, height=5, in_types=2, out_types=3, iterations=3, final_lambda=0.01,
-               standardise_costs=False):
+class ConvCapsTest(parameterized.TestCase, tf.test.TestCase):
+    def _build(
+        self,
+        rng,
+        padding,
+        stride,
+        height=5,
+        in_types=2,
+        out_types=3,
+        iterations=3,
+        final_lambda=0.01,
+        standardise_costs=False,
+    ):
         poses, activations = _random_capsules(rng, 2, height, height, in_types)
         variables = _routing_variables(rng, [3, 3, in_types, out_types, 4, 4], out_types)
-        layer = cl.ConvCaps(out_types, 3, stride, padding, iterations, final_lambda, dtype=tf.float64,
-                            standardise_costs=standardise_costs, **_initializers(*variables))
+        layer = cl.ConvCaps(
+            out_types,
+            3,
+            stride,
+            padding,
+            iterations,
+            final_lambda,
+            dtype=tf.float64,
+            standardise_costs=standardise_costs,
+            **_initializers(*variables),
+        )
         outputs = layer(tf.constant(poses), tf.constant(activations))
         return layer, outputs, poses, activations, variables
 
-    def test_output_shapes(self):
+    @parameterized.named_parameters(*GEOMETRIES)
+    def test_output_shapes(self, padding, stride):
         """Output grids follow tf.nn.conv2d for VALID/SAME x stride 1/2, with an unknown batch size."""
         expected = {("VALID", 1): 5, ("VALID", 2): 3, ("SAME", 1): 7, ("SAME", 2): 4}
-        for padding, stride in CONFIGS:
-            with tf.Graph().as_default():
-                poses = tf.placeholder(tf.float32, [None, 7, 7, 4, 4, 4])
-                activations = tf.placeholder(tf.float32, [None, 7, 7, 4])
-                out_poses, out_activations = cl.conv_caps(poses, activations, 5, 3, stride, padding)
-                size = expected[(padding, stride)]
-                self.assertEqual(out_poses.shape.as_list(), [None, size, size, 5, 4, 4])
-                self.assertEqual(out_activations.shape.as_list(), [None, size, size, 5])
+        with tf.Graph().as_default():
+            poses = tf.placeholder(tf.float32, [None, 7, 7, 4, 4, 4])
+            activations = tf.placeholder(tf.float32, [None, 7, 7, 4])
+            out_poses, out_activations = cl.conv_caps(poses, activations, 5, 3, stride, padding)
+            size = expected[(padding, stride)]
+            self.assertEqual(out_poses.shape.as_list(), [None, size, size, 5, 4, 4])
+            self.assertEqual(out_activations.shape.as_list(), [None, size, size, 5])
 
     def test_variables(self):
         """Three variables per layer: weights [K, K, I, O, 4, 4], beta_v [O], beta_a [O]; reused on a second call."""
@@ -138,106 +164,124 @@ class ConvCapsTest(tf.test.TestCase):
         layer(poses, activations)
         layer(poses, activations)
         shapes = {v.op.name: v.shape.as_list() for v in tf.global_variables()}
-        self.assertEqual(shapes, {"conv_caps1/weights": [3, 3, 2, 3, 4, 4], "conv_caps1/beta_v": [3],
-                                  "conv_caps1/beta_a": [3]})
+        self.assertEqual(
+            shapes, {"conv_caps1/weights": [3, 3, 2, 3, 4, 4], "conv_caps1/beta_v": [3], "conv_caps1/beta_a": [3]}
+        )
 
-    def test_matches_numpy_reference(self):
+    @parameterized.named_parameters(*GEOMETRIES)
+    def test_matches_numpy_reference(self, padding, stride):
         """A whole forward pass with 3 routing iterations equals the float64 loop reference (rel. error < 1e-5)."""
-        for padding, stride in CONFIGS:
-            with tf.Graph().as_default(), self.session() as sess:
-                rng = np.random.RandomState(3)
-                layer, outputs, poses, activations, variables = self._build(rng, padding, stride)
-                sess.run(tf.global_variables_initializer())
-                out_poses, out_activations = sess.run(outputs)
-            expected_poses, expected_activations, _ = ref.conv_caps_reference(
-                poses, activations, *variables, 3, stride, padding, 3, 0.01)
-            self.assertLess(_relative_error(out_poses, expected_poses), RELATIVE_TOLERANCE, (padding, stride))
-            self.assertLess(_relative_error(out_activations, expected_activations), RELATIVE_TOLERANCE)
+        with tf.Graph().as_default(), self.session() as sess:
+            rng = np.random.RandomState(3)
+            layer, outputs, poses, activations, variables = self._build(rng, padding, stride)
+            sess.run(tf.global_variables_initializer())
+            out_poses, out_activations = sess.run(outputs)
+        expected_poses, expected_activations, _ = ref.conv_caps_reference(
+            poses, activations, *variables, 3, stride, padding, 3, 0.01
+        )
+        self.assertLess(_relative_error(out_poses, expected_poses), RELATIVE_TOLERANCE, (padding, stride))
+        self.assertLess(_relative_error(out_activations, expected_activations), RELATIVE_TOLERANCE)
 
-    def test_standardised_costs_match_numpy_reference(self):
+    @parameterized.named_parameters(*GEOMETRIES)
+    def test_standardised_costs_match_numpy_reference(self, padding, stride):
         """With standardised costs the forward pass equals the float64 reference (rel. error < 1e-5).
 
         Two iterations: dividing by the spread of 3 costs amplifies the last-bit differences between
         E[V^2] - mu^2 and the reference's two-pass variance, and a third EM iteration amplifies them
         past 1e-5 on these random votes (measured: 1e-4 at iteration 3, 1e-7 at iteration 2).
         """
-        for padding, stride in CONFIGS:
-            with tf.Graph().as_default(), self.session() as sess:
-                rng = np.random.RandomState(5)
-                layer, outputs, poses, activations, variables = self._build(rng, padding, stride, iterations=2,
-                                                                            final_lambda=1.0, standardise_costs=True)
-                sess.run(tf.global_variables_initializer())
-                out_poses, out_activations = sess.run(outputs)
-            expected_poses, expected_activations, _ = ref.conv_caps_reference(
-                poses, activations, *variables, 3, stride, padding, 2, 1.0, standardise_costs=True)
-            self.assertLess(_relative_error(out_poses, expected_poses), RELATIVE_TOLERANCE, (padding, stride))
-            self.assertLess(_relative_error(out_activations, expected_activations), RELATIVE_TOLERANCE)
+        with tf.Graph().as_default(), self.session() as sess:
+            rng = np.random.RandomState(5)
+            layer, outputs, poses, activations, variables = self._build(
+                rng, padding, stride, iterations=2, final_lambda=1.0, standardise_costs=True
+            )
+            sess.run(tf.global_variables_initializer())
+            out_poses, out_activations = sess.run(outputs)
+        expected_poses, expected_activations, _ = ref.conv_caps_reference(
+            poses, activations, *variables, 3, stride, padding, 2, 1.0, standardise_costs=True
+        )
+        self.assertLess(_relative_error(out_poses, expected_poses), RELATIVE_TOLERANCE, (padding, stride))
+        self.assertLess(_relative_error(out_activations, expected_activations), RELATIVE_TOLERANCE)
 
-    def test_assignments_match_reference(self):
+    @parameterized.named_parameters(*GEOMETRIES)
+    def test_assignments_match_reference(self, padding, stride):
         """The final assignments R, mapped to (child, parent) pairs, equal the reference's."""
-        for padding, stride in CONFIGS:
-            with tf.Graph().as_default(), self.session() as sess:
-                rng = np.random.RandomState(4)
-                layer, _, poses, activations, variables = self._build(rng, padding, stride)
-                sess.run(tf.global_variables_initializer())
-                assignments = sess.run(layer.end_points["assignments"])  # [N*P, O, KKI]
-            _, _, expected = ref.conv_caps_reference(poses, activations, *variables, 3, stride, padding, 3, 0.01)
-            field = layer.field
-            _, _, pad_top, pad_left = ref.conv_geometry(5, 5, 3, stride, padding)
-            r = assignments.reshape(2, field.out_height, field.out_width, 3, 3, 3, 2)  # [N, OH, OW, O, K, K, I]
-            r = np.transpose(r, [4, 5, 6, 0, 1, 2, 3])  # [K, K, I, N, OH, OW, O]
-            mapped = np.zeros_like(expected)
-            for kh, kw, i, n, oh, ow in itertools.product(range(3), range(3), range(2), range(2),
-                                                          range(field.out_height), range(field.out_width)):
-                h, w = oh * stride + kh - pad_top, ow * stride + kw - pad_left
-                if 0 <= h < 5 and 0 <= w < 5:
-                    parent = (oh * field.out_width + ow) * 3
-                    mapped[n, (h * 5 + w) * 2 + i, parent:parent + 3] = r[kh, kw, i, n, oh, ow]
-                else:
-                    self.assertAllEqual(r[kh, kw, i, n, oh, ow], np.zeros(3))  # padded offsets hold no child
-            self.assertAllClose(mapped, expected, atol=1e-9)
+        with tf.Graph().as_default(), self.session() as sess:
+            rng = np.random.RandomState(4)
+            layer, _, poses, activations, variables = self._build(rng, padding, stride)
+            sess.run(tf.global_variables_initializer())
+            assignments = sess.run(layer.end_points["assignments"])  # [N*P, O, KKI]
+        _, _, expected = ref.conv_caps_reference(poses, activations, *variables, 3, stride, padding, 3, 0.01)
+        field = layer.field
+        _, _, pad_top, pad_left = ref.conv_geometry(5, 5, 3, stride, padding)
+        r = assignments.reshape(2, field.out_height, field.out_width, 3, 3, 3, 2)  # [N, OH, OW, O, K, K, I]
+        r = np.transpose(r, [4, 5, 6, 0, 1, 2, 3])  # [K, K, I, N, OH, OW, O]
+        mapped = np.zeros_like(expected)
+        for kh, kw, i, n, oh, ow in itertools.product(
+            range(3), range(3), range(2), range(2), range(field.out_height), range(field.out_width)
+        ):
+            h, w = oh * stride + kh - pad_top, ow * stride + kw - pad_left
+            if 0 <= h < 5 and 0 <= w < 5:
+                parent = (oh * field.out_width + ow) * 3
+                mapped[n, (h * 5 + w) * 2 + i, parent : parent + 3] = r[kh, kw, i, n, oh, ow]
+            else:
+                self.assertAllEqual(r[kh, kw, i, n, oh, ow], np.zeros(3))  # padded offsets hold no child
+        self.assertAllClose(mapped, expected, atol=1e-9)
 
     def _child_sums(self, layer, assignments):
         """Sums R [N*P, O, KKI] over every parent of each child: [N, H, W, I]."""
         field = layer.field
-        kk, in_types = layer.kernel_size ** 2, layer.input_types
+        kk, in_types = layer.kernel_size**2, layer.input_types
         per_offset = tf.reduce_sum(assignments, axis=1)  # [NP, KKI]
         per_offset = tf.reshape(per_offset, [-1, field.out_height, field.out_width, kk, in_types])
         return field.fold(per_offset)
 
-    def test_assignments_sum_to_one_per_child(self):
+    @parameterized.named_parameters(
+        *[
+            ("%s_stride%d_iterations%d" % (padding, stride, iterations), padding, stride, iterations)
+            for (padding, stride), iterations in itertools.product(CONFIGS + [("VALID", 3)], (1, 3))
+        ]
+    )
+    def test_assignments_sum_to_one_per_child(self, padding, stride, iterations):
         """Every child's final and initial R sum to 1 over all parents that see it (corners and edges too)."""
-        for (padding, stride), iterations in itertools.product(CONFIGS + [("VALID", 3)], (1, 3)):
-            with tf.Graph().as_default(), self.session() as sess:
-                rng = np.random.RandomState(5)
-                layer, _, _, _, _ = self._build(rng, padding, stride, height=6, iterations=iterations)
-                sums = self._child_sums(layer, layer.end_points["assignments"])
-                sess.run(tf.global_variables_initializer())
-                sums = sess.run(sums)
-            covered = np.broadcast_to(layer.field.parent_positions[None, :, :, None] > 0, sums.shape)
-            self.assertAllClose(sums[covered], np.ones(covered.sum()), atol=1e-12)
-            self.assertAllEqual(sums[~covered], np.zeros((~covered).sum()))
+        with tf.Graph().as_default(), self.session() as sess:
+            rng = np.random.RandomState(5)
+            layer, _, _, _, _ = self._build(rng, padding, stride, height=6, iterations=iterations)
+            sums = self._child_sums(layer, layer.end_points["assignments"])
+            sess.run(tf.global_variables_initializer())
+            sums = sess.run(sums)
+        covered = np.broadcast_to(layer.field.parent_positions[None, :, :, None] > 0, sums.shape)
+        self.assertAllClose(sums[covered], np.ones(covered.sum()), atol=1e-12)
+        self.assertAllEqual(sums[~covered], np.zeros((~covered).sum()))
 
-    def test_gradients(self):
+    @parameterized.named_parameters(("VALID_stride1", "VALID", 1), ("SAME_stride2", "SAME", 2))
+    def test_gradients(self, padding, stride):
         """Analytic gradients of poses and activations w.r.t. every input and variable match finite differences."""
-        for padding, stride in (("VALID", 1), ("SAME", 2)):
-            with tf.Graph().as_default(), self.session():
-                rng = np.random.RandomState(6)
-                poses, activations = _random_capsules(rng, 1, 4, 4, 2)
-                poses_t, activations_t = tf.constant(poses), tf.constant(activations)
-                layer = cl.ConvCaps(2, 3, stride, padding, iterations=2, final_lambda=0.5, dtype=tf.float64,
-                                    **_initializers(*_routing_variables(rng, [3, 3, 2, 2, 4, 4], 2)))
-                out_poses, out_activations = layer(poses_t, activations_t)
-                tf.global_variables_initializer().run()
-                for x in [poses_t, activations_t] + layer.variables:
-                    for y in (out_poses, out_activations):
-                        error = tf.test.compute_gradient_error(x, x.shape.as_list(), y, y.shape.as_list(),
-                                                                 delta=FINITE_DIFFERENCE_DELTA)
-                        self.assertLess(error, GRADIENT_TOLERANCE, (padding, stride, x.name, y.name))
+        with tf.Graph().as_default(), self.session():
+            rng = np.random.RandomState(6)
+            poses, activations = _random_capsules(rng, 1, 4, 4, 2)
+            poses_t, activations_t = tf.constant(poses), tf.constant(activations)
+            layer = cl.ConvCaps(
+                2,
+                3,
+                stride,
+                padding,
+                iterations=2,
+                final_lambda=0.5,
+                dtype=tf.float64,
+                **_initializers(*_routing_variables(rng, [3, 3, 2, 2, 4, 4], 2)),
+            )
+            out_poses, out_activations = layer(poses_t, activations_t)
+            tf.global_variables_initializer().run()
+            for x in [poses_t, activations_t] + layer.variables:
+                for y in (out_poses, out_activations):
+                    error = tf.test.compute_gradient_error(
+                        x, x.shape.as_list(), y, y.shape.as_list(), delta=FINITE_DIFFERENCE_DELTA
+                    )
+                    self.assertLess(error, GRADIENT_TOLERANCE, (padding, stride, x.name, y.name))
 
 
 class ClassCapsTest(tf.test.TestCase):
-
     def test_shapes_and_variables(self):
         """Output [N, C, 4, 4] and [N, C]; weights [I, C, 4, 4] shared over positions, beta_v/beta_a [C]."""
         poses = tf.placeholder(tf.float32, [None, 3, 3, 4, 4, 4])
@@ -245,8 +289,9 @@ class ClassCapsTest(tf.test.TestCase):
         self.assertEqual(out_poses.shape.as_list(), [None, 10, 4, 4])
         self.assertEqual(out_activations.shape.as_list(), [None, 10])
         shapes = {v.op.name: v.shape.as_list() for v in tf.global_variables()}
-        self.assertEqual(shapes, {"class_caps/weights": [4, 10, 4, 4], "class_caps/beta_v": [10],
-                                  "class_caps/beta_a": [10]})
+        self.assertEqual(
+            shapes, {"class_caps/weights": [4, 10, 4, 4], "class_caps/beta_v": [10], "class_caps/beta_a": [10]}
+        )
 
     def test_matches_numpy_reference(self):
         """Votes with coordinate addition and 3 routing iterations equal the float64 loop reference."""
@@ -268,18 +313,21 @@ class ClassCapsTest(tf.test.TestCase):
         poses, activations = _random_capsules(rng, 2, 3, 4, 2)
         variables = _routing_variables(rng, [2, 5, 4, 4], 5)
         poses_t, activations_t = tf.constant(poses), tf.constant(activations)
-        layer = cl.ClassCaps(5, iterations=3, final_lambda=1.0, standardise_costs=True, dtype=tf.float64,
-                             **_initializers(*variables))
+        layer = cl.ClassCaps(
+            5, iterations=3, final_lambda=1.0, standardise_costs=True, dtype=tf.float64, **_initializers(*variables)
+        )
         outputs = layer(poses_t, activations_t)
         with self.session() as sess:
             sess.run(tf.global_variables_initializer())
             out_poses, out_activations = sess.run(outputs)
             for x in [poses_t, activations_t] + layer.variables:
-                error = tf.test.compute_gradient_error(x, x.shape.as_list(), outputs[1], [2, 5],
-                                                       delta=FINITE_DIFFERENCE_DELTA)
+                error = tf.test.compute_gradient_error(
+                    x, x.shape.as_list(), outputs[1], [2, 5], delta=FINITE_DIFFERENCE_DELTA
+                )
                 self.assertLess(error, GRADIENT_TOLERANCE, x.name)
-        expected_poses, expected_activations = ref.class_caps_reference(poses, activations, *variables, 3, 1.0,
-                                                                        standardise_costs=True)
+        expected_poses, expected_activations = ref.class_caps_reference(
+            poses, activations, *variables, 3, 1.0, standardise_costs=True
+        )
         self.assertLess(_relative_error(out_poses, expected_poses), RELATIVE_TOLERANCE)
         self.assertLess(_relative_error(out_activations, expected_activations), RELATIVE_TOLERANCE)
 
@@ -292,8 +340,9 @@ class ClassCapsTest(tf.test.TestCase):
             votes = sess.run(layer.end_points["votes"])  # [N, C, H*W*I, 16]
         votes = np.transpose(votes.reshape(2, 2, 4, 4, 4), [1, 2, 3, 0, 4])  # [H, W, 4, C, 4]
         self.assertAllClose(votes[:, :, 0, :, 3], np.broadcast_to([[0.25], [0.75]], [2, 4])[..., None] * np.ones(2))
-        self.assertAllClose(votes[:, :, 1, :, 3], np.broadcast_to([0.125, 0.375, 0.625, 0.875], [2, 4])[..., None]
-                            * np.ones(2))
+        self.assertAllClose(
+            votes[:, :, 1, :, 3], np.broadcast_to([0.125, 0.375, 0.625, 0.875], [2, 4])[..., None] * np.ones(2)
+        )
         votes[:, :, 0:2, :, 3] = 0.0
         self.assertAllEqual(votes, np.zeros_like(votes))
 
@@ -302,15 +351,21 @@ class ClassCapsTest(tf.test.TestCase):
         rng = np.random.RandomState(8)
         poses, activations = _random_capsules(rng, 2, 2, 2, 2)
         poses_t, activations_t = tf.constant(poses), tf.constant(activations)
-        layer = cl.ClassCaps(3, iterations=3, final_lambda=0.5, dtype=tf.float64,
-                             **_initializers(*_routing_variables(rng, [2, 3, 4, 4], 3)))
+        layer = cl.ClassCaps(
+            3,
+            iterations=3,
+            final_lambda=0.5,
+            dtype=tf.float64,
+            **_initializers(*_routing_variables(rng, [2, 3, 4, 4], 3)),
+        )
         outputs = layer(poses_t, activations_t)
         with self.session():
             tf.global_variables_initializer().run()
             for x in [poses_t, activations_t] + layer.variables:
                 for y in outputs:
-                    error = tf.test.compute_gradient_error(x, x.shape.as_list(), y, y.shape.as_list(),
-                                                                 delta=FINITE_DIFFERENCE_DELTA)
+                    error = tf.test.compute_gradient_error(
+                        x, x.shape.as_list(), y, y.shape.as_list(), delta=FINITE_DIFFERENCE_DELTA
+                    )
                     self.assertLess(error, GRADIENT_TOLERANCE, (x.name, y.name))
 
 
@@ -351,20 +406,21 @@ class NumericalStressTest(tf.test.TestCase):
     def test_parent_with_single_child(self):
         """A 1x1 kernel over one input type: every parent sees exactly one child."""
         rng = np.random.RandomState(10)
-        self._check_finite(rng.normal(size=[2, 3, 3, 1, 4, 4]), rng.uniform(size=[2, 3, 3, 1]), kernel_size=1,
-                           in_types=1)
+        self._check_finite(
+            rng.normal(size=[2, 3, 3, 1, 4, 4]), rng.uniform(size=[2, 3, 3, 1]), kernel_size=1, in_types=1
+        )
 
     def test_inverse_temperature_range(self):
         """lambda from 1e-4 to 1 (sigmoids saturate at 1) stays finite."""
         rng = np.random.RandomState(11)
         for final_lambda in (1e-4, 1e-2, 1.0):
             with tf.Graph().as_default():
-                self._check_finite(rng.normal(size=[2, 4, 4, 2, 4, 4]) * 10, rng.uniform(size=[2, 4, 4, 2]),
-                                   final_lambda=final_lambda)
+                self._check_finite(
+                    rng.normal(size=[2, 4, 4, 2, 4, 4]) * 10, rng.uniform(size=[2, 4, 4, 2]), final_lambda=final_lambda
+                )
 
 
 class ScheduleTest(tf.test.TestCase):
-
     def test_inverse_temperatures(self):
         """lambda_i = final * (1 - 0.95^(i+1)), i = 0..iters-1."""
         self.assertAllClose(cl.inverse_temperatures(0.01, 3), [0.01 * 0.05, 0.01 * 0.0975, 0.01 * 0.142625])
@@ -378,25 +434,34 @@ class ScheduleTest(tf.test.TestCase):
 
 
 # The released code's routing pieces, alone and together (keyword arguments of the reference).
-OFFICIAL_FORM = dict(activation_form="official", mean_momentum=cl.OFFICIAL_MEAN_MOMENTUM,
-                     mass_epsilon=cl.OFFICIAL_CONV_MASS_EPSILON, normalise_over="positions")
+OFFICIAL_FORM = dict(
+    activation_form="official",
+    mean_momentum=em_routing.OFFICIAL_MEAN_MOMENTUM,
+    mass_epsilon=em_routing.OFFICIAL_CONV_MASS_EPSILON,
+    normalise_over="positions",
+)
 FORMS = {
     "official": OFFICIAL_FORM,
     "official_activation": dict(activation_form="official"),
-    "mean_momentum": dict(mean_momentum=cl.OFFICIAL_MEAN_MOMENTUM),
-    "mass_epsilon": dict(mass_epsilon=cl.OFFICIAL_CLASS_MASS_EPSILON),
+    "mean_momentum": dict(mean_momentum=em_routing.OFFICIAL_MEAN_MOMENTUM),
+    "mass_epsilon": dict(mass_epsilon=em_routing.OFFICIAL_CLASS_MASS_EPSILON),
     "normalise_over_positions": dict(normalise_over="positions"),
 }
 # The whole official form in every geometry; each piece alone in the one with padding and stride.
-FORM_CASES = ([("official_%s_stride%d" % (padding, stride), "official", padding, stride) for padding, stride in CONFIGS]
-              + [("%s_SAME_stride2" % name, name, "SAME", 2) for name in FORMS if name != "official"])
+FORM_CASES = [
+    ("official_%s_stride%d" % (padding, stride), "official", padding, stride) for padding, stride in CONFIGS
+] + [("%s_SAME_stride2" % name, name, "SAME", 2) for name in FORMS if name != "official"]
 OFFICIAL_BETA_A_RANGE = 2e-3  # b_a ~ U(0, 2e-3): 5000 b_a is then of the order of mass * fit
 
 
 def _routing_form(form):
     """The reference's keyword arguments as a `cl.RoutingForm`."""
-    return cl.RoutingForm(form.get("activation_form", "paper"), form.get("mean_momentum", 0.0),
-                          form.get("mass_epsilon", 0.0), form.get("normalise_over", "positions_and_types"))
+    return cl.RoutingForm(
+        form.get("activation_form", "paper"),
+        form.get("mean_momentum", 0.0),
+        form.get("mass_epsilon", 0.0),
+        form.get("normalise_over", "positions_and_types"),
+    )
 
 
 def _form_variables(rng, weight_shape, parents, form):
@@ -413,8 +478,17 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
     def _conv(self, rng, form, padding, stride, iterations=3, height=5, out_types=3, dtype=tf.float64):
         poses, activations = _random_capsules(rng, 2, height, height, 2)
         variables = _form_variables(rng, [3, 3, 2, out_types, 4, 4], out_types, form)
-        layer = cl.ConvCaps(out_types, 3, stride, padding, iterations, 0.1, form=_routing_form(form), dtype=dtype,
-                            **_initializers(*variables))
+        layer = cl.ConvCaps(
+            out_types,
+            3,
+            stride,
+            padding,
+            iterations,
+            0.1,
+            form=_routing_form(form),
+            dtype=dtype,
+            **_initializers(*variables),
+        )
         return layer, poses, activations, variables
 
     @parameterized.named_parameters(*FORM_CASES)
@@ -427,12 +501,14 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
             sess.run(tf.global_variables_initializer())
             out_poses, out_activations = sess.run(outputs)
         expected_poses, expected_activations, _ = ref.conv_caps_reference(
-            poses, activations, *variables, 3, stride, padding, 3, 0.1, **form)
+            poses, activations, *variables, 3, stride, padding, 3, 0.1, **form
+        )
         self.assertLess(_relative_error(out_poses, expected_poses), RELATIVE_TOLERANCE)
         self.assertLess(_relative_error(out_activations, expected_activations), RELATIVE_TOLERANCE)
 
-    @parameterized.named_parameters(("official", "official"), ("official_activation", "official_activation"),
-                                    ("mean_momentum", "mean_momentum"))
+    @parameterized.named_parameters(
+        ("official", "official"), ("official_activation", "official_activation"), ("mean_momentum", "mean_momentum")
+    )
     def test_class_caps_matches_reference(self, name):
         """ClassCaps in each form, with the released code's coordinate offsets, equals the reference."""
         form = dict(FORMS[name], normalise_over="positions_and_types")
@@ -440,24 +516,33 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
         poses, activations = _random_capsules(rng, 2, 3, 4, 2)
         variables = _form_variables(rng, [2, 5, 4, 4], 5, form)
         offsets = cl.official_coordinate_offsets(rng.normal(size=[3, 4, 2]) * 10)  # [3, 4, 16]
-        layer = cl.ClassCaps(5, iterations=3, final_lambda=0.1, form=_routing_form(form), coordinate_offsets=offsets,
-                             dtype=tf.float64, **_initializers(*variables))
+        layer = cl.ClassCaps(
+            5,
+            iterations=3,
+            final_lambda=0.1,
+            form=_routing_form(form),
+            coordinate_offsets=offsets,
+            dtype=tf.float64,
+            **_initializers(*variables),
+        )
         outputs = layer(tf.constant(poses), tf.constant(activations))
         with self.session() as sess:
             sess.run(tf.global_variables_initializer())
             out_poses, out_activations = sess.run(outputs)
         expected_poses, expected_activations = ref.class_caps_reference(
-            poses, activations, *variables, 3, 0.1, coordinate_offsets=offsets, **form)
+            poses, activations, *variables, 3, 0.1, coordinate_offsets=offsets, **form
+        )
         self.assertLess(_relative_error(out_poses, expected_poses), RELATIVE_TOLERANCE)
         self.assertLess(_relative_error(out_activations, expected_activations), RELATIVE_TOLERANCE)
 
     @parameterized.named_parameters(*[(padding + str(stride), padding, stride) for padding, stride in CONFIGS])
     def test_positions_normaliser_sums_to_one_per_type(self, padding, stride):
         """With normalise_over='positions' every covered child's final R sums to 1 over the positions of each type."""
-        layer, poses, activations, _ = self._conv(np.random.RandomState(14), FORMS["official"], padding, stride,
-                                                  height=6)
+        layer, poses, activations, _ = self._conv(
+            np.random.RandomState(14), FORMS["official"], padding, stride, height=6
+        )
         layer(tf.constant(poses), tf.constant(activations))
-        field, kk = layer.field, layer.kernel_size ** 2
+        field, kk = layer.field, layer.kernel_size**2
         r = tf.reshape(layer.end_points["assignments"], [-1, layer.types, kk, layer.input_types])  # [NP, O, KK, I]
         r = tf.reshape(tf.transpose(r, [0, 2, 1, 3]), [2, field.out_height, field.out_width, kk, -1])
         with self.session() as sess:
@@ -471,13 +556,19 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
     def test_official_gradients(self, padding, stride):
         """Official-form ConvCaps and ClassCaps gradients w.r.t. inputs and variables match finite differences."""
         rng = np.random.RandomState(15)
-        layer, poses, activations, _ = self._conv(rng, FORMS["official"], padding, stride, iterations=2, height=4,
-                                                  out_types=2)
+        layer, poses, activations, _ = self._conv(
+            rng, FORMS["official"], padding, stride, iterations=2, height=4, out_types=2
+        )
         poses_t, activations_t = tf.constant(poses[:1]), tf.constant(activations[:1])
         hidden = layer(poses_t, activations_t)
-        class_layer = cl.ClassCaps(3, iterations=2, final_lambda=0.1, form=_routing_form(FORMS["official"]),
-                                   dtype=tf.float64, **_initializers(*_form_variables(rng, [2, 3, 4, 4], 3,
-                                                                                      FORMS["official"])))
+        class_layer = cl.ClassCaps(
+            3,
+            iterations=2,
+            final_lambda=0.1,
+            form=_routing_form(FORMS["official"]),
+            dtype=tf.float64,
+            **_initializers(*_form_variables(rng, [2, 3, 4, 4], 3, FORMS["official"])),
+        )
         outputs = list(hidden) + list(class_layer(*hidden))
         with self.session():
             tf.global_variables_initializer().run()
@@ -485,8 +576,9 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
                 for y in outputs:
                     if x in class_layer.variables and y in hidden:
                         continue  # the class layer's variables do not reach the conv layer's outputs
-                    error = tf.test.compute_gradient_error(x, x.shape.as_list(), y, y.shape.as_list(),
-                                                           delta=FINITE_DIFFERENCE_DELTA)
+                    error = tf.test.compute_gradient_error(
+                        x, x.shape.as_list(), y, y.shape.as_list(), delta=FINITE_DIFFERENCE_DELTA
+                    )
                     self.assertLess(error, GRADIENT_TOLERANCE, (x.name, y.name))
 
     def test_official_coordinates_of_the_paper_network(self):
@@ -509,22 +601,65 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
             with self.subTest(name), tf.Graph().as_default():
                 poses_t = tf.constant(rng.normal(size=[2, 4, 4, 2, 4, 4]) * pose_scale, tf.float32)
                 activations_t = tf.constant(np.full([2, 4, 4, 2], activation), tf.float32)
-                hidden = cl.ConvCaps(3, 3, 1, "SAME", iterations=3, final_lambda=0.01, form=form)(poses_t,
-                                                                                                activations_t)
+                hidden = cl.ConvCaps(3, 3, 1, "SAME", iterations=3, final_lambda=0.01, form=form)(
+                    poses_t, activations_t
+                )
                 out_poses, out_activations = cl.class_caps(*hidden, 4, iterations=3, final_lambda=0.01, form=form)
                 loss = tf.reduce_sum(out_activations) + tf.reduce_sum(out_poses)
                 grads = tf.gradients(loss, [poses_t, activations_t] + tf.trainable_variables())
                 with self.session() as sess:
                     sess.run(tf.global_variables_initializer())
-                    for value, tensor in zip(sess.run([out_poses, out_activations] + grads),
-                                             [out_poses, out_activations] + grads):
+                    for value, tensor in zip(
+                        sess.run([out_poses, out_activations] + grads), [out_poses, out_activations] + grads
+                    ):
                         self.assertTrue(np.all(np.isfinite(value)), tensor.name)
 
     def test_bad_forms(self):
         """Unknown activation forms or normalisers, momentum outside [0, 1) and a negative epsilon are refused."""
-        for bad in (dict(activation="both"), dict(normalise_over="types"), dict(mean_momentum=1.0),
-                    dict(mass_epsilon=-1.0)):
+        for bad in (
+            dict(activation="both"),
+            dict(normalise_over="types"),
+            dict(mean_momentum=1.0),
+            dict(mass_epsilon=-1.0),
+        ):
             with self.assertRaises(ValueError):
                 cl.RoutingForm(**bad)
         with self.assertRaises(ValueError):
             cl.ConvCaps(4, standardise_costs=True, form=cl.RoutingForm(activation="official"))
+
+
+class AssignmentGradientTest(tf.test.TestCase):
+    """RoutingForm(assignment_gradient=False): the same forward pass, no gradient through the E-steps' R."""
+
+    def _outputs_and_gradients(self, assignment_gradient, iterations):
+        rng = np.random.RandomState(17)
+        poses, activations = _random_capsules(rng, 1, 4, 4, 2)
+        with tf.Graph().as_default():
+            poses_t = tf.constant(poses)
+            form = cl.RoutingForm(assignment_gradient=assignment_gradient)
+            layer = cl.ConvCaps(
+                2,
+                3,
+                1,
+                "VALID",
+                iterations,
+                0.5,
+                form=form,
+                dtype=tf.float64,
+                **_initializers(*_routing_variables(rng, [3, 3, 2, 2, 4, 4], 2)),
+            )
+            outputs = layer(poses_t, tf.constant(activations))
+            gradient = tf.gradients(tf.reduce_sum(outputs[0]) + tf.reduce_sum(outputs[1]), poses_t)[0]
+            with self.session() as sess:
+                sess.run(tf.global_variables_initializer())
+                return sess.run([outputs, gradient])
+
+    def test_same_forward_other_gradient(self):
+        """With 3 iterations the outputs are equal and the pose gradients differ (finite); with 1 iteration (no
+        E-step) the gradients are equal too."""
+        (full_out, full_grad), (cut_out, cut_grad) = (self._outputs_and_gradients(flag, 3) for flag in (True, False))
+        self.assertAllClose(full_out, cut_out, rtol=1e-12, atol=1e-12)
+        self.assertTrue(np.all(np.isfinite(cut_grad)))
+        self.assertGreater(np.max(np.abs(full_grad - cut_grad)), 1e-6)
+        (_, one_full), (_, one_cut) = (self._outputs_and_gradients(flag, 1) for flag in (True, False))
+        self.assertAllClose(one_full, one_cut, rtol=1e-12, atol=1e-12)

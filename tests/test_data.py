@@ -25,8 +25,7 @@ import data as datasets  # noqa: E402  (needs the repo root on sys.path)
 from data import download, idx, mnist, pipeline  # noqa: E402
 
 _SIZE = mnist.IMAGE_SIZE
-_MNIST_DIR = os.environ.get(
-    "MNIST_DIR", os.path.join(_REPO_ROOT, "..", "shared", "data", "mnist"))
+_MNIST_DIR = os.environ.get("MNIST_DIR", os.path.join(_REPO_ROOT, "..", "shared", "data", "mnist"))
 _TRAIN_IMAGES, _TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 _TEST_IMAGES, _TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 
@@ -48,8 +47,7 @@ def _digit_labels(n):
 
 def _write_split(data_dir, split, images, labels):
     """Writes a split under its canonical MNIST .gz names."""
-    images_name, labels_name = {
-        "train": (_TRAIN_IMAGES, _TRAIN_LABELS), "test": (_TEST_IMAGES, _TEST_LABELS)}[split]
+    images_name, labels_name = {"train": (_TRAIN_IMAGES, _TRAIN_LABELS), "test": (_TEST_IMAGES, _TEST_LABELS)}[split]
     idx.write_idx(os.path.join(data_dir, images_name), images)
     idx.write_idx(os.path.join(data_dir, labels_name), labels)
 
@@ -96,8 +94,7 @@ def tiny_mnist_files(tmp_path_factory, monkeypatch):
     _write_split(str(source), "train", _random_images(6, seed=1), _digit_labels(6))
     _write_split(str(source), "test", _random_images(4, seed=2), _digit_labels(4))
     payloads = {name: (source / name).read_bytes() for name in mnist.FILES}
-    monkeypatch.setattr(mnist, "FILES", {
-        name: download.sha256_of(str(source / name)) for name in payloads})
+    monkeypatch.setattr(mnist, "FILES", {name: download.sha256_of(str(source / name)) for name in payloads})
     return payloads
 
 
@@ -263,7 +260,8 @@ def test_sha256_of_matches_hashlib(tmp_path):
     path = str(tmp_path / "f")
     open(path, "wb").write(b"abc")
     assert download.sha256_of(path) == (
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")  # FIPS 180-2 "abc".
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )  # FIPS 180-2 "abc".
 
 
 # ---------------------------------------------------------------------------
@@ -387,8 +385,7 @@ def test_download_mnist_bad_bytes(tmp_path, tiny_mnist_files):
     fake = _FakeUrlopen(_mirror_responses("https://a/", bad))
     name = next(iter(mnist.FILES))
     got = hashlib.sha256(bad[name]).hexdigest()
-    message = _raise_data_error(
-        mnist.download, str(tmp_path), mirrors=("https://a/",), urlopen=fake)
+    message = _raise_data_error(mnist.download, str(tmp_path), mirrors=("https://a/",), urlopen=fake)
     assert name in message and mnist.FILES[name] in message and got in message
     assert os.listdir(str(tmp_path)) == []
 
@@ -496,8 +493,7 @@ def test_make_dataset_static_shape_with_drop_remainder():
     with tf.Graph().as_default():
         dataset = pipeline.make_dataset(images, labels, batch_size=4, drop_remainder=True)
         assert tf.data.get_output_shapes(dataset)[0].as_list() == [4, _SIZE, _SIZE, 1]
-    batches = _collect_batches(
-        lambda: pipeline.make_dataset(images, labels, batch_size=4, drop_remainder=True))
+    batches = _collect_batches(lambda: pipeline.make_dataset(images, labels, batch_size=4, drop_remainder=True))
     assert [len(b[1]) for b in batches] == [4, 4]
 
 
@@ -509,9 +505,9 @@ def test_make_dataset_shuffle_repeat():
 
     def epochs():
         batches = _collect_batches(
-            lambda: pipeline.make_dataset(images, labels, batch_size=10, shuffle=True,
-                                          repeat=True, seed=7),
-            num_batches=2)
+            lambda: pipeline.make_dataset(images, labels, batch_size=10, shuffle=True, repeat=True, seed=7),
+            num_batches=2,
+        )
         return [b[1] for b in batches]
 
     first, second = epochs()
@@ -524,8 +520,9 @@ def _shifted(image, dy, dx):
     """NumPy reference: `image` [H, W] moved dy rows down and dx columns right, zeros filling in."""
     height, width = image.shape
     out = np.zeros_like(image)
-    out[max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
-        image[max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
+    out[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = image[
+        max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+    ]
     return out
 
 
@@ -544,8 +541,9 @@ def test_make_dataset_random_shift():
     labels = _digit_labels(count)
 
     def shifted_batch():
-        batches = _collect_batches(lambda: pipeline.make_dataset(images, labels, batch_size=count, seed=5,
-                                                                 max_shift=max_shift), num_batches=1)
+        batches = _collect_batches(
+            lambda: pipeline.make_dataset(images, labels, batch_size=count, seed=5, max_shift=max_shift), num_batches=1
+        )
         return batches[0]
 
     batch_images, batch_labels = shifted_batch()
@@ -567,8 +565,7 @@ def test_make_dataset_initializable_iterator_reruns():
     """An initializable iterator yields every example again after re-initialisation."""
     images, labels = _random_images(5), _digit_labels(5)
     with tf.Graph().as_default():
-        iterator = tf.data.make_initializable_iterator(
-            pipeline.make_dataset(images, labels, batch_size=2))
+        iterator = tf.data.make_initializable_iterator(pipeline.make_dataset(images, labels, batch_size=2))
         next_labels = iterator.get_next()[1]
         with tf.Session() as sess:
             for _ in range(2):
@@ -602,8 +599,7 @@ def test_build_pipeline_batches():
 # Real MNIST
 # ---------------------------------------------------------------------------
 
-_real_mnist = pytest.mark.skipif(
-    not os.path.isdir(_MNIST_DIR), reason=f"MNIST directory {_MNIST_DIR} not found")
+_real_mnist = pytest.mark.skipif(not os.path.isdir(_MNIST_DIR), reason=f"MNIST directory {_MNIST_DIR} not found")
 
 
 @_real_mnist

@@ -4,11 +4,11 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 import capsule_layers as cl
+import em_routing
 import diagnostics
 
 
 class PercentileTest(tf.test.TestCase):
-
     def test_matches_numpy_nearest_rank(self):
         """percentile equals NumPy's nearest-rank quantile ('nearest') of the flattened values."""
         values = np.random.RandomState(0).normal(size=[7, 3, 5]).astype(np.float32)
@@ -19,7 +19,6 @@ class PercentileTest(tf.test.TestCase):
 
 
 class RoutingStatisticsTest(tf.test.TestCase):
-
     def _statistics(self, form=cl.PAPER_FORM):
         rng = np.random.RandomState(1)
         poses = tf.constant(rng.normal(size=[2, 5, 5, 2, 4, 4]), tf.float32)
@@ -36,8 +35,12 @@ class RoutingStatisticsTest(tf.test.TestCase):
         """One finite value per (layer, statistic, iteration); fractions and entropies lie in [0, 1]; the
         initial R is uniform over the types, so the first iteration's entropy is 1; percentiles are ordered."""
         values = self._statistics()
-        expected_keys = {(layer, name, t) for layer in ("conv_caps1", "class_caps") for name in diagnostics.STATISTICS
-                         for t in range(3)}
+        expected_keys = {
+            (layer, name, t)
+            for layer in ("conv_caps1", "class_caps")
+            for name in diagnostics.STATISTICS
+            for t in range(3)
+        }
         self.assertEqual(set(values), expected_keys)
         self.assertTrue(all(np.isfinite(v) for v in values.values()))
         for layer in ("conv_caps1", "class_caps"):
@@ -51,7 +54,9 @@ class RoutingStatisticsTest(tf.test.TestCase):
 
     def test_official_form(self):
         """The official form's statistics are finite too (its R starts at 1/O, uniform over types)."""
-        form = cl.RoutingForm("official", cl.OFFICIAL_MEAN_MOMENTUM, cl.OFFICIAL_CONV_MASS_EPSILON, "positions")
+        form = cl.RoutingForm(
+            "official", em_routing.OFFICIAL_MEAN_MOMENTUM, em_routing.OFFICIAL_CONV_MASS_EPSILON, "positions"
+        )
         values = self._statistics(form)
         self.assertTrue(all(np.isfinite(v) for v in values.values()))
         self.assertAllClose(values[("conv_caps1", "assignment_entropy", 0)], 1.0, atol=1e-5)

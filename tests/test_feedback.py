@@ -48,13 +48,20 @@ def test_header_then_progress_then_result(trained):
     """Test mode prints its header (run, checkpoint, step, split, images, batch) before any evaluation output,
     then plain progress lines (stderr is no terminal), then the accuracy."""
     workspace, run = trained
-    result = subprocess.run([sys.executable, MAIN, "--test", "True", "--result_dir", run, "--sweep_images", "0"],
-                            cwd=str(workspace), env=main_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, MAIN, "--test", "True", "--result_dir", run, "--sweep_images", "0"],
+        cwd=str(workspace),
+        env=main_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     header = "evaluating run: checkpoint model.ckpt-2 (step 2), mnist test split, %d images, batch 100" % (
-        TINY_TEST_IMAGES)
+        TINY_TEST_IMAGES
+    )
     assert lines[0].startswith(header), lines[:3]
     progress_lines = [i for i, line in enumerate(lines) if line.startswith("test: ")]
     accuracy_line = [i for i, line in enumerate(lines) if line.startswith("test accuracy")]
@@ -92,11 +99,27 @@ def test_sigint_during_evaluation(tmp_path, trained):
     write_tiny_mnist(str(tmp_path / "many"), test=SLOW_TEST_IMAGES)
     before = sorted(os.listdir(str(copy)))
     stderr_path = str(tmp_path / "stderr")
-    args = ["--test", "True", "--result_dir", "run", "--data_dir", "many", "--eval_batch_size", "10",
-            "--sweep_images", "0"]
+    args = [
+        "--test",
+        "True",
+        "--result_dir",
+        "run",
+        "--data_dir",
+        "many",
+        "--eval_batch_size",
+        "10",
+        "--sweep_images",
+        "0",
+    ]
     with open(stderr_path, "w") as err:
-        process = subprocess.Popen([sys.executable, MAIN] + args, cwd=str(tmp_path), env=main_env(),
-                                   stdout=subprocess.DEVNULL, stderr=err, text=True)
+        process = subprocess.Popen(
+            [sys.executable, MAIN] + args,
+            cwd=str(tmp_path),
+            env=main_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+        )
         try:
             wait_for(lambda: "test: " in open(stderr_path).read(), process, "evaluation progress")
             process.send_signal(signal.SIGINT)

@@ -50,14 +50,26 @@ def without_sweep(args):
 
 def run_main(args, cwd):
     """Runs `python main.py ARGS` in `cwd` to the end; returns the CompletedProcess (text output)."""
-    return subprocess.run([sys.executable, MAIN] + without_sweep(args), cwd=str(cwd), env=main_env(),
-                          capture_output=True, text=True, timeout=_SUBPROCESS_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, MAIN] + without_sweep(args),
+        cwd=str(cwd),
+        env=main_env(),
+        capture_output=True,
+        text=True,
+        timeout=_SUBPROCESS_TIMEOUT_S,
+    )
 
 
 def start_main(args, cwd, stdout, stderr):
     """Starts `python main.py ARGS` in `cwd` with output going to the open files `stdout`, `stderr`."""
-    return subprocess.Popen([sys.executable, MAIN] + without_sweep(args), cwd=str(cwd), env=main_env(),
-                            stdout=stdout, stderr=stderr, text=True)
+    return subprocess.Popen(
+        [sys.executable, MAIN] + without_sweep(args),
+        cwd=str(cwd),
+        env=main_env(),
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+    )
 
 
 def write_tiny_mnist(data_dir, train=TINY_TRAIN_IMAGES, test=TINY_TEST_IMAGES, seed=0):
@@ -90,8 +102,10 @@ def tiny_run(tmp_path_factory):
     workspace = tmp_path_factory.mktemp("tiny")
     data_dir = str(workspace / "data")
     write_tiny_mnist(data_dir)
-    result = run_main(["--test", "False", "--data_dir", data_dir, "--result_dir", "run", "--max_steps", "2"]
-                      + SMALL_RUN, cwd=workspace)
+    result = run_main(
+        ["--test", "False", "--data_dir", data_dir, "--result_dir", "run", "--max_steps", "2"] + SMALL_RUN,
+        cwd=workspace,
+    )
     return workspace, str(workspace / "run"), result
 
 
@@ -104,8 +118,18 @@ def test_train_writes_run_directory(tiny_run):
     assert "finished at step 2" in result.stdout
     saved = read_json(os.path.join(run_dir, "flags.json"))
     flags = saved["flags"]
-    expected = {"preset": "small", "batch_size": 8, "validation_size": 16, "max_steps": 2, "result_dir": "run",
-                "data_dir": str(workspace / "data"), "test": "False", "seed": 1, "padding": None, "max_shift": 0}
+    expected = {
+        "preset": "small",
+        "batch_size": 8,
+        "validation_size": 16,
+        "max_steps": 2,
+        "result_dir": "run",
+        "data_dir": str(workspace / "data"),
+        "test": "False",
+        "seed": 1,
+        "padding": None,
+        "max_shift": 0,
+    }
     assert {name: flags.get(name) for name in expected} == expected
     assert saved["hparams"]["conv1_filters"] == 64 and saved["hparams"]["iterations"] == 2
     assert saved["hparams"]["padding"] == "VALID"
@@ -181,8 +205,23 @@ def test_run_saved_before_newer_flags(tiny_run):
 def test_real_mnist_smoke(tmp_path):
     """On the real MNIST files: 3 training steps validate on 100 held-out images, then `--test True`
     evaluates all 10,000 test images."""
-    train = run_main(["--preset", "small", "--max_steps", "3", "--batch_size", "8", "--validation_size", "100",
-                      "--data_dir", MNIST_DIR, "--result_dir", "run"], cwd=tmp_path)
+    train = run_main(
+        [
+            "--preset",
+            "small",
+            "--max_steps",
+            "3",
+            "--batch_size",
+            "8",
+            "--validation_size",
+            "100",
+            "--data_dir",
+            MNIST_DIR,
+            "--result_dir",
+            "run",
+        ],
+        cwd=tmp_path,
+    )
     assert train.returncode == 0, train.stderr
     assert "at step 0 of 3" in train.stdout and "finished at step 3" in train.stdout
     assert "validation accuracy" in train.stdout and "on 100 images" in train.stdout
@@ -203,7 +242,11 @@ def test_hparams_flag_parsing():
     hparams = main.resolve_hparams(values)
     assert (hparams.weight_stddev, hparams.iterations, hparams.padding) == (0.3, 2, "SAME")
     assert main.resolve_hparams(dict(values, hparams="standardise_costs=TRUE")).standardise_costs is True
-    for text, message in (("nonsense=1", "unknown hyperparameter 'nonsense'"), ("iterations=two", "not a valid int"),
-                          ("standardise_costs=yes", "not a valid bool"), ("iterations=0", "iterations must be > 0")):
+    for text, message in (
+        ("nonsense=1", "unknown hyperparameter 'nonsense'"),
+        ("iterations=two", "not a valid int"),
+        ("standardise_costs=yes", "not a valid bool"),
+        ("iterations=0", "iterations must be > 0"),
+    ):
         with pytest.raises(main.UsageError, match=message):
             main.resolve_hparams(dict(values, hparams=text))

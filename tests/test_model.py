@@ -41,7 +41,6 @@ def _expected_parameters(hp):
 
 
 class ArchitectureTest(tf.test.TestCase, parameterized.TestCase):
-
     @parameterized.parameters("paper", "small")
     def test_output_shapes(self, preset):
         """Both presets build on a placeholder batch: activations [N, 10], poses [N, 10, 4, 4], predictions [N]."""
@@ -74,7 +73,6 @@ class ArchitectureTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class SpreadLossTest(tf.test.TestCase):
-
     def test_hand_computed(self):
         """Paper eq. 3 on two examples, margin 0.5.
 
@@ -99,7 +97,6 @@ class SpreadLossTest(tf.test.TestCase):
 
 
 class MarginScheduleTest(tf.test.TestCase):
-
     def _margins(self, steps, **overrides):
         """The margin at each of `steps` for the paper preset with `overrides`."""
         with tf.Graph().as_default():
@@ -112,7 +109,7 @@ class MarginScheduleTest(tf.test.TestCase):
         """Sigmoid: 0.2 + 0.79 sigmoid(-4) at step 0, 0.2 + 0.79 sigmoid(4) at the ramp's end, and
         0.2 + 0.79 sigmoid(10) (the cap) far beyond it."""
         ramp = 1000
-        margins = self._margins([0, ramp, 10 ** 9], margin_schedule="sigmoid", margin_ramp_steps=ramp)
+        margins = self._margins([0, ramp, 10**9], margin_schedule="sigmoid", margin_ramp_steps=ramp)
         expected = [0.2 + 0.79 * _sigmoid(-4), 0.2 + 0.79 * _sigmoid(4), 0.2 + 0.79 * _sigmoid(10)]
         self.assertAllClose(margins, expected, rtol=0, atol=1e-6)
 
@@ -131,7 +128,7 @@ class MarginScheduleTest(tf.test.TestCase):
 
     def test_constant(self):
         """Constant: 0.2 at every step, whatever the ramp length."""
-        margins = self._margins([0, 500, 10 ** 9], margin_schedule="constant", margin_ramp_steps=1000)
+        margins = self._margins([0, 500, 10**9], margin_schedule="constant", margin_ramp_steps=1000)
         self.assertAllClose(margins, [0.2, 0.2, 0.2], rtol=0, atol=1e-7)
 
     def test_unknown_schedule(self):
@@ -141,7 +138,6 @@ class MarginScheduleTest(tf.test.TestCase):
 
 
 class HParamsTest(tf.test.TestCase):
-
     def test_unknown_preset(self):
         """An unknown preset name is a ValueError."""
         with self.assertRaises(ValueError):
@@ -150,19 +146,32 @@ class HParamsTest(tf.test.TestCase):
     def test_parse(self):
         """parse converts each value to its field's type (bools from true/false) and names a bad field."""
         hparams = capsnet.PRESETS["small"].parse("iterations=3, final_lambda=0.5,standardise_costs=TRUE,padding=SAME")
-        self.assertEqual((hparams.iterations, hparams.final_lambda, hparams.standardise_costs, hparams.padding),
-                         (3, 0.5, True, "SAME"))
+        self.assertEqual(
+            (hparams.iterations, hparams.final_lambda, hparams.standardise_costs, hparams.padding),
+            (3, 0.5, True, "SAME"),
+        )
         self.assertEqual(capsnet.PRESETS["small"].parse(""), capsnet.PRESETS["small"])
-        for text, field in (("iteration=3", "iteration"), ("iterations=three", "iterations"),
-                            ("standardise_costs=yes", "standardise_costs")):
+        for text, field in (
+            ("iteration=3", "iteration"),
+            ("iterations=three", "iterations"),
+            ("standardise_costs=yes", "standardise_costs"),
+        ):
             with self.assertRaisesRegex(ValueError, field):
                 capsnet.PRESETS["small"].parse(text)
 
     def test_validate_names_the_field(self):
         """validate (called by hparams_for and the model) refuses a value outside its field's domain, by name."""
-        for field, value in (("padding", "FULL"), ("iterations", 0), ("margin_schedule", "cosine"),
-                             ("routing", "both"), ("normalise_over", "types"), ("learning_rate", 0.0),
-                             ("lr_decay_steps", -1), ("mean_momentum", 1.0), ("conv_mass_epsilon", -1e-7)):
+        for field, value in (
+            ("padding", "FULL"),
+            ("iterations", 0),
+            ("margin_schedule", "cosine"),
+            ("routing", "both"),
+            ("normalise_over", "types"),
+            ("learning_rate", 0.0),
+            ("lr_decay_steps", -1),
+            ("mean_momentum", 1.0),
+            ("conv_mass_epsilon", -1e-7),
+        ):
             with self.subTest(field), self.assertRaisesRegex(ValueError, "^" + field):
                 dataclasses.replace(capsnet.PRESETS["paper"], **{field: value}).validate()
         with self.assertRaisesRegex(ValueError, "iterations"):
@@ -173,10 +182,12 @@ class HParamsTest(tf.test.TestCase):
     def test_official_routing_form(self):
         """routing='official' applies the released code's values after the preset, and overrides win over it."""
         official = capsnet.hparams_for("small", "official", beta_v_init=1.5)
-        self.assertEqual((official.routing, official.activation_form, official.normalise_over), ("official",) * 2
-                         + ("positions",))
-        self.assertEqual((official.final_lambda, official.class_final_lambda, official.beta_v_init),
-                         (0.01, 0.0025, 1.5))
+        self.assertEqual(
+            (official.routing, official.activation_form, official.normalise_over), ("official",) * 2 + ("positions",)
+        )
+        self.assertEqual(
+            (official.final_lambda, official.class_final_lambda, official.beta_v_init), (0.01, 0.0025, 1.5)
+        )
         self.assertEqual(official.conv1_filters, capsnet.PRESETS["small"].conv1_filters)
         self.assertEqual(capsnet.hparams_for("small", "paper"), capsnet.PRESETS["small"])
 
@@ -216,7 +227,6 @@ class HParamsTest(tf.test.TestCase):
 
 
 class MicroBatchTest(tf.test.TestCase, parameterized.TestCase):
-
     def test_split_batch_sizes(self):
         """Parts are equal and in order; zeros fill the last part up, so none is empty even for N < parts."""
         with tf.Graph().as_default():
@@ -263,7 +273,6 @@ class MicroBatchTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class TrainStepTest(tf.test.TestCase):
-
     def _build(self):
         """Small-preset training graph on placeholders; returns (images, labels, TrainGraph)."""
         tf.set_random_seed(1)

@@ -31,9 +31,7 @@ def test_confusion_matrix_hand_example():
     """Rows are true classes, columns predictions, counted by hand."""
     labels = [0, 0, 1, 2, 2, 2]
     predictions = [0, 1, 1, 2, 0, 2]
-    expected = np.array([[1, 1, 0],
-                         [0, 1, 0],
-                         [1, 0, 2]])
+    expected = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 2]])
     matrix = plots.confusion_matrix(labels, predictions, num_classes=3)
     assert matrix.dtype == np.int64
     np.testing.assert_array_equal(matrix, expected)
@@ -72,8 +70,7 @@ def test_plot_confusion_matrix_writes_png(tmp_path):
 @pytest.mark.parametrize("with_validation", [False, True])
 def test_plot_training_curves_writes_png(tmp_path, with_validation):
     """Loss/accuracy curves, with or without validation points, are written as a PNG."""
-    history = {"step": [0, 10, 20], "loss": [2.3, 1.1, 0.5],
-               "train_accuracy": [0.1, 0.6, 0.9]}
+    history = {"step": [0, 10, 20], "loss": [2.3, 1.1, 0.5], "train_accuracy": [0.1, 0.6, 0.9]}
     if with_validation:
         history.update(val_step=[10, 20], val_accuracy=[0.55, 0.85])
     path = str(tmp_path / "curves.png")

@@ -140,53 +140,87 @@ def _label_out_of_range(data_dir):
     idx.write_idx(os.path.join(data_dir, TRAIN_LABELS), labels)
 
 
-@pytest.mark.parametrize("spoil, expected", [
-    (_empty, "cannot download " + TRAIN_IMAGES),
-    (_truncate_gzip, TRAIN_IMAGES + ": truncated or corrupt gzip"),
-    (_not_gzip, TRAIN_LABELS + ": bad IDX magic number"),
-    (_wrong_magic, TRAIN_LABELS + ": bad IDX magic number 2050"),
-    (_small_images, "images are 20x20, expected 28x28"),
-    (_count_mismatch, "96 images but"),
-    (_label_out_of_range, "label 12 at index 5"),
-], ids=["missing_no_network", "truncated_gzip", "not_gzip", "wrong_magic", "20x20_images", "count_mismatch",
-        "label_12"])
+@pytest.mark.parametrize(
+    "spoil, expected",
+    [
+        (_empty, "cannot download " + TRAIN_IMAGES),
+        (_truncate_gzip, TRAIN_IMAGES + ": truncated or corrupt gzip"),
+        (_not_gzip, TRAIN_LABELS + ": bad IDX magic number"),
+        (_wrong_magic, TRAIN_LABELS + ": bad IDX magic number 2050"),
+        (_small_images, "images are 20x20, expected 28x28"),
+        (_count_mismatch, "96 images but"),
+        (_label_out_of_range, "label 12 at index 5"),
+    ],
+    ids=[
+        "missing_no_network",
+        "truncated_gzip",
+        "not_gzip",
+        "wrong_magic",
+        "20x20_images",
+        "count_mismatch",
+        "label_12",
+    ],
+)
 def test_bad_data(workspace, spoil, expected):
     """Missing files that cannot be downloaded, a truncated .gz, non-gzip garbage, a wrong IDX magic,
     20x20 images, 96 images with 95 labels and a label 12 each stop training before anything is
     written: exit 2, one line naming the file and the fault, no partial download, workspace unchanged."""
     spoil(str(workspace / "data"))
-    message = assert_clean_failure(["--data_dir", "data", "--result_dir", "new_run", "--max_steps", "1"]
-                                   + SMALL_RUN, workspace)
+    message = assert_clean_failure(
+        ["--data_dir", "data", "--result_dir", "new_run", "--max_steps", "1"] + SMALL_RUN, workspace
+    )
     assert message.startswith("error: ") and expected in message
 
 
 # ---- bad flags --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--batch_size", "0"], "--batch_size"),
-    (["--preset", "big"], "--preset"),
-    (["--padding", "FULL"], "--padding"),
-    (["--iterations", "0"], "--iterations"),
-    (["--learning_rate", "0"], "--learning_rate"),
-    (["--test", "maybe"], "--test"),
-    (["--no_such_flag=1"], "no_such_flag"),
-    (["stray"], "stray"),
-    (["--validation_size", str(TINY_TRAIN_IMAGES)], "--validation_size"),
-    (["--hparams", "no_such_field=1"], "--hparams"),
-    (["--max_shift", "-1"], "--max_shift"),
-    (["--max_shift", "28"], "--max_shift"),
-    (["--lr_decay_steps", "-1"], "--lr_decay_steps"),
-    (["--margin_ramp_steps", "-5"], "--margin_ramp_steps"),
-], ids=["batch_size_0", "preset_big", "padding_FULL", "iterations_0", "learning_rate_0", "test_maybe",
-        "unknown_flag", "positional_argument", "validation_takes_all", "hparams_unknown_field", "max_shift_negative",
-        "max_shift_whole_image", "lr_decay_steps_negative", "margin_ramp_steps_negative"])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--batch_size", "0"], "--batch_size"),
+        (["--preset", "big"], "--preset"),
+        (["--padding", "FULL"], "--padding"),
+        (["--iterations", "0"], "--iterations"),
+        (["--learning_rate", "0"], "--learning_rate"),
+        (["--test", "maybe"], "--test"),
+        (["--no_such_flag=1"], "no_such_flag"),
+        (["stray"], "stray"),
+        (["--validation_size", str(TINY_TRAIN_IMAGES)], "--validation_size"),
+        (["--hparams", "no_such_field=1"], "--hparams"),
+        (["--max_shift", "-1"], "--max_shift"),
+        (["--max_shift", "28"], "--max_shift"),
+        (["--lr_decay_steps", "-1"], "--lr_decay_steps"),
+        (["--margin_ramp_steps", "-5"], "--margin_ramp_steps"),
+    ],
+    ids=[
+        "batch_size_0",
+        "preset_big",
+        "padding_FULL",
+        "iterations_0",
+        "learning_rate_0",
+        "test_maybe",
+        "unknown_flag",
+        "positional_argument",
+        "validation_takes_all",
+        "hparams_unknown_field",
+        "max_shift_negative",
+        "max_shift_whole_image",
+        "lr_decay_steps_negative",
+        "margin_ramp_steps_negative",
+    ],
+)
 def test_bad_flags(workspace, flags, expected):
     """Each bad flag value, an unknown flag, a stray positional argument, and a validation split that
     leaves no training image are rejected with exit 2 and one line naming the flag or argument; no
     result folder appears under ./results."""
-    base = {"--data_dir": "data", "--max_steps": "1", "--preset": "small", "--batch_size": "8",
-            "--validation_size": "16"}
+    base = {
+        "--data_dir": "data",
+        "--max_steps": "1",
+        "--preset": "small",
+        "--batch_size": "8",
+        "--validation_size": "16",
+    }
     args = [part for name, value in base.items() if name not in flags for part in (name, value)]
     message = assert_clean_failure(args + flags, workspace)
     assert expected in message
@@ -240,20 +274,35 @@ def test_test_mode_takes_data_dir_threads_and_micro_batches(workspace, monkeypat
     command line, not the run's saved ones: a second copy of MNIST with 20 test images gives a 20-image
     result, and the session of an in-process run gets the thread count and micro-batches given."""
     write_tiny_mnist(str(workspace / "other"), test=20)
-    result = run_main(["--test", "True", "--result_dir", "run", "--data_dir", "other", "--threads", "1",
-                       "--micro_batch_size", "4"], cwd=workspace)
+    result = run_main(
+        ["--test", "True", "--result_dir", "run", "--data_dir", "other", "--threads", "1", "--micro_batch_size", "4"],
+        cwd=workspace,
+    )
     assert result.returncode == 0, result.stderr
     assert read_json(str(workspace / "run" / main.run_dir.RESULTS_FILE))["n"] == 20
     saved = read_json(str(workspace / "run" / "flags.json"))["flags"]
     assert saved["micro_batch_size"] == 0  # the run trained without micro-batches
     sessions = []
-    new_session = main.new_session
-    monkeypatch.setattr(main, "new_session",
-                        lambda threads, model: sessions.append((threads, model.micro_batches))
-                        or new_session(threads, model))
+    new_session = main.runtime.new_session
+    monkeypatch.setattr(
+        main.runtime,
+        "new_session",
+        lambda threads, micro_batches: sessions.append((threads, micro_batches)) or new_session(threads, micro_batches),
+    )
     monkeypatch.chdir(workspace)
-    argv = ["main.py", "--test", "True", "--result_dir", "run", "--threads", str(saved["threads"] + 1),
-            "--micro_batch_size", str(saved["batch_size"] // 2), "--sweep_images", "0"]
+    argv = [
+        "main.py",
+        "--test",
+        "True",
+        "--result_dir",
+        "run",
+        "--threads",
+        str(saved["threads"] + 1),
+        "--micro_batch_size",
+        str(saved["batch_size"] // 2),
+        "--sweep_images",
+        "0",
+    ]
     try:
         with tf.Graph().as_default():
             assert main.main(argv) == 0
@@ -263,8 +312,16 @@ def test_test_mode_takes_data_dir_threads_and_micro_batches(workspace, monkeypat
     assert "on %d images" % TINY_TEST_IMAGES in capsys.readouterr().out  # the saved data_dir's test set
 
 
-@pytest.mark.parametrize("flags", [["--iterations", "3"], ["--hparams", "beta_v_init=2.0"], ["--preset", "paper"],
-                                   ["--max_steps", "9"], ["--save_every_steps", "7"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--iterations", "3"],
+        ["--hparams", "beta_v_init=2.0"],
+        ["--preset", "paper"],
+        ["--max_steps", "9"],
+        ["--save_every_steps", "7"],
+    ],
+)
 def test_test_mode_refuses_flags_it_would_ignore(workspace, flags):
     """Test mode builds the network from DIR/flags.json and evaluates its latest checkpoint, so a run-defining
     or training-only flag given with `--test True` would change nothing: it is refused with one line naming

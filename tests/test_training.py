@@ -39,17 +39,21 @@ def test_short_run_learns_without_non_finite_steps():
         labels = tf.placeholder(tf.int64, [None])
         hparams = runtime.with_run_length(capsnet.hparams_for("small"), TRAIN_STEPS)
         graph = capsnet.CapsNetEMModel(hparams).train(images, labels)
-        order = np.random.RandomState(SEED).permutation(len(train_x))[:TRAIN_STEPS * BATCH_SIZE]
+        order = np.random.RandomState(SEED).permutation(len(train_x))[: TRAIN_STEPS * BATCH_SIZE]
         batches = pipeline.scale_images(train_x[order]), train_y[order]
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())
             losses = []
             for start in range(0, TRAIN_STEPS * BATCH_SIZE, BATCH_SIZE):
-                feed = {images: batches[0][start:start + BATCH_SIZE], labels: batches[1][start:start + BATCH_SIZE]}
+                feed = {images: batches[0][start : start + BATCH_SIZE], labels: batches[1][start : start + BATCH_SIZE]}
                 losses.append(sess.run([graph.train_op, graph.loss], feed)[1])
             scaled = pipeline.scale_images(test_x[:TEST_IMAGES])
-            predicted = np.concatenate([sess.run(graph.predictions, {images: scaled[i:i + EVAL_BATCH]})
-                                        for i in range(0, TEST_IMAGES, EVAL_BATCH)])
+            predicted = np.concatenate(
+                [
+                    sess.run(graph.predictions, {images: scaled[i : i + EVAL_BATCH]})
+                    for i in range(0, TEST_IMAGES, EVAL_BATCH)
+                ]
+            )
     accuracy = float(np.mean(predicted == test_y[:TEST_IMAGES]))
     print("accuracy after %d steps: %.3f" % (TRAIN_STEPS, accuracy))
     assert np.all(np.isfinite(losses))
