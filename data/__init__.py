@@ -1,16 +1,16 @@
-"""The datasets of the experiments (Section 5 of "Matrix capsules with EM routing"), by name.
+"""The datasets of the experiments (Section 5 of "Matrix capsules with EM routing") and Fashion-MNIST, by name.
 
-One module per dataset (`data.mnist`), each with a `SPEC`; beside them the shared readers
-(`data.idx`), the verified download (`data.download`) and the `tf.data` input pipeline
+One module per dataset (`data.mnist`, `data.fashion_mnist`), each with a `SPEC`; beside them the
+shared readers (`data.idx`), the verified download (`data.download`) and the `tf.data` input pipeline
 (`data.pipeline`, imported on its own so that reading data never needs TensorFlow).
 """
 
-from data import mnist
+from data import fashion_mnist, mnist
 from data.spec import DatasetSpec
 
 __all__ = ["DATASETS", "DatasetSpec", "get"]
 
-DATASETS = {mnist.SPEC.name: mnist.SPEC}
+DATASETS = {spec.name: spec for spec in (mnist.SPEC, fashion_mnist.SPEC)}
 
 
 def get(name):

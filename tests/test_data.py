@@ -303,7 +303,7 @@ def test_load_mnist_label_out_of_range(tmp_path):
 def test_get_mnist_spec():
     """data.get("mnist") is mnist.SPEC, describing 28x28 grayscale digits in 10 classes "0".."9"."""
     spec = datasets.get("mnist")
-    assert spec is mnist.SPEC and datasets.DATASETS == {"mnist": mnist.SPEC}
+    assert spec is mnist.SPEC and datasets.DATASETS["mnist"] is mnist.SPEC
     assert (spec.name, spec.image_size, spec.channels, spec.num_classes) == ("mnist", _SIZE, 1, 10)
     assert list(spec.class_names) == [str(digit) for digit in range(10)]
     assert spec.ensure is mnist.ensure and spec.load is mnist.load
