@@ -1,16 +1,18 @@
-"""The datasets of the experiments (Section 5 of "Matrix capsules with EM routing"), by name.
+"""The datasets of the experiments (Section 5 of "Matrix capsules with EM routing") and Fashion-MNIST, by name.
 
-One module per dataset (`data.mnist`), each with a `SPEC`; beside them the shared readers
-(`data.idx`), the verified download (`data.download`) and the `tf.data` input pipeline
-(`data.pipeline`, imported on its own so that reading data never needs TensorFlow).
+One module per dataset (`data.mnist`, `data.fashion_mnist`, `data.smallnorb`), each with a `SPEC`;
+beside them the shared readers (`data.idx`, `data.norb_matrix`), the verified download
+(`data.download`), and the TensorFlow parts, imported on their own so that reading data never needs
+TensorFlow: the `tf.data` input pipeline (`data.pipeline`) and smallNORB's preprocessing
+(`data.smallnorb_preprocess`).
 """
 
-from data import mnist
+from data import fashion_mnist, mnist, smallnorb
 from data.spec import DatasetSpec
 
 __all__ = ["DATASETS", "DatasetSpec", "get"]
 
-DATASETS = {mnist.SPEC.name: mnist.SPEC}
+DATASETS = {spec.name: spec for spec in (mnist.SPEC, fashion_mnist.SPEC, smallnorb.SPEC)}
 
 
 def get(name):

@@ -1,10 +1,10 @@
 """Checksum-verified, atomic download of a dataset's files from a list of mirrors.
 
-Shared by the dataset modules: each one passes its own table of file names and SHA-256 digests and
-its own mirrors (data/mnist.py: the four MNIST files of Section 5 of Hinton, Sabour & Frosst,
-"Matrix capsules with EM routing", ICLR 2018). Every file is written to a temporary file beside its
-destination, checked against its SHA-256, and only then moved into place with `os.replace`, so no
-partial or unverified file is ever left behind.
+Shared by the dataset modules of Section 5 of Hinton, Sabour & Frosst, "Matrix capsules with EM
+routing", ICLR 2018: each one passes its own table of file names and SHA-256 digests and its own
+mirrors. Every file is written to a temporary file beside its destination, checked against its
+SHA-256, and only then moved into place with `os.replace`, so no partial or unverified file is ever
+left behind. `ensure_files` accepts files already present, .gz or uncompressed, without checking them.
 """
 
 import hashlib
@@ -13,7 +13,7 @@ import os
 import tempfile
 import urllib.request
 
-from data.idx import DataError
+from data.idx import DataError, find_file
 
 _DOWNLOAD_TIMEOUT_S = 30  # Socket timeout per blocking network operation, seconds.
 _COPY_CHUNK_BYTES = 1 << 20  # Read size while hashing and downloading (1 MiB).
@@ -127,4 +127,38 @@ def download_missing(files, data_dir, mirrors, urlopen=None):
     for name, expected_sha256 in files.items():
         path = os.path.join(data_dir, name)
         paths[name] = path if os.path.exists(path) else download_file(name, expected_sha256, data_dir, mirrors, urlopen)
+    return paths
+
+
+def ensure_files(files, data_dir, mirrors, dataset, download=True, urlopen=None):
+    """Makes sure every file of `files` is in `data_dir`, .gz or uncompressed, downloading missing ones.
+
+    Files already present (`data.idx.find_file`: the published .gz, else its uncompressed form) are not
+    checksum-checked, so users may supply their own copies.
+
+    Args:
+        files: dict from published file name (ending in .gz) to the hex SHA-256 of its bytes.
+        data_dir: directory holding (or to receive) the files.
+        mirrors: base URLs ending in '/', tried in order for each missing file.
+        dataset: display name used in error messages, e.g. "MNIST".
+        download: fetch missing files if True.
+        urlopen: as in `download_file`; None uses urllib's.
+
+    Returns:
+        Dict from each name of `files` to the path of the file found or downloaded.
+
+    Raises:
+        DataError: a file is missing and `download` is False, or its download failed.
+    """
+    paths = {}
+    for name, expected_sha256 in files.items():
+        path = find_file(data_dir, name)
+        if path is None:
+            if not download:
+                raise DataError(
+                    f"{os.path.join(data_dir, name)}: {dataset} file not found (nor uncompressed "
+                    f"{os.path.splitext(name)[0]}) and download is disabled"
+                )
+            path = download_file(name, expected_sha256, data_dir, mirrors, urlopen)
+        paths[name] = path
     return paths

@@ -1,4 +1,8 @@
-"""IDX files (the format of the MNIST files), gzip-compressed or raw, and `DataError`.
+"""IDX files (the format of the MNIST files), gzip-compressed or raw, `DataError`, and the split loading.
+
+`read_idx`/`write_idx` handle one file; `load_split` reads and checks an images file and its labels
+(MNIST-style datasets), found by `find_file`, which every dataset module uses to accept its published
+.gz files or their uncompressed forms.
 
 The IDX format is described on LeCun's MNIST page (http://yann.lecun.com/exdb/mnist/); Hinton,
 Sabour & Frosst, "Matrix capsules with EM routing", ICLR 2018, Section 5 reports MNIST test error.
@@ -9,6 +13,7 @@ Axis names used in the docstrings: N examples, H/W image height/width.
 
 import gzip
 import math
+import os
 import struct
 import zlib
 
@@ -25,6 +30,7 @@ _IDX_NDIM = {IDX_IMAGES_MAGIC: 3, IDX_LABELS_MAGIC: 1}
 _IDX_MAGIC_FOR_NDIM = {3: IDX_IMAGES_MAGIC, 1: IDX_LABELS_MAGIC}
 
 _GZIP_MAGIC = b"\x1f\x8b"  # RFC 1952, section 2.3.1: bytes ID1, ID2 of every member.
+_GZIP_SUFFIX = ".gz"  # Name ending of a dataset's published (compressed) files.
 
 
 class DataError(Exception):
@@ -155,3 +161,70 @@ def write_idx(path, array):
         data = gzip.compress(data, mtime=0)  # mtime=0: identical bytes on every run.
     with open(path, "wb") as f:
         f.write(data)
+
+
+def find_file(data_dir, name):
+    """Returns the path of `name` or of its uncompressed form in `data_dir`, or None.
+
+    Shared by the dataset modules, whose files are published gzip-compressed (`name` ends in .gz)
+    but may be kept uncompressed (`name` without .gz); the .gz is preferred when both exist.
+
+    Args:
+        data_dir: directory to look in.
+        name: published file name, e.g. "train-images-idx3-ubyte.gz".
+
+    Returns:
+        The path of the first of `name`, `name` without .gz that is a file, or None.
+    """
+    candidates = (name, name[: -len(_GZIP_SUFFIX)]) if name.endswith(_GZIP_SUFFIX) else (name,)
+    for candidate in candidates:
+        path = os.path.join(data_dir, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _check_images(path, images, image_size):
+    """Raises DataError unless `images` is [N, image_size, image_size]."""
+    if images.ndim != 3:
+        raise DataError(f"{path}: expected an IDX images file, found a labels file")
+    size = images.shape[1:]
+    if size != (image_size, image_size):
+        raise DataError(f"{path}: images are {size[0]}x{size[1]}, expected {image_size}x{image_size}")
+
+
+def _check_labels(path, labels, num_classes):
+    """Raises DataError unless `labels` is [N] with values in 0..num_classes-1."""
+    if labels.ndim != 1:
+        raise DataError(f"{path}: expected an IDX labels file, found an images file")
+    bad = np.flatnonzero(labels >= num_classes)
+    if bad.size:
+        raise DataError(f"{path}: label {labels[bad[0]]} at index {bad[0]} is outside 0..{num_classes - 1}")
+
+
+def load_split(data_dir, images_name, labels_name, image_size, num_classes):
+    """Loads one split of an IDX image-classification dataset (MNIST, Fashion-MNIST) from `data_dir`.
+
+    Args:
+        data_dir: directory holding the files, each as its published .gz or uncompressed (`find_file`).
+        images_name: published name of the images file, e.g. "t10k-images-idx3-ubyte.gz".
+        labels_name: published name of the labels file.
+        image_size: H = W the images must have.
+        num_classes: C; labels must lie in 0..C-1.
+
+    Returns:
+        (images, labels): uint8 [N, H, W] and int64 [N] with values 0..C-1.
+
+    Raises:
+        DataError: a file is missing or malformed, images are not HxW, the image and label counts
+            differ, or a label is outside 0..C-1.
+    """
+    images_path = find_file(data_dir, images_name) or os.path.join(data_dir, images_name)
+    labels_path = find_file(data_dir, labels_name) or os.path.join(data_dir, labels_name)
+    images = read_idx(images_path)
+    _check_images(images_path, images, image_size)
+    labels = read_idx(labels_path)
+    _check_labels(labels_path, labels, num_classes)
+    if len(images) != len(labels):
+        raise DataError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels")
+    return images, labels.astype(np.int64)

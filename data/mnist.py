@@ -8,12 +8,8 @@ Axis names used in the docstrings: N examples, H/W image height/width (28 for MN
 C classes (10 for MNIST).
 """
 
-import os
-
-import numpy as np
-
-from data.download import download_file, download_missing
-from data.idx import DataError, read_idx
+from data.download import download_missing, ensure_files
+from data.idx import load_split
 from data.spec import DatasetSpec
 
 NAME = "mnist"
@@ -70,21 +66,6 @@ def download(data_dir, mirrors=MIRRORS, urlopen=None):
     return download_missing(FILES, data_dir, mirrors, urlopen)
 
 
-def _find_file(data_dir, name):
-    """Returns the path of `name` (.gz) or its uncompressed form in `data_dir`, or None."""
-    for candidate in (name, name[: -len(".gz")]):
-        path = os.path.join(data_dir, candidate)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _missing_file_error(data_dir, name):
-    """The DataError for an MNIST file absent (in both forms) when download is off."""
-    path = os.path.join(data_dir, name)
-    return DataError(f"{path}: MNIST file not found (nor uncompressed {name[: -len('.gz')]}) and download is disabled")
-
-
 def ensure(data_dir, download=True, urlopen=None):
     """Makes sure the four MNIST files are in `data_dir`, downloading missing ones.
 
@@ -105,33 +86,7 @@ def ensure(data_dir, download=True, urlopen=None):
         DataError: a file is missing and `download` is False, or its download
             failed.
     """
-    paths = {}
-    for name in FILES:
-        path = _find_file(data_dir, name)
-        if path is None:
-            if not download:
-                raise _missing_file_error(data_dir, name)
-            path = download_file(name, FILES[name], data_dir, MIRRORS, urlopen)
-        paths[name] = path
-    return paths
-
-
-def _check_images(path, images):
-    """Raises DataError unless `images` is [N, 28, 28]."""
-    if images.ndim != 3:
-        raise DataError(f"{path}: expected an IDX images file, found a labels file")
-    size = images.shape[1:]
-    if size != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(f"{path}: images are {size[0]}x{size[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
-
-
-def _check_labels(path, labels):
-    """Raises DataError unless `labels` is [N] with values in 0..C-1."""
-    if labels.ndim != 1:
-        raise DataError(f"{path}: expected an IDX labels file, found an images file")
-    bad = np.flatnonzero(labels >= NUM_CLASSES)
-    if bad.size:
-        raise DataError(f"{path}: label {labels[bad[0]]} at index {bad[0]} is outside 0..{NUM_CLASSES - 1}")
+    return ensure_files(FILES, data_dir, MIRRORS, "MNIST", download, urlopen)
 
 
 def load(data_dir, split):
@@ -153,16 +108,7 @@ def load(data_dir, split):
     """
     if split not in _SPLIT_FILES:
         raise ValueError(f"split must be one of {sorted(_SPLIT_FILES)}, got {split!r}")
-    images_name, labels_name = _SPLIT_FILES[split]
-    images_path = _find_file(data_dir, images_name) or os.path.join(data_dir, images_name)
-    labels_path = _find_file(data_dir, labels_name) or os.path.join(data_dir, labels_name)
-    images = read_idx(images_path)
-    _check_images(images_path, images)
-    labels = read_idx(labels_path)
-    _check_labels(labels_path, labels)
-    if len(images) != len(labels):
-        raise DataError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels")
-    return images, labels.astype(np.int64)
+    return load_split(data_dir, *_SPLIT_FILES[split], IMAGE_SIZE, NUM_CLASSES)
 
 
 SPEC = DatasetSpec(

@@ -13,12 +13,14 @@ DatasetSpec.__doc__ = """A dataset as the training code sees it.
 
 Attributes:
     name: the key in `data.DATASETS`, e.g. "mnist".
-    image_size: H = W, pixels per image side.
+    image_size: H = W, pixels per image side of what the network sees (smallNORB: 32, its crops).
     channels: colour channels per pixel (1 for grayscale).
     num_classes: C.
     class_names: C display names, in class-index order.
     ensure: callable(data_dir) that makes sure the files are in `data_dir` (downloading missing ones)
         and raises `data.idx.DataError` when it cannot.
-    load: callable(data_dir, split) returning (uint8 images [N, H, W], int64 labels [N]) for the
-        split 'train' or 'test'.
+    load: callable(data_dir, split) returning (uint8 images, int64 labels [N]) for the split 'train'
+        or 'test'. Images are [N, H, W] as stored: for MNIST and Fashion-MNIST H = W = image_size;
+        smallNORB's are [N, 96, 96, channels] and become image_size crops only through
+        `data.smallnorb_preprocess`.
 """

@@ -7,11 +7,9 @@ The real-MNIST tests read the directory in $MNIST_DIR (default
 
 import gzip
 import hashlib
-import io
 import os
 import sys
 import types
-import urllib.error
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ if _REPO_ROOT not in sys.path:
 
 import data as datasets  # noqa: E402  (needs the repo root on sys.path)
 from data import download, idx, mnist, pipeline  # noqa: E402
+from data_fakes import FakeUrlopen, mirror_responses, raise_data_error  # noqa: E402  (tests/ is on sys.path)
 
 _SIZE = mnist.IMAGE_SIZE
 _MNIST_DIR = os.environ.get("MNIST_DIR", os.path.join(_REPO_ROOT, "..", "shared", "data", "mnist"))
@@ -50,37 +49,6 @@ def _write_split(data_dir, split, images, labels):
     images_name, labels_name = {"train": (_TRAIN_IMAGES, _TRAIN_LABELS), "test": (_TEST_IMAGES, _TEST_LABELS)}[split]
     idx.write_idx(os.path.join(data_dir, images_name), images)
     idx.write_idx(os.path.join(data_dir, labels_name), labels)
-
-
-def _raise_data_error(call, *args, **kwargs):
-    """Runs `call`, asserts it raises a one-line DataError, returns the message."""
-    with pytest.raises(idx.DataError) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message
-    return message
-
-
-class _FakeUrlopen:
-    """Stands in for urllib.request.urlopen: serves bytes or raises, by URL.
-
-    Attributes:
-        calls: the URLs requested, in order.
-    """
-
-    def __init__(self, responses):
-        """`responses`: URL -> bytes to serve, or an exception instance to raise."""
-        self._responses = responses
-        self.calls = []
-
-    def __call__(self, url, timeout=None):
-        """Records `url`, then returns a readable response or raises."""
-        assert timeout is not None, "downloads must set a timeout"
-        self.calls.append(url)
-        response = self._responses.get(url, urllib.error.URLError("no route to host"))
-        if isinstance(response, Exception):
-            raise response
-        return io.BytesIO(response)
 
 
 @pytest.fixture
@@ -177,7 +145,7 @@ def test_write_idx_rejects_bad_arrays(tmp_path):
 def test_read_idx_missing_file(tmp_path):
     """A missing file raises DataError naming the file."""
     path = str(tmp_path / "absent.gz")
-    message = _raise_data_error(idx.read_idx, path)
+    message = raise_data_error(idx.read_idx, path)
     assert path in message and "not found" in message
 
 
@@ -187,7 +155,7 @@ def test_read_idx_truncated_gzip(tmp_path):
     idx.write_idx(path, _random_images(4))
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
-    message = _raise_data_error(idx.read_idx, path)
+    message = raise_data_error(idx.read_idx, path)
     assert path in message and "gzip" in message
 
 
@@ -198,7 +166,7 @@ def test_read_idx_corrupt_gzip_checksum(tmp_path):
     data = bytearray(open(path, "rb").read())
     data[-6] ^= 0xFF  # Inside the CRC-32 field (RFC 1952: last 8 bytes are CRC32, ISIZE).
     open(path, "wb").write(bytes(data))
-    message = _raise_data_error(idx.read_idx, path)
+    message = raise_data_error(idx.read_idx, path)
     assert path in message and "gzip" in message
 
 
@@ -206,7 +174,7 @@ def test_read_idx_garbage_named_gz(tmp_path):
     """Non-gzip garbage named .gz is read as raw IDX and rejected by its magic."""
     path = str(tmp_path / "train-images-idx3-ubyte.gz")
     open(path, "wb").write(b"<html>404 Not Found</html>")
-    message = _raise_data_error(idx.read_idx, path)
+    message = raise_data_error(idx.read_idx, path)
     assert path in message and "magic" in message
 
 
@@ -214,7 +182,7 @@ def test_read_idx_wrong_magic(tmp_path):
     """An IDX header with magic 2050 raises DataError quoting the magic."""
     path = str(tmp_path / "bad")
     open(path, "wb").write((2050).to_bytes(4, "big") + (0).to_bytes(4, "big"))
-    message = _raise_data_error(idx.read_idx, path)
+    message = raise_data_error(idx.read_idx, path)
     assert path in message and "2050" in message
 
 
@@ -222,7 +190,7 @@ def test_read_idx_wrong_element_type(tmp_path):
     """An IDX file of floats (type byte 0x0d) raises DataError about the type."""
     path = str(tmp_path / "floats")
     open(path, "wb").write(bytes([0, 0, 0x0D, 1]) + (0).to_bytes(4, "big"))
-    message = _raise_data_error(idx.read_idx, path)
+    message = raise_data_error(idx.read_idx, path)
     assert path in message and "0x0d" in message
 
 
@@ -231,8 +199,8 @@ def test_read_idx_empty_and_short_header(tmp_path):
     empty, short = str(tmp_path / "empty"), str(tmp_path / "short")
     open(empty, "wb").close()
     open(short, "wb").write((idx.IDX_IMAGES_MAGIC).to_bytes(4, "big") + b"\x00\x00")
-    assert empty in _raise_data_error(idx.read_idx, empty)
-    assert "header" in _raise_data_error(idx.read_idx, short)
+    assert empty in raise_data_error(idx.read_idx, empty)
+    assert "header" in raise_data_error(idx.read_idx, short)
 
 
 def test_read_idx_truncated_payload(tmp_path):
@@ -241,7 +209,7 @@ def test_read_idx_truncated_payload(tmp_path):
     idx.write_idx(path, _random_images(3))
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-10])
-    message = _raise_data_error(idx.read_idx, path)
+    message = raise_data_error(idx.read_idx, path)
     assert path in message and "truncated" in message
     assert str(3 * _SIZE * _SIZE) in message and str(3 * _SIZE * _SIZE - 10) in message
 
@@ -252,7 +220,7 @@ def test_read_idx_trailing_bytes(tmp_path):
     with gzip.open(path, "wb") as f:
         header = idx.IDX_LABELS_MAGIC.to_bytes(4, "big") + (2).to_bytes(4, "big")
         f.write(header + b"\x01\x02\x03")  # Declares 2 labels, holds 3.
-    assert "trailing" in _raise_data_error(idx.read_idx, path)
+    assert "trailing" in raise_data_error(idx.read_idx, path)
 
 
 def test_sha256_of_matches_hashlib(tmp_path):
@@ -290,14 +258,14 @@ def test_load_mnist_bad_split(tmp_path):
 
 def test_load_mnist_missing_files(tmp_path):
     """A split whose files are absent raises DataError naming the file."""
-    message = _raise_data_error(mnist.load, str(tmp_path), "train")
+    message = raise_data_error(mnist.load, str(tmp_path), "train")
     assert _TRAIN_IMAGES in message
 
 
 def test_load_mnist_wrong_image_size(tmp_path):
     """32x32 images raise DataError naming the file and the size found."""
     _write_split(str(tmp_path), "train", _random_images(3, size=32), _digit_labels(3))
-    message = _raise_data_error(mnist.load, str(tmp_path), "train")
+    message = raise_data_error(mnist.load, str(tmp_path), "train")
     assert _TRAIN_IMAGES in message and "32x32" in message
 
 
@@ -305,14 +273,14 @@ def test_load_mnist_swapped_files(tmp_path):
     """A labels file where the images file should be raises DataError."""
     _write_split(str(tmp_path), "train", _random_images(3), _digit_labels(3))
     idx.write_idx(str(tmp_path / _TRAIN_IMAGES), _digit_labels(3))
-    message = _raise_data_error(mnist.load, str(tmp_path), "train")
+    message = raise_data_error(mnist.load, str(tmp_path), "train")
     assert _TRAIN_IMAGES in message and "labels" in message
 
 
 def test_load_mnist_count_mismatch(tmp_path):
     """3 images with 2 labels raise DataError giving both counts."""
     _write_split(str(tmp_path), "train", _random_images(3), _digit_labels(2))
-    message = _raise_data_error(mnist.load, str(tmp_path), "train")
+    message = raise_data_error(mnist.load, str(tmp_path), "train")
     assert "3 images" in message and "2 labels" in message
 
 
@@ -321,7 +289,7 @@ def test_load_mnist_label_out_of_range(tmp_path):
     labels = _digit_labels(4)
     labels[2] = 10
     _write_split(str(tmp_path), "test", _random_images(4), labels)
-    message = _raise_data_error(mnist.load, str(tmp_path), "test")
+    message = raise_data_error(mnist.load, str(tmp_path), "test")
     assert _TEST_LABELS in message and "label 10 at index 2" in message
 
 
@@ -333,7 +301,7 @@ def test_load_mnist_label_out_of_range(tmp_path):
 def test_get_mnist_spec():
     """data.get("mnist") is mnist.SPEC, describing 28x28 grayscale digits in 10 classes "0".."9"."""
     spec = datasets.get("mnist")
-    assert spec is mnist.SPEC and datasets.DATASETS == {"mnist": mnist.SPEC}
+    assert spec is mnist.SPEC and datasets.DATASETS["mnist"] is mnist.SPEC
     assert (spec.name, spec.image_size, spec.channels, spec.num_classes) == ("mnist", _SIZE, 1, 10)
     assert list(spec.class_names) == [str(digit) for digit in range(10)]
     assert spec.ensure is mnist.ensure and spec.load is mnist.load
@@ -350,15 +318,10 @@ def test_get_unknown_dataset():
 # ---------------------------------------------------------------------------
 
 
-def _mirror_responses(mirror, payloads):
-    """URL -> bytes for every file on one mirror."""
-    return {mirror + name: data for name, data in payloads.items()}
-
-
 def test_download_mnist_good_bytes(tmp_path, tiny_mnist_files):
     """Verified files land in place, nothing else is left, and present files are skipped."""
     data_dir = str(tmp_path / "data")
-    fake = _FakeUrlopen(_mirror_responses("https://a/", tiny_mnist_files))
+    fake = FakeUrlopen(mirror_responses("https://a/", tiny_mnist_files))
     paths = mnist.download(data_dir, mirrors=("https://a/",), urlopen=fake)
     assert sorted(os.listdir(data_dir)) == sorted(mnist.FILES)
     for name, path in paths.items():
@@ -372,7 +335,7 @@ def test_download_mnist_good_bytes(tmp_path, tiny_mnist_files):
 
 def test_download_mnist_falls_back_to_next_mirror(tmp_path, tiny_mnist_files):
     """When the first mirror fails, the second mirror is tried and used."""
-    fake = _FakeUrlopen(_mirror_responses("https://b/", tiny_mnist_files))
+    fake = FakeUrlopen(mirror_responses("https://b/", tiny_mnist_files))
     mnist.download(str(tmp_path), mirrors=("https://a/", "https://b/"), urlopen=fake)
     first = sorted(mnist.FILES)[0]
     assert fake.calls.index("https://a/" + first) < fake.calls.index("https://b/" + first)
@@ -382,18 +345,18 @@ def test_download_mnist_falls_back_to_next_mirror(tmp_path, tiny_mnist_files):
 def test_download_mnist_bad_bytes(tmp_path, tiny_mnist_files):
     """Bytes with the wrong SHA-256 raise DataError with both digests; no file is left."""
     bad = {name: b"corrupted " + data for name, data in tiny_mnist_files.items()}
-    fake = _FakeUrlopen(_mirror_responses("https://a/", bad))
+    fake = FakeUrlopen(mirror_responses("https://a/", bad))
     name = next(iter(mnist.FILES))
     got = hashlib.sha256(bad[name]).hexdigest()
-    message = _raise_data_error(mnist.download, str(tmp_path), mirrors=("https://a/",), urlopen=fake)
+    message = raise_data_error(mnist.download, str(tmp_path), mirrors=("https://a/",), urlopen=fake)
     assert name in message and mnist.FILES[name] in message and got in message
     assert os.listdir(str(tmp_path)) == []
 
 
 def test_download_mnist_no_network(tmp_path):
     """A urlopen that raises gives DataError 'cannot download X: <reason>'; no file left."""
-    fake = _FakeUrlopen({})
-    message = _raise_data_error(mnist.download, str(tmp_path), urlopen=fake)
+    fake = FakeUrlopen({})
+    message = raise_data_error(mnist.download, str(tmp_path), urlopen=fake)
     assert message.startswith("cannot download ") and "no route to host" in message
     assert fake.calls[0].startswith(mnist.MIRRORS[0])
     assert len(fake.calls) == len(mnist.MIRRORS)
@@ -402,7 +365,7 @@ def test_download_mnist_no_network(tmp_path):
 
 def test_ensure_mnist_missing_without_download(tmp_path):
     """mnist.ensure(download=False) with no files raises DataError and fetches nothing."""
-    message = _raise_data_error(mnist.ensure, str(tmp_path), download=False)
+    message = raise_data_error(mnist.ensure, str(tmp_path), download=False)
     assert "not found" in message and "download" in message
     assert os.listdir(str(tmp_path)) == []
 
@@ -424,7 +387,7 @@ def test_ensure_mnist_downloads_only_missing(tmp_path, tiny_mnist_files, monkeyp
     for name, data in tiny_mnist_files.items():
         if name != _TEST_LABELS:
             (tmp_path / name).write_bytes(data)
-    fake = _FakeUrlopen(_mirror_responses("https://a/", tiny_mnist_files))
+    fake = FakeUrlopen(mirror_responses("https://a/", tiny_mnist_files))
     paths = mnist.ensure(str(tmp_path), download=True, urlopen=fake)
     assert fake.calls == ["https://a/" + _TEST_LABELS]
     assert open(paths[_TEST_LABELS], "rb").read() == tiny_mnist_files[_TEST_LABELS]
