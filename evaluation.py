@@ -20,8 +20,9 @@ from data import pipeline as data_pipeline
 SAMPLE_IMAGES = 100  # images in the test-sample picture
 SWEEP_OFFSETS = (-1, 1, 2)  # test-time iteration sweep: the run's count plus these (0 is the main evaluation)
 
-# How an evaluation runs: images per batch, the pipeline's seed, CPU threads, micro-batches, plain progress.
-Settings = collections.namedtuple("Settings", ["batch_size", "seed", "threads", "micro_batches", "quiet"])
+# How an evaluation runs: the dataset, images per batch, the pipeline's seed, CPU threads, micro-batches,
+# plain progress.
+Settings = collections.namedtuple("Settings", ["dataset", "batch_size", "seed", "threads", "micro_batches", "quiet"])
 
 
 def predict(sess, pipeline, predictions, images, labels, desc, quiet, statistics=None):
@@ -68,7 +69,9 @@ def evaluate_checkpoint(result_dir, hparams, settings, images, labels, desc, sta
       (predictions, labels, mean routing statistics or None, checkpoint path, global step).
     """
     with tf.Graph().as_default():
-        pipeline = data_pipeline.build_pipeline(hparams, settings.batch_size, settings.batch_size, settings.seed)
+        pipeline = data_pipeline.build_for(
+            settings.dataset, hparams, settings.batch_size, settings.batch_size, settings.seed
+        )
         global_step = tf.train.get_or_create_global_step()
         model = capsnet.CapsNetEMModel(hparams, settings.micro_batches)
         inference = model.inference(pipeline.eval_images)

@@ -112,10 +112,15 @@ OPTIMISATION_HPARAMS = define_hparam_flags(
     }
 )
 # ---- data ------------------------------------------------------------------------------------------
+flags.DEFINE_string("dataset", "mnist", "Dataset: " + ", ".join(data.DATASETS) + ".")
 flags.DEFINE_string(
     "data_dir",
-    os.path.join(".", "data", "mnist"),
-    "Folder of the four MNIST IDX files (.gz or raw); they are downloaded and SHA-256-verified when missing.",
+    None,
+    "Folder of the dataset's official files (.gz or raw); missing ones are downloaded and SHA-256-verified "
+    "(default: ./data/<dataset>).",
+)
+flags.DEFINE_integer(
+    "norb_channels", 1, "smallNORB: 1 (the first image of each stereo pair) or 2 (both, as two channels)."
 )
 flags.DEFINE_integer("validation_size", 5000, "Training images held out for per-epoch validation, >= 0.")
 flags.DEFINE_integer(
@@ -169,7 +174,9 @@ PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.m
 HPARAM_FLAGS = MODEL_HPARAMS + ROUTING_HPARAMS + OPTIMISATION_HPARAMS
 # Flags that define the architecture, the optimisation or the data of a run: a resumed run must keep them.
 RUN_DEFINING_FLAGS = (
-    ("preset", "routing", "hparams") + HPARAM_FLAGS + ("batch_size", "data_dir", "validation_size", "max_shift", "seed")
+    ("preset", "routing", "hparams")
+    + HPARAM_FLAGS
+    + ("batch_size", "dataset", "data_dir", "norb_channels", "validation_size", "max_shift", "seed")
 )
 # Flags that test mode takes from its command line (with --test and --result_dir); the rest come from flags.json.
 TEST_FLAGS = (
@@ -190,7 +197,7 @@ HELP_ARGUMENTS = ("-h", "--help", "--helpshort", "--helpfull")
 EXIT_USAGE = 2
 EXIT_NON_FINITE = 3
 EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-ended command
-DATASET = "mnist"  # the dataset every run reads until --dataset exists
+NORB_CHANNELS = (1, 2)  # --norb_channels: one image of each stereo pair, or both
 
 
 # ---- flags -------------------------------------------------------------------------------------------
@@ -210,8 +217,9 @@ def resolve_hparams(values):
     for name, choices in (("preset", capsnet.PRESETS), ("routing", capsnet.ROUTING_FORMS)):
         if values.get(name) is not None and values[name] not in choices:
             raise UsageError("--%s must be one of %s, got %r" % (name, "/".join(choices), values[name]))
-    spec = data.get(DATASET)  # the dataset sets what the network sees and tells apart
-    overrides = dict(image_size=spec.image_size, image_channels=spec.channels, num_classes=spec.num_classes)
+    spec = data.get(values["dataset"])  # the dataset sets what the network sees and tells apart
+    channels = values["norb_channels"] if values["dataset"] in data.PREPROCESSED else spec.channels
+    overrides = dict(image_size=spec.image_size, image_channels=channels, num_classes=spec.num_classes)
     overrides.update({name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None})
     try:
         hparams = capsnet.hparams_for(values["preset"], values.get("routing"), **overrides)
@@ -231,7 +239,11 @@ def validate_flags(values):
     for name in NON_NEGATIVE_FLAGS:
         if values.get(name, 0) < 0:
             raise UsageError("--%s must be >= 0, got %r" % (name, values[name]))
-    image_size = data.get(DATASET).image_size
+    if values["dataset"] not in data.DATASETS:
+        raise UsageError("--dataset must be one of %s, got %r" % ("/".join(data.DATASETS), values["dataset"]))
+    if values["norb_channels"] not in NORB_CHANNELS:
+        raise UsageError("--norb_channels must be 1 or 2, got %r" % values["norb_channels"])
+    image_size = data.get(values["dataset"]).image_size
     if not 0 <= values["max_shift"] < image_size:
         raise UsageError("--max_shift must be in 0..%d, got %r" % (image_size - 1, values["max_shift"]))
     resolve_hparams(values)
@@ -257,17 +269,15 @@ def run_length(values, train_size):
 
 
 def load_split(values, split):
-    """The dataset's images and labels of `split` from --data_dir (downloaded when missing)."""
-    spec = data.get(DATASET)
-    spec.ensure(values["data_dir"])
-    return spec.load(values["data_dir"], split)
+    """The dataset's images and labels of `split` from --data_dir (downloaded when missing), as fed."""
+    return data.load_arrays(values["dataset"], values["data_dir"], split, values["norb_channels"])
 
 
 def eval_settings(values):
     """How test mode and the sweep evaluate: `evaluation.Settings` from the flag values."""
     micro_batches = runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"])
     return evaluation.Settings(
-        values["eval_batch_size"], values["seed"], values["threads"], micro_batches, values["quiet"]
+        values["dataset"], values["eval_batch_size"], values["seed"], values["threads"], micro_batches, values["quiet"]
     )
 
 
@@ -287,7 +297,10 @@ def training_data(values):
             "--validation_size must be smaller than the %d training images in %s, got %d"
             % (len(images), values["data_dir"], values["validation_size"])
         )
-    return data_pipeline.split_train_validation(images, labels, values["validation_size"], values["seed"])
+    train_x, train_y, val_x, val_y = data_pipeline.split_train_validation(
+        images, labels, values["validation_size"], values["seed"]
+    )
+    return train_x, train_y, data.for_evaluation(values["dataset"], val_x), val_y
 
 
 def train(values, result_dir, resumed):
@@ -306,7 +319,7 @@ def train(values, result_dir, resumed):
             max_steps,
             steps_per_epoch,
             values["batch_size"],
-            DATASET,
+            values["dataset"],
             len(arrays[0]),
             len(arrays[2]),
             describe(hparams, values),
@@ -314,8 +327,8 @@ def train(values, result_dir, resumed):
         flush=True,
     )
     tf.set_random_seed(values["seed"])
-    pipeline = data_pipeline.build_pipeline(
-        hparams, values["batch_size"], values["eval_batch_size"], values["seed"], values["max_shift"]
+    pipeline = data_pipeline.build_for(
+        values["dataset"], hparams, values["batch_size"], values["eval_batch_size"], values["seed"], values["max_shift"]
     )
     model = capsnet.CapsNetEMModel(hparams, runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"]))
     graph = model.train(pipeline.train_images, pipeline.train_labels)
@@ -393,13 +406,14 @@ def test(result_dir, overrides):
         raise UsageError("%s holds no checkpoint" % result_dir)
     hparams = run_hparams(result_dir, values)
     images, labels = load_split(values, "test")
+    images = data.for_evaluation(values["dataset"], images)
     print(
         "evaluating %s: checkpoint %s (step %d), %s test split, %d images, batch %d; %s"
         % (
             result_dir,
             os.path.basename(checkpoint),
             step,
-            DATASET,
+            values["dataset"],
             len(labels),
             values["eval_batch_size"],
             describe(hparams, values),
@@ -418,7 +432,7 @@ def test(result_dir, overrides):
             result_dir, hparams, settings, images[:count], labels[:count], as_trained
         )
     return evaluation.report(
-        result_dir, checkpoint, step, predictions, truth, images, data.get(DATASET).class_names, extra
+        result_dir, checkpoint, step, predictions, truth, images, data.get(values["dataset"]).class_names, extra
     )
 
 
@@ -434,7 +448,8 @@ def parse_command_line(argv):
     if len(remaining) > 1:
         raise UsageError("unexpected arguments: %s (flags take the form --name=value)" % " ".join(remaining[1:]))
     values = {name: FLAGS[name].value for name in PROGRAM_FLAGS}
-    values["data_dir"] = os.path.abspath(values["data_dir"])  # saved runs work from any folder
+    data_dir = values["data_dir"] or os.path.join(".", "data", values["dataset"])
+    values["data_dir"] = os.path.abspath(data_dir)  # saved runs work from any folder
     testing = parse_test_flag(values["test"])
     validate_flags(values)
     return values, {name for name in PROGRAM_FLAGS if FLAGS[name].present}, testing

@@ -78,14 +78,23 @@ def _save_png(figure, path):
 
 
 def _as_grayscale_2d(images):
-    """[N, H, W] or [N, H, W, 1] -> ([N, H, W], vmax) with vmax 255 for uint8, 1 for floats."""
+    """[N, H, W] or [N, H, W, K] -> ([N, H, W], vmax) with vmax 255 for uint8, 1 for floats.
+
+    Of several channels (smallNORB's stereo pair) the first is shown; float images outside [0, 1]
+    (standardised smallNORB crops) are scaled to [0, 1] image by image.
+    """
     images = np.asarray(images)
-    if images.ndim == 4 and images.shape[-1] == 1:
-        images = images[..., 0]  # [N, H, W]
+    if images.ndim == 4:
+        images = images[..., 0]  # [N, H, W], the first channel
     if images.ndim != 3:
-        raise ValueError(f"images must be [N, H, W] or [N, H, W, 1], got {images.shape}")
-    vmax = _PIXEL_MAX if images.dtype == np.uint8 else 1.0
-    return images, vmax
+        raise ValueError(f"images must be [N, H, W] or [N, H, W, K], got {images.shape}")
+    if images.dtype == np.uint8:
+        return images, _PIXEL_MAX
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
+        low = images.min(axis=(1, 2), keepdims=True)  # [N, 1, 1]
+        span = np.maximum(images.max(axis=(1, 2), keepdims=True) - low, np.finfo(np.float32).tiny)
+        images = (images - low) / span  # [N, H, W] in [0, 1]
+    return images, 1.0
 
 
 def plot_sample_grid(images, labels, path, predictions=None, columns=10):

@@ -210,3 +210,55 @@ def build_pipeline(hparams, batch_size, eval_batch_size, seed, max_shift=0):
     return Pipeline(
         images_in, labels_in, train_iterator, eval_iterator, train_images, train_labels, eval_images, eval_labels
     )
+
+
+def _preprocessed_datasets(images_in, labels_in, batch_size, eval_batch_size, image_size, seed):
+    """Training and evaluation datasets of float images that `smallnorb_preprocess.preprocess` prepared.
+
+    Training images `[N, 48, 48, K]` get the paper's random crop, brightness and contrast per image; evaluation
+    images are fed already cropped to `[N, image_size, image_size, K]`.
+    """
+    from data import smallnorb_preprocess  # TensorFlow ops; smallNORB only
+
+    channels = images_in.shape.as_list()[-1]
+    train = tf.data.Dataset.from_tensor_slices((images_in, labels_in))  # ([H, W, K], [])
+    train = train.shuffle(tf.shape(images_in, out_type=tf.int64)[0], seed=seed, reshuffle_each_iteration=True)
+    train = train.repeat().map(lambda image, label: (smallnorb_preprocess.distort(image, seed), label))
+    train = train.batch(batch_size, drop_remainder=True)  # ([B, 32, 32, K], [B])
+
+    def fixed_shape(image, label):
+        image.set_shape([image_size, image_size, channels])  # [32, 32, K], fed cropped
+        return image, label
+
+    evaluation = tf.data.Dataset.from_tensor_slices((images_in, labels_in)).map(fixed_shape)
+    return train.prefetch(tf.data.experimental.AUTOTUNE), evaluation.batch(eval_batch_size)
+
+
+def build_preprocessed_pipeline(hparams, batch_size, eval_batch_size, seed):
+    """`build_pipeline` for smallNORB: float32 images fed as `smallnorb_preprocess.preprocess` gives them.
+
+    Training feeds `[N, 48, 48, K]` (cropped and distorted per image in the graph), evaluation feeds
+    `[N, image_size, image_size, K]` (the centre crop, or any crop of the multi-crop test).
+    """
+    channels = hparams.image_channels
+    images_in = tf.placeholder(tf.float32, [None, None, None, channels], name="images_in")
+    labels_in = tf.placeholder(tf.int64, [None], name="labels_in")
+    train, evaluation = _preprocessed_datasets(
+        images_in, labels_in, batch_size, eval_batch_size, hparams.image_size, seed
+    )
+    train_iterator = tf.data.make_initializable_iterator(train)
+    eval_iterator = tf.data.make_initializable_iterator(evaluation)
+    train_images, train_labels = train_iterator.get_next()  # [batch_size, 32, 32, K], [batch_size]
+    eval_images, eval_labels = eval_iterator.get_next()  # [<= eval_batch_size, 32, 32, K], [<= eval_batch_size]
+    return Pipeline(
+        images_in, labels_in, train_iterator, eval_iterator, train_images, train_labels, eval_images, eval_labels
+    )
+
+
+def build_for(dataset, hparams, batch_size, eval_batch_size, seed, max_shift=0):
+    """The pipeline for `dataset`: `build_preprocessed_pipeline` for smallNORB, else `build_pipeline`."""
+    from data import PREPROCESSED
+
+    if dataset in PREPROCESSED:
+        return build_preprocessed_pipeline(hparams, batch_size, eval_batch_size, seed)
+    return build_pipeline(hparams, batch_size, eval_batch_size, seed, max_shift)
