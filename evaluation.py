@@ -25,7 +25,7 @@ SWEEP_OFFSETS = (-1, 1, 2)  # test-time iteration sweep: the run's count plus th
 Settings = collections.namedtuple("Settings", ["dataset", "batch_size", "seed", "threads", "micro_batches", "quiet"])
 
 
-def predict(sess, pipeline, predictions, images, labels, desc, quiet, statistics=None):
+def predict(sess, pipeline, predictions, images, labels, desc, quiet, statistics=None, scores=None):
     """Predictions for every image of `images` `[n, H, W]` (no remainder dropped), with a progress bar.
 
     Args:
@@ -36,13 +36,15 @@ def predict(sess, pipeline, predictions, images, labels, desc, quiet, statistics
       desc: the progress bar's label.
       quiet: plain progress lines instead of a bar.
       statistics: optional {key: scalar tensor} fetched with every batch and averaged over the images.
+      scores: optional class activations `[batch, L]` fetched with every batch.
 
     Returns:
-      (predictions `[n]`, labels `[n]`, {key: mean value} or None).
+      (predictions `[n]`, labels `[n]`, {key: mean value} or None, scores `[n, L]` or None).
     """
     sess.run(pipeline.eval_iterator.initializer, {pipeline.images_in: images, pipeline.labels_in: labels})
-    fetches = [predictions, pipeline.eval_labels] + ([statistics] if statistics else [])
-    all_predictions, all_labels, sums, correct = [], [], {}, 0
+    fetches = [predictions, pipeline.eval_labels, scores if scores is not None else predictions]
+    fetches += [statistics] if statistics else []
+    all_predictions, all_labels, all_scores, sums, correct = [], [], [], {}, 0
     with progress.progress(len(labels), desc, "img", quiet) as bar:
         while True:
             try:
@@ -51,22 +53,28 @@ def predict(sess, pipeline, predictions, images, labels, desc, quiet, statistics
                 break
             all_predictions.append(batch[0])
             all_labels.append(batch[1])
+            all_scores.append(batch[2])
             correct += int(np.sum(batch[0] == batch[1]))
-            for key, value in batch[2].items() if statistics else ():
+            for key, value in batch[3].items() if statistics else ():
                 sums[key] = sums.get(key, 0.0) + float(value) * len(batch[0])
             seen = sum(len(part) for part in all_labels)
             bar.set_postfix(acc="%.2f%%" % (100.0 * correct / seen))
             bar.update(len(batch[0]))
     seen = max(sum(len(part) for part in all_labels), 1)
     means = {key: total / seen for key, total in sums.items()} if statistics else None
-    return np.concatenate(all_predictions), np.concatenate(all_labels), means
+    score_array = np.concatenate(all_scores) if scores is not None else None
+    return np.concatenate(all_predictions), np.concatenate(all_labels), means, score_array
 
 
-def evaluate_checkpoint(result_dir, hparams, settings, images, labels, desc, statistics=False):
-    """DIR's latest checkpoint, built with `hparams` in a graph of its own, on `images`.
+def evaluate_checkpoint(result_dir, hparams, settings, views, labels, desc, statistics=False):
+    """DIR's latest checkpoint, built with `hparams` in a graph of its own, on every view of the images.
+
+    Args:
+      views: list of image arrays (the same images seen differently, e.g. crops), the main one first.
 
     Returns:
-      (predictions, labels, mean routing statistics or None, checkpoint path, global step).
+      (predictions, labels and routing statistics (or None) of the first view, checkpoint path, global
+      step, predictions from the class activations averaged over the views (None for a single view)).
     """
     with tf.Graph().as_default():
         pipeline = data_pipeline.build_for(
@@ -78,8 +86,24 @@ def evaluate_checkpoint(result_dir, hparams, settings, images, labels, desc, sta
         routing = diagnostics.routing_statistics(model.layers) if statistics else None
         with runtime.new_session(settings.threads, settings.micro_batches) as sess:
             checkpoint = run_dir.restore_latest(sess, tf.train.Saver(), result_dir)
-            outputs = predict(sess, pipeline, inference.predictions, images, labels, desc, settings.quiet, routing)
-            return outputs + (checkpoint, int(sess.run(global_step)))
+            scores, first = [], None
+            for index, images in enumerate(views):
+                name = desc if len(views) == 1 else "%s, view %d of %d" % (desc, index + 1, len(views))
+                outputs = predict(
+                    sess,
+                    pipeline,
+                    inference.predictions,
+                    images,
+                    labels,
+                    name,
+                    settings.quiet,
+                    routing if index == 0 else None,
+                    inference.activations,
+                )
+                first = first or outputs
+                scores.append(outputs[3])
+            averaged = np.argmax(np.mean(scores, axis=0), axis=1) if len(views) > 1 else None
+            return first[:3] + (checkpoint, int(sess.run(global_step)), averaged)
 
 
 def iteration_sweep(result_dir, hparams, settings, images, labels, accuracy_as_trained):
@@ -90,7 +114,7 @@ def iteration_sweep(result_dir, hparams, settings, images, labels, accuracy_as_t
         if iterations >= 1:
             swept = dataclasses.replace(hparams, iterations=iterations)
             predictions, truth, *_ = evaluate_checkpoint(
-                result_dir, swept, settings, images, labels, "%d iterations" % iterations
+                result_dir, swept, settings, [images], labels, "%d iterations" % iterations
             )
             accuracy["%+d" % offset] = float(np.mean(predictions == truth))
     return {"images": int(len(labels)), "trained_iterations": hparams.iterations, "accuracy": accuracy}
@@ -140,6 +164,13 @@ def report(result_dir, checkpoint, global_step, predictions, labels, images, cla
         % (100 * accuracy, 100 * (1 - accuracy), len(labels), checkpoint, global_step)
     )
     print("per-class accuracy: " + " ".join("%s:%.2f%%" % (name, 100 * a) for name, a in zip(class_names, per_class)))
+    for name, value in sorted(extra.get("viewpoints", {}).items()):
+        print("%s viewpoints: %.2f%% on %d images" % (name, 100 * value["accuracy"], value["images"]))
+    if "multi_crop" in extra:
+        print(
+            "multi-crop accuracy (%d views): %.2f%%"
+            % (extra["multi_crop"]["views"], 100 * extra["multi_crop"]["accuracy"])
+        )
     sweep = extra.get("iteration_sweep")
     if sweep:
         print(

@@ -119,6 +119,12 @@ flags.DEFINE_string(
     "Folder of the dataset's official files (.gz or raw); missing ones are downloaded and SHA-256-verified "
     "(default: ./data/<dataset>).",
 )
+flags.DEFINE_string(
+    "viewpoint_split",
+    "none",
+    "smallNORB novel viewpoints (paper section 5.1): 'azimuth' trains on azimuths 300-40 degrees, 'elevation' on "
+    "the 3 lowest elevations; test mode reports familiar and novel viewpoints apart ('none': every image).",
+)
 flags.DEFINE_integer(
     "norb_channels", 1, "smallNORB: 1 (the first image of each stereo pair) or 2 (both, as two channels)."
 )
@@ -162,6 +168,12 @@ flags.DEFINE_integer(
     "Test mode: also evaluate the first N test images with 1 fewer and 1, 2 "
     "more routing iterations than the run's (the iteration sweep), >= 0 (0: no sweep).",
 )
+flags.DEFINE_integer(
+    "multi_crop",
+    1,
+    "Test mode: average the class activations over the centre view and N-1 shifted views (+-1, +-2, +-3 "
+    "pixels on the diagonals, the authors' smallNORB test), 1..13; reported beside the single view.",
+)
 flags.DEFINE_bool(
     "quiet",
     False,
@@ -176,7 +188,7 @@ HPARAM_FLAGS = MODEL_HPARAMS + ROUTING_HPARAMS + OPTIMISATION_HPARAMS
 RUN_DEFINING_FLAGS = (
     ("preset", "routing", "hparams")
     + HPARAM_FLAGS
-    + ("batch_size", "dataset", "data_dir", "norb_channels", "validation_size", "max_shift", "seed")
+    + ("batch_size", "dataset", "data_dir", "norb_channels", "viewpoint_split", "validation_size", "max_shift", "seed")
 )
 # Flags that test mode takes from its command line (with --test and --result_dir); the rest come from flags.json.
 TEST_FLAGS = (
@@ -187,6 +199,7 @@ TEST_FLAGS = (
     "micro_batch_size",
     "eval_batch_size",
     "sweep_images",
+    "multi_crop",
     "quiet",
 )
 # Flags that set where a run ends (--max_steps, when given, wins over --epochs).
@@ -198,6 +211,8 @@ EXIT_USAGE = 2
 EXIT_NON_FINITE = 3
 EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-ended command
 NORB_CHANNELS = (1, 2)  # --norb_channels: one image of each stereo pair, or both
+VIEWPOINT_SPLITS = ("none", "azimuth", "elevation")
+MAX_CROPS = 13  # the authors' multi-crop test: the centre view and 12 diagonal shifts
 
 
 # ---- flags -------------------------------------------------------------------------------------------
@@ -241,6 +256,12 @@ def validate_flags(values):
             raise UsageError("--%s must be >= 0, got %r" % (name, values[name]))
     if values["dataset"] not in data.DATASETS:
         raise UsageError("--dataset must be one of %s, got %r" % ("/".join(data.DATASETS), values["dataset"]))
+    if values["viewpoint_split"] not in VIEWPOINT_SPLITS or (
+        values["viewpoint_split"] != "none" and values["dataset"] not in data.PREPROCESSED
+    ):
+        raise UsageError("--viewpoint_split must be none, or azimuth/elevation with --dataset smallnorb")
+    if not 1 <= values["multi_crop"] <= MAX_CROPS:
+        raise UsageError("--multi_crop must be in 1..%d, got %r" % (MAX_CROPS, values["multi_crop"]))
     if values["norb_channels"] not in NORB_CHANNELS:
         raise UsageError("--norb_channels must be 1 or 2, got %r" % values["norb_channels"])
     image_size = data.get(values["dataset"]).image_size
@@ -273,6 +294,14 @@ def load_split(values, split):
     return data.load_arrays(values["dataset"], values["data_dir"], split, values["norb_channels"])
 
 
+def viewpoints(values, split):
+    """(familiar, novel) boolean masks over the split's images under --viewpoint_split, or None."""
+    if values["viewpoint_split"] == "none":
+        return None
+    info = data.smallnorb.load_info(values["data_dir"], split)
+    return data.smallnorb.viewpoint_split(info, values["viewpoint_split"])
+
+
 def eval_settings(values):
     """How test mode and the sweep evaluate: `evaluation.Settings` from the flag values."""
     micro_batches = runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"])
@@ -292,6 +321,9 @@ def describe(hparams, values):
 def training_data(values):
     """(train images, train labels, validation images, validation labels) of the run."""
     images, labels = load_split(values, "train")
+    masks = viewpoints(values, "train")
+    if masks is not None:  # train on the familiar viewpoints only
+        images, labels = images[masks[0]], labels[masks[0]]
     if values["validation_size"] >= len(images):
         raise UsageError(
             "--validation_size must be smaller than the %d training images in %s, got %d"
@@ -405,8 +437,9 @@ def test(result_dir, overrides):
     if checkpoint is None:
         raise UsageError("%s holds no checkpoint" % result_dir)
     hparams = run_hparams(result_dir, values)
-    images, labels = load_split(values, "test")
-    images = data.for_evaluation(values["dataset"], images)
+    loaded, labels = load_split(values, "test")
+    views = data.evaluation_views(values["dataset"], loaded, values["multi_crop"])
+    images = views[0]
     print(
         "evaluating %s: checkpoint %s (step %d), %s test split, %d images, batch %d; %s"
         % (
@@ -421,10 +454,18 @@ def test(result_dir, overrides):
         flush=True,
     )
     settings = eval_settings(values)
-    predictions, truth, routing, checkpoint, step = evaluation.evaluate_checkpoint(
-        result_dir, hparams, settings, images, labels, "test", statistics=True
+    predictions, truth, routing, checkpoint, step, averaged = evaluation.evaluate_checkpoint(
+        result_dir, hparams, settings, views, labels, "test", statistics=True
     )
     extra = {"routing": evaluation.routing_table(routing)}
+    if averaged is not None:
+        extra["multi_crop"] = {"views": len(views), "accuracy": float(np.mean(averaged == truth))}
+    masks = viewpoints(values, "test")
+    if masks is not None:
+        extra["viewpoints"] = {
+            name: {"images": int(mask.sum()), "accuracy": float(np.mean(predictions[mask] == truth[mask]))}
+            for name, mask in zip(("familiar", "novel"), masks)
+        }
     count = min(values["sweep_images"], len(labels))
     if count:
         as_trained = float(np.mean(predictions[:count] == truth[:count]))

@@ -115,7 +115,7 @@ class TrainingRun:
     def _validate(self, step):
         if len(self.val_x) == 0:
             return
-        predictions, labels, _ = evaluation.predict(
+        predictions, labels, _, _ = evaluation.predict(
             self.sess, self.pipeline, self.eval_predictions, self.val_x, self.val_y, "validation", self.schedule.quiet
         )
         accuracy = float(np.mean(predictions == labels))

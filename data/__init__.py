@@ -7,10 +7,12 @@ TensorFlow: the `tf.data` input pipeline (`data.pipeline`) and smallNORB's prepr
 (`data.smallnorb_preprocess`).
 """
 
+import numpy as np
+
 from data import fashion_mnist, mnist, smallnorb
 from data.spec import DatasetSpec
 
-__all__ = ["DATASETS", "DatasetSpec", "get", "load_arrays", "for_evaluation", "PREPROCESSED"]
+__all__ = ["DATASETS", "DatasetSpec", "get", "load_arrays", "for_evaluation", "evaluation_views", "PREPROCESSED"]
 
 DATASETS = {spec.name: spec for spec in (mnist.SPEC, fashion_mnist.SPEC, smallnorb.SPEC)}
 
@@ -66,3 +68,30 @@ def for_evaluation(name, images):
     from data import smallnorb_preprocess  # needs TensorFlow
 
     return smallnorb_preprocess.centre_crop(images)
+
+
+def _shifted(images, offset):
+    """`images` [N, H, W] with their content moved by `offset` = (dy, dx) pixels, zeros filling in."""
+    out = np.zeros_like(images)  # [N, H, W]
+    (dy, dx), (height, width) = offset, images.shape[1:3]
+    rows_to, rows_from = slice(max(dy, 0), height + min(dy, 0)), slice(max(-dy, 0), height + min(-dy, 0))
+    cols_to, cols_from = slice(max(dx, 0), width + min(dx, 0)), slice(max(-dx, 0), width + min(-dx, 0))
+    out[:, rows_to, cols_to] = images[:, rows_from, cols_from]
+    return out
+
+
+def evaluation_views(name, images, count):
+    """The `count` views of the multi-crop test: the centre view (`for_evaluation`) first, then the authors'
+    offsets (+-1, +-2, +-3 pixels on the diagonals; at most 13 views in all).
+
+    smallNORB: 32x32 crops of the preprocessed 48x48 images at those offsets. The IDX datasets, whose images
+    are the network's size: the images moved by the opposite offsets, zeros filling in (the same view change).
+    """
+    from data import smallnorb_preprocess  # needs TensorFlow
+
+    offsets = smallnorb_preprocess.multi_crop_offsets()
+    if not 1 <= count <= len(offsets):
+        raise ValueError("multi_crop must be in 1..%d, got %r" % (len(offsets), count))
+    if name in PREPROCESSED:
+        return [smallnorb_preprocess.crop_at(images, offset) for offset in offsets[:count]]
+    return [_shifted(images, (-dy, -dx)) for dy, dx in offsets[:count]]
