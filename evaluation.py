@@ -10,7 +10,6 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 import diagnostics
-import model as capsnet
 import plots
 import progress
 import run_dir
@@ -81,7 +80,7 @@ def evaluate_checkpoint(result_dir, hparams, settings, views, labels, desc, stat
             settings.dataset, hparams, settings.batch_size, settings.batch_size, settings.seed
         )
         global_step = tf.train.get_or_create_global_step()
-        model = capsnet.CapsNetEMModel(hparams, settings.micro_batches)
+        model = runtime.new_model(hparams, settings.micro_batches)
         inference = model.inference(pipeline.eval_images)
         routing = diagnostics.routing_statistics(model.layers) if statistics else None
         with runtime.new_session(settings.threads, settings.micro_batches) as sess:

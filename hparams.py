@@ -15,6 +15,7 @@ import receptive_field
 class HParams:
     """Every architecture, routing and optimisation setting of a run."""
 
+    model: str = "capsules"  # 'capsules' (the paper's network) or 'cnn' (its baseline CNN, section 5; cnn.py)
     # Architecture (paper section 3: A, B, C, D and kernel sizes).
     conv1_filters: int = 32  # A
     conv1_kernel: int = 5
@@ -31,6 +32,12 @@ class HParams:
     num_classes: int = 10
     image_size: int = 28
     image_channels: int = 1
+    # The baseline CNN (paper section 5): 5x5 convolutions of 32 and 64 channels, 1024 hidden units, dropout.
+    cnn_conv1_filters: int = 32
+    cnn_conv2_filters: int = 64
+    cnn_kernel: int = 5
+    cnn_hidden: int = 1024
+    cnn_dropout: float = 0.5  # the paper says dropout, not its rate
     # Routing (paper Procedure 1; lambda schedule of the official code).
     iterations: int = 3
     final_lambda: float = 0.01
@@ -90,8 +97,9 @@ class HParams:
         for name in _NON_NEGATIVE:
             if getattr(self, name) < 0:
                 raise ValueError("%s must be >= 0, got %r" % (name, getattr(self, name)))
-        if not 0 <= self.mean_momentum < 1:
-            raise ValueError("mean_momentum must be in [0, 1), got %r" % self.mean_momentum)
+        for name in ("mean_momentum", "cnn_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError("%s must be in [0, 1), got %r" % (name, getattr(self, name)))
         if self.standardise_costs and self.activation_form != "paper":
             raise ValueError("standardise_costs applies to activation_form=paper only")
         return self
@@ -167,7 +175,9 @@ MARGIN_SCHEDULES = ("sigmoid", "linear", "constant")
 COORDINATE_FORMS = ("paper", "official")
 
 # The domain of each HParams field that has one (HParams.validate).
+MODELS = ("capsules", "cnn")
 _CHOICES = {
+    "model": MODELS,
     "padding": receptive_field.VALID_PADDINGS,
     "routing": tuple(ROUTING_FORMS),
     "activation_form": em_routing.ACTIVATION_FORMS,
@@ -197,6 +207,10 @@ _POSITIVE = (
     "class_weight_stddev",
     "learning_rate",
     "lr_decay_rate",
+    "cnn_conv1_filters",
+    "cnn_conv2_filters",
+    "cnn_kernel",
+    "cnn_hidden",
 )
 _NON_NEGATIVE = ("conv_mass_epsilon", "class_mass_epsilon", "margin_ramp_steps", "lr_decay_steps", "weight_decay")
 

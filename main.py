@@ -90,7 +90,12 @@ flags.DEFINE_string(
     "Comma-separated name=value overrides of any HParams field of model.py, "
     "e.g. 'weight_stddev=0.3,beta_a_init=-0.5'; applied after the preset and the flags below.",
 )
-MODEL_HPARAMS = define_hparam_flags({"padding": "Padding of the conv and conv-capsule layers: VALID or SAME"})
+MODEL_HPARAMS = define_hparam_flags(
+    {
+        "model": "Network: 'capsules' (the paper's capsule network) or 'cnn' (its baseline CNN, section 5)",
+        "padding": "Padding of the conv and conv-capsule layers: VALID or SAME",
+    }
+)
 # ---- routing ---------------------------------------------------------------------------------------
 ROUTING_HPARAMS = define_hparam_flags(
     {
@@ -312,6 +317,8 @@ def eval_settings(values):
 
 def describe(hparams, values):
     """The network in a few words, for header lines."""
+    if hparams.model == "cnn":
+        return "the baseline CNN (paper section 5)"
     return "preset %s, routing %s, %d iterations" % (values["preset"], hparams.routing, hparams.iterations)
 
 
@@ -362,7 +369,7 @@ def train(values, result_dir, resumed):
     pipeline = data_pipeline.build_for(
         values["dataset"], hparams, values["batch_size"], values["eval_batch_size"], values["seed"], values["max_shift"]
     )
-    model = capsnet.CapsNetEMModel(hparams, runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"]))
+    model = runtime.new_model(hparams, runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"]))
     graph = model.train(pipeline.train_images, pipeline.train_labels)
     eval_predictions = model.inference(pipeline.eval_images).predictions  # the same variables
     schedule = training.Schedule(
@@ -457,7 +464,7 @@ def test(result_dir, overrides):
     predictions, truth, routing, checkpoint, step, averaged = evaluation.evaluate_checkpoint(
         result_dir, hparams, settings, views, labels, "test", statistics=True
     )
-    extra = {"routing": evaluation.routing_table(routing)}
+    extra = {"routing": evaluation.routing_table(routing or {})}  # none for the CNN
     if averaged is not None:
         extra["multi_crop"] = {"views": len(views), "accuracy": float(np.mean(averaged == truth))}
     masks = viewpoints(values, "test")
@@ -466,7 +473,7 @@ def test(result_dir, overrides):
             name: {"images": int(mask.sum()), "accuracy": float(np.mean(predictions[mask] == truth[mask]))}
             for name, mask in zip(("familiar", "novel"), masks)
         }
-    count = min(values["sweep_images"], len(labels))
+    count = min(values["sweep_images"], len(labels)) if hparams.model == "capsules" else 0  # no routing: no sweep
     if count:
         as_trained = float(np.mean(predictions[:count] == truth[:count]))
         extra["iteration_sweep"] = evaluation.iteration_sweep(

@@ -269,32 +269,23 @@ class CapsNetEMModel:
         Returns:
           `TrainGraph`.
         """
-        hp = self.hparams
-        _check_schedule_length(hp, "lr_decay_steps")
         global_step = tf.train.get_or_create_global_step()
         inference = self.inference(images)
         loss = self.loss(inference.activations, labels, global_step)
-        learning_rate = tf.train.exponential_decay(hp.learning_rate, global_step, hp.lr_decay_steps, hp.lr_decay_rate)
-        optimizer = tf.train.AdamOptimizer(learning_rate)
-        grads_and_vars = optimizer.compute_gradients(loss.total)
-        described = [(loss.total, "loss")] + [(g, "gradient of %s" % v.op.name) for g, v in grads_and_vars]
-        checks = [tf.debugging.check_numerics(tensor, what) for tensor, what in described]
-        with tf.control_dependencies(checks):  # all checks pass before any update
-            grads_and_vars = [(tf.identity(g), v) for g, v in grads_and_vars]
-        train_op = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
+        step = checked_adam(loss.total, self.hparams, global_step)
         accuracy = tf.reduce_mean(tf.cast(tf.equal(inference.predictions, labels), tf.float32))
-        summary_op = self._summaries(loss, accuracy, learning_rate, inference.end_points, grads_and_vars)
+        summary_op = self._summaries(loss, accuracy, step.learning_rate, inference.end_points, step.grads_and_vars)
         return TrainGraph(
-            train_op,
+            step.train_op,
             loss.total,
             accuracy,
             inference.predictions,
             loss.margin,
-            learning_rate,
+            step.learning_rate,
             global_step,
             summary_op,
             inference,
-            {check.op.name: what for check, (_, what) in zip(checks, described)},
+            step.finite_checks,
         )
 
     def _summaries(self, loss, accuracy, learning_rate, end_points, grads_and_vars):
@@ -314,6 +305,31 @@ class CapsNetEMModel:
         scalars += diagnostics.routing_summaries(self.layers)
         scalars += diagnostics.gradient_norm_summaries(grads_and_vars, self.layers)
         return tf.summary.merge(scalars + histograms)
+
+
+# The optimiser's part of a training graph (checked_adam).
+CheckedStep = collections.namedtuple("CheckedStep", ["train_op", "learning_rate", "grads_and_vars", "finite_checks"])
+
+
+def checked_adam(loss_total, hparams, global_step):
+    """Adam with exponential learning-rate decay on `loss_total`, every value checked finite before any update.
+
+    A non-finite loss or gradient fails the step with an error naming the tensor (see `run_step`), and no
+    variable changes. Returns `CheckedStep`; its finite_checks map each check op's name to what it checks.
+    """
+    _check_schedule_length(hparams, "lr_decay_steps")
+    learning_rate = tf.train.exponential_decay(
+        hparams.learning_rate, global_step, hparams.lr_decay_steps, hparams.lr_decay_rate
+    )
+    optimizer = tf.train.AdamOptimizer(learning_rate)
+    grads_and_vars = optimizer.compute_gradients(loss_total)
+    described = [(loss_total, "loss")] + [(g, "gradient of %s" % v.op.name) for g, v in grads_and_vars]
+    checks = [tf.debugging.check_numerics(tensor, what) for tensor, what in described]
+    with tf.control_dependencies(checks):  # all checks pass before any update
+        grads_and_vars = [(tf.identity(g), v) for g, v in grads_and_vars]
+    train_op = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
+    finite_checks = {check.op.name: what for check, (_, what) in zip(checks, described)}
+    return CheckedStep(train_op, learning_rate, grads_and_vars, finite_checks)
 
 
 class NonFiniteError(Exception):

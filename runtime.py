@@ -1,4 +1,4 @@
-"""How a run executes, apart from the graph: CPU threads, micro-batches and schedule lengths.
+"""How a run executes, apart from the graph: the model to build, CPU threads, micro-batches, schedule lengths.
 
 Shared by main.py and bench.py; no flags are read here.
 """
@@ -8,6 +8,7 @@ import os
 
 import tensorflow.compat.v1 as tf
 
+import cnn
 import model as capsnet
 
 
@@ -25,6 +26,14 @@ def session_config(threads, micro_batches):
     if micro_batches > 1:
         return tf.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=threads or os.cpu_count())
     return tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads)
+
+
+def new_model(hparams, micro_batches=1):
+    """The network `hparams.model` names: CapsNetEMModel ('capsules') or the baseline CNN ('cnn', never split
+    into micro-batches)."""
+    if hparams.model == "cnn":
+        return cnn.CNNBaseline(hparams)
+    return capsnet.CapsNetEMModel(hparams, micro_batches)
 
 
 def new_session(threads, micro_batches):
