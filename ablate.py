@@ -141,7 +141,9 @@ CELL_RUN_FLAGS = ("max_steps", "threads", "quiet")  # what a resumed cell takes 
 def run_cells(study_dir, todo, base, steps, parallel):
     """Trains the cells of `todo` `parallel` at a time; yields (cell, status, accuracy, wall seconds)."""
     context = multiprocessing.get_context("spawn")  # a fresh TensorFlow per worker
-    with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context) as pool:
+    # A fresh worker per cell: main.train builds its graph in the process's default graph, so a second cell
+    # in the same process would find the first cell's variables ('relu_conv1/kernel already exists').
+    with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {
             pool.submit(train_cell, cell_values(base, cell, steps), cell_dir(study_dir, cell)): cell for cell in todo
         }

@@ -22,7 +22,7 @@ STUDY = [
     "--cell_steps",
     "2",
     "--parallel",
-    "2",
+    "1",  # one worker after the other: a second cell must not meet the first one's variables
     "--data_dir",
     "data",
 ] + SMALL_RUN
@@ -46,7 +46,7 @@ def test_study_writes_table_and_picture(study):
     CSV (one row per cell with its validation accuracy), markdown table and picture are written."""
     workspace, result = study
     assert result.returncode == 0, result.stderr
-    assert "2 cells of 2 steps, 0 finished before, 2 to train, 2 at a time" in result.stdout
+    assert "2 cells of 2 steps, 0 finished before, 2 to train, 1 at a time" in result.stdout
     assert result.stdout.count("seed 1: finished, validation ") == 2
     with open(str(workspace / "study" / "ablation.csv")) as f:
         rows = list(csv.DictReader(f))
