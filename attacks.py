@@ -440,16 +440,7 @@ def merged_section(result_dir, key, entry):
 
 def write_pictures(result_dir, section, key, samples):
     """attacks.png (success rate against epsilon, a line per entry) and attack_samples.png (`samples`)."""
-    plots.plot_attack_curves(curves_of(section), os.path.join(result_dir, CURVES_FILE))
+    plots.plot_attack_curves(plots.attack_curves(section), os.path.join(result_dir, CURVES_FILE))
     largest = max(row["epsilon"] for row in section[key]["per_epsilon"])
     title = "%s, eps %g: clean (top), adversarial (bottom)" % (key, largest)
     plots.plot_attack_pairs(*samples, os.path.join(result_dir, SAMPLES_FILE), title=title)
-
-
-def curves_of(section, prefix=""):
-    """{prefix + key: (epsilons, success rates)} of an `attacks` section, for `plots.plot_attack_curves`."""
-    curves = {}
-    for key, entry in sorted(section.items()):
-        rows = entry["per_epsilon"]
-        curves[prefix + key] = ([row["epsilon"] for row in rows], [row["success_rate"] for row in rows])
-    return curves

@@ -264,6 +264,15 @@ def plot_ablation(table, path):
     _save_png(figure, path)
 
 
+def attack_curves(section, prefix=""):
+    """{prefix + key: (epsilons, success rates)} of a test_results.json `attacks` section (attacks.py)."""
+    curves = {}
+    for key, entry in sorted(section.items()):
+        rows = entry["per_epsilon"]
+        curves[prefix + key] = ([row["epsilon"] for row in rows], [row["success_rate"] for row in rows])
+    return curves
+
+
 def plot_attack_curves(curves, path):
     """Attack success rate against epsilon, one line per attack.
 
@@ -273,7 +282,7 @@ def plot_attack_curves(curves, path):
     """
     figure = _new_figure(_ATTACK_FIGSIZE_IN)
     axes = figure.add_subplot(1, 1, 1)
-    for label, (epsilons, rates) in sorted(curves.items()):
+    for label, (epsilons, rates) in curves.items():
         order = np.argsort(epsilons)
         axes.plot(np.asarray(epsilons)[order], 100.0 * np.asarray(rates)[order], marker="o", label=label)
     axes.set_xlabel("epsilon (L-infinity)")
