@@ -51,6 +51,7 @@ with quiet_native_stderr():
     tf.config.list_physical_devices()  # device probing, which logs a CUDA line on machines without a GPU
 from absl import flags  # noqa: E402
 
+import attacks  # noqa: E402
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import model as capsnet  # noqa: E402
@@ -184,6 +185,31 @@ flags.DEFINE_bool(
     False,
     "Plain progress lines (one per tenth of a pass) instead of bars; also when stderr is not a terminal.",
 )
+# ---- adversarial attacks (test mode, paper section 6; attacks.py) ----------------------------------------
+flags.DEFINE_string(
+    "attack", "none", "Test mode: 'fgsm' or 'bim' adversarial images from the network's own loss, or 'none'."
+)
+flags.DEFINE_string(
+    "epsilons",
+    "0.01,0.02,0.05,0.1,0.2,0.3",
+    "Attack sizes: comma-separated L-infinity radii >= 0, in input units ([0, 1] pixels; smallNORB: the "
+    "standardised crop's units).",
+)
+flags.DEFINE_string(
+    "attack_target",
+    "none",
+    "'none' (untargeted: raise the true label's loss), 'random' (a seeded random other class) or "
+    "'least_likely' (the clean image's lowest-scoring class): lower the target's loss.",
+)
+flags.DEFINE_integer("bim_steps", 10, "BIM iterations, >= 1.")
+flags.DEFINE_float("bim_step_size", None, "BIM step per iteration, > 0 (default: 1.25 * epsilon / bim_steps).")
+flags.DEFINE_integer("attack_images", 1000, "Attack the first N test images, >= 1.")
+flags.DEFINE_string(
+    "attack_transfer_from",
+    None,
+    "Black-box transfer: compute the adversarial images on the network of this run directory (e.g. a "
+    "--model cnn run of the same dataset), evaluate them on --result_dir's.",
+)
 
 # This program's flags (absl and TensorFlow define more of their own, which are not saved with a run).
 PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]))
@@ -206,7 +232,7 @@ TEST_FLAGS = (
     "sweep_images",
     "multi_crop",
     "quiet",
-)
+) + ("attack", "epsilons", "attack_target", "bim_steps", "bim_step_size", "attack_images", "attack_transfer_from")
 # Flags that set where a run ends (--max_steps, when given, wins over --epochs).
 RUN_LENGTH_FLAGS = ("epochs", "max_steps")
 POSITIVE_FLAGS = ("batch_size", "save_every_steps", "summary_every_steps", "epochs", "max_steps", "eval_batch_size")
@@ -272,6 +298,7 @@ def validate_flags(values):
     image_size = data.get(values["dataset"]).image_size
     if not 0 <= values["max_shift"] < image_size:
         raise UsageError("--max_shift must be in 0..%d, got %r" % (image_size - 1, values["max_shift"]))
+    attacks.check_flags(values)
     resolve_hparams(values)
 
 
@@ -444,6 +471,7 @@ def test(result_dir, overrides):
     if checkpoint is None:
         raise UsageError("%s holds no checkpoint" % result_dir)
     hparams = run_hparams(result_dir, values)
+    source = attack_source(values, overrides, hparams)  # a bad transfer run is refused before any evaluation
     loaded, labels = load_split(values, "test")
     views = data.evaluation_views(values["dataset"], loaded, values["multi_crop"])
     images = views[0]
@@ -479,9 +507,33 @@ def test(result_dir, overrides):
         extra["iteration_sweep"] = evaluation.iteration_sweep(
             result_dir, hparams, settings, images[:count], labels[:count], as_trained
         )
+    if values["attack"] != "none":
+        extra["attacks"] = attack_section(result_dir, values, hparams, settings, source, images, labels)
     return evaluation.report(
         result_dir, checkpoint, step, predictions, truth, images, data.get(values["dataset"]).class_names, extra
     )
+
+
+def attack_section(result_dir, values, hparams, settings, source, images, labels):
+    """The `attacks` section of the results after this command's attack (pictures written), see attacks.py."""
+    victim = attacks.Source(result_dir, hparams, settings)
+    key, entry, samples = attacks.run(victim, source, values["dataset"], images, labels, attacks.options_from(values))
+    section = attacks.merged_section(result_dir, key, entry)
+    attacks.write_pictures(result_dir, section, key, samples)
+    return section
+
+
+def attack_source(values, overrides, hparams):
+    """`attacks.Source` of --attack_transfer_from's run (its saved network, this command's test flags), or None."""
+    path = values["attack_transfer_from"]
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise UsageError("--attack_transfer_from %s does not exist" % path)
+    source_values = dict(run_dir.read_flags(path, flag_defaults(), validate_flags), **overrides)
+    source_hparams = run_hparams(path, source_values)
+    attacks.check_transfer(path, values["dataset"], hparams, source_values["dataset"], source_hparams)
+    return attacks.Source(path, source_hparams, eval_settings(source_values))
 
 
 # ---- entry point -----------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ _PLOT_DPI = 100
 _ABLATION_FIGSIZE_IN = (6.0, 4.0)
 _ROUTING_COLUMNS = 4  # routing.png: panels per row
 _ROUTING_PANEL_IN = 3.0  # routing.png: width and height of one panel
+_ATTACK_FIGSIZE_IN = (6.0, 4.0)  # attacks.png
+_PAIR_ROWS = 2  # attack_samples.png: clean images above, adversarial below
+_SUPTITLE_IN = 0.4  # attack_samples.png: room for the figure's title
 _CONFUSION_TEXT_SWITCH = 0.5  # Cells above this fraction of the max get white text.
 
 
@@ -257,5 +260,58 @@ def plot_ablation(table, path):
     axes.set_ylabel("validation accuracy (%)")
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.legend(fontsize=_TITLE_FONT_PT)
+    figure.tight_layout()
+    _save_png(figure, path)
+
+
+def attack_curves(section, prefix=""):
+    """{prefix + key: (epsilons, success rates)} of a test_results.json `attacks` section (attacks.py)."""
+    curves = {}
+    for key, entry in sorted(section.items()):
+        rows = entry["per_epsilon"]
+        curves[prefix + key] = ([row["epsilon"] for row in rows], [row["success_rate"] for row in rows])
+    return curves
+
+
+def plot_attack_curves(curves, path):
+    """Attack success rate against epsilon, one line per attack.
+
+    Args:
+        curves: {label: (epsilons, success rates as fractions)}.
+        path: output PNG path.
+    """
+    figure = _new_figure(_ATTACK_FIGSIZE_IN)
+    axes = figure.add_subplot(1, 1, 1)
+    for label, (epsilons, rates) in curves.items():
+        order = np.argsort(epsilons)
+        axes.plot(np.asarray(epsilons)[order], 100.0 * np.asarray(rates)[order], marker="o", label=label)
+    axes.set_xlabel("epsilon (L-infinity)")
+    axes.set_ylabel("attack success rate (%)")
+    axes.set_ylim(0.0, 100.0)
+    axes.legend(fontsize=_TITLE_FONT_PT)
+    figure.tight_layout()
+    _save_png(figure, path)
+
+
+def plot_attack_pairs(clean, adversarial, labels, clean_predictions, predictions, path, title=""):
+    """Clean images (top row) above their adversarial versions (bottom row), titled with label and prediction.
+
+    Args:
+        clean, adversarial: [N, H, W] or [N, H, W, K], float (see `_as_grayscale_2d`).
+        labels, clean_predictions, predictions: integer [N]; a wrong prediction gets a red title.
+        path: output PNG path.
+        title: the figure's title.
+    """
+    count = len(labels)
+    figure = _new_figure((count * _DIGIT_CELL_WIDTH_IN, _PAIR_ROWS * _DIGIT_CELL_HEIGHT_IN + _SUPTITLE_IN))
+    for row, (images, guesses) in enumerate(((clean, clean_predictions), (adversarial, predictions))):
+        grey, vmax = _as_grayscale_2d(images)
+        for i in range(count):
+            axes = figure.add_subplot(_PAIR_ROWS, count, row * count + i + 1)
+            axes.imshow(grey[i], cmap="gray", vmin=0.0, vmax=vmax)
+            axes.set_axis_off()
+            color = "black" if guesses[i] == labels[i] else "red"
+            axes.set_title(f"{labels[i]} pred {guesses[i]}", color=color, fontsize=_TITLE_FONT_PT)
+    figure.suptitle(title, fontsize=_TITLE_FONT_PT)
     figure.tight_layout()
     _save_png(figure, path)
