@@ -43,7 +43,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 import dataclasses  # noqa: E402
 import sys  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 with quiet_native_stderr():
     import tensorflow.compat.v1 as tf  # noqa: E402
@@ -53,10 +52,10 @@ from absl import flags  # noqa: E402
 
 import attacks  # noqa: E402
 import data  # noqa: E402
-import evaluation  # noqa: E402
 import model as capsnet  # noqa: E402
 import run_dir  # noqa: E402
 import runtime  # noqa: E402
+import test_run  # noqa: E402
 import training  # noqa: E402
 from data import idx, pipeline as data_pipeline  # noqa: E402
 from run_dir import UsageError  # noqa: E402
@@ -74,28 +73,16 @@ def define_hparam_flags(helps):
     return tuple(helps)
 
 
-# ---- model -----------------------------------------------------------------------------------------
+# ---- model (each flag's full meaning: the README's flags table) ------------------------------------
 flags.DEFINE_string(
-    "preset", "paper", "Network size: 'paper' (A=B=C=D=32, 3 iterations) or 'small' (A=64, B=8, C=D=16, 2 iterations)."
+    "preset", "paper", "Network size: 'paper' (A=B=C=D=32, 3 iterations) or 'small' (A=64, B=8, C=D=16)."
 )
 flags.DEFINE_string(
-    "routing",
-    None,
-    "Routing form: 'paper' (the paper's equations) or 'official' (the authors' "
-    "released code: activation form, damped means, per-type normaliser, their inits and lambda); "
-    "applied after the preset, before the flags below (default: the preset's).",
+    "routing", None, "Routing form: 'paper' or 'official' (the released code's); default: the preset's."
 )
-flags.DEFINE_string(
-    "hparams",
-    "",
-    "Comma-separated name=value overrides of any HParams field of model.py, "
-    "e.g. 'weight_stddev=0.3,beta_a_init=-0.5'; applied after the preset and the flags below.",
-)
+flags.DEFINE_string("hparams", "", "name=value,... overrides of any HParams field (hparams.py), applied last.")
 MODEL_HPARAMS = define_hparam_flags(
-    {
-        "model": "Network: 'capsules' (the paper's capsule network) or 'cnn' (its baseline CNN, section 5)",
-        "padding": "Padding of the conv and conv-capsule layers: VALID or SAME",
-    }
+    {"model": "Network: 'capsules' or 'cnn' (the paper's baseline CNN)", "padding": "Conv padding: VALID or SAME"}
 )
 # ---- routing ---------------------------------------------------------------------------------------
 ROUTING_HPARAMS = define_hparam_flags(
@@ -119,97 +106,33 @@ OPTIMISATION_HPARAMS = define_hparam_flags(
 )
 # ---- data ------------------------------------------------------------------------------------------
 flags.DEFINE_string("dataset", "mnist", "Dataset: " + ", ".join(data.DATASETS) + ".")
-flags.DEFINE_string(
-    "data_dir",
-    None,
-    "Folder of the dataset's official files (.gz or raw); missing ones are downloaded and SHA-256-verified "
-    "(default: ./data/<dataset>).",
-)
-flags.DEFINE_string(
-    "viewpoint_split",
-    "none",
-    "smallNORB novel viewpoints (paper section 5.1): 'azimuth' trains on azimuths 300-40 degrees, 'elevation' on "
-    "the 3 lowest elevations; test mode reports familiar and novel viewpoints apart ('none': every image).",
-)
-flags.DEFINE_integer(
-    "norb_channels", 1, "smallNORB: 1 (the first image of each stereo pair) or 2 (both, as two channels)."
-)
+flags.DEFINE_string("data_dir", None, "The dataset's files, downloaded and verified when missing (./data/<dataset>).")
+flags.DEFINE_string("viewpoint_split", "none", "smallNORB novel viewpoints: 'azimuth', 'elevation' or 'none'.")
+flags.DEFINE_integer("norb_channels", 1, "smallNORB: 1 (the first image of each stereo pair) or 2 (both).")
 flags.DEFINE_integer("validation_size", 5000, "Training images held out for per-epoch validation, >= 0.")
-flags.DEFINE_integer(
-    "max_shift",
-    0,
-    "Augmentation: every training image is moved by up to this many pixels along "
-    "each axis, zeros filling in (0: none; validation and test images never are).",
-)
+flags.DEFINE_integer("max_shift", 0, "Augmentation: training images moved by up to N pixels per axis (0: none).")
 flags.DEFINE_integer("seed", 1, "Random seed for initialisation, the validation split and shuffling.")
 # ---- run -------------------------------------------------------------------------------------------
-flags.DEFINE_string(
-    "result_dir",
-    None,
-    "Run folder (flags, checkpoints, summaries, plots). Default when "
-    "training: a new timestamped folder under ./results; an existing run is resumed.",
-)
+flags.DEFINE_string("result_dir", None, "Run folder; default when training: new under ./results; a run is resumed.")
 flags.DEFINE_string("test", "False", "True: evaluate --result_dir's latest checkpoint on the test set; False: train.")
 flags.DEFINE_integer("epochs", 10, "Training epochs (ignored when --max_steps is set).")
 flags.DEFINE_integer("max_steps", None, "Stop after this many training steps in total (global step).")
 flags.DEFINE_integer("save_every_steps", 500, "Checkpoint interval in steps, > 0.")
 flags.DEFINE_integer("summary_every_steps", 50, "TensorBoard summary and curve interval in steps, > 0.")
-flags.DEFINE_integer(
-    "threads",
-    0,
-    "CPU threads, >= 0 (0: every core). With micro-batches each thread runs one "
-    "micro-batch at a time; without, every op uses them all.",
-)
-flags.DEFINE_integer(
-    "micro_batch_size",
-    0,
-    "Images per micro-batch, >= 0 (0: no split): the batch is computed in "
-    "parts of this size side by side on the CPU threads; same results. See docs/performance.md "
-    "before using it.",
-)
+flags.DEFINE_integer("threads", 0, "CPU threads, >= 0 (0: every core).")
+flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch, >= 0 (0: no split; docs/performance.md).")
 flags.DEFINE_integer("eval_batch_size", 100, "Images per evaluation batch (validation and test mode), > 0.")
-flags.DEFINE_integer(
-    "sweep_images",
-    1000,
-    "Test mode: also evaluate the first N test images with 1 fewer and 1, 2 "
-    "more routing iterations than the run's (the iteration sweep), >= 0 (0: no sweep).",
-)
-flags.DEFINE_integer(
-    "multi_crop",
-    1,
-    "Test mode: average the class activations over the centre view and N-1 shifted views (+-1, +-2, +-3 "
-    "pixels on the diagonals, the authors' smallNORB test), 1..13; reported beside the single view.",
-)
-flags.DEFINE_bool(
-    "quiet",
-    False,
-    "Plain progress lines (one per tenth of a pass) instead of bars; also when stderr is not a terminal.",
-)
+flags.DEFINE_integer("sweep_images", 1000, "Test mode: images of the -1/+1/+2 iteration sweep, >= 0 (0: none).")
+flags.DEFINE_integer("multi_crop", 1, "Test mode: class activations averaged over N views (centre, shifts), 1..13.")
+flags.DEFINE_bool("quiet", False, "Plain progress lines instead of bars (also when stderr is not a terminal).")
 # ---- adversarial attacks (test mode, paper section 6; attacks.py) ----------------------------------------
-flags.DEFINE_string(
-    "attack", "none", "Test mode: 'fgsm' or 'bim' adversarial images from the network's own loss, or 'none'."
-)
-flags.DEFINE_string(
-    "epsilons",
-    "0.01,0.02,0.05,0.1,0.2,0.3",
-    "Attack sizes: comma-separated L-infinity radii >= 0, in input units ([0, 1] pixels; smallNORB: the "
-    "standardised crop's units).",
-)
-flags.DEFINE_string(
-    "attack_target",
-    "none",
-    "'none' (untargeted: raise the true label's loss), 'random' (a seeded random other class) or "
-    "'least_likely' (the clean image's lowest-scoring class): lower the target's loss.",
-)
+flags.DEFINE_string("attack", "none", "Test mode: 'fgsm' or 'bim' from the network's own loss, or 'none'.")
+flags.DEFINE_string("epsilons", "0.01,0.02,0.05,0.1,0.2,0.3", "Attack L-infinity radii >= 0, in input units.")
+flags.DEFINE_string("attack_target", "none", "'none' (untargeted), 'random' or 'least_likely' target class.")
 flags.DEFINE_integer("bim_steps", 10, "BIM iterations, >= 1.")
 flags.DEFINE_float("bim_step_size", None, "BIM step per iteration, > 0 (default: 1.25 * epsilon / bim_steps).")
 flags.DEFINE_integer("attack_images", 1000, "Attack the first N test images, >= 1.")
-flags.DEFINE_string(
-    "attack_transfer_from",
-    None,
-    "Black-box transfer: compute the adversarial images on the network of this run directory (e.g. a "
-    "--model cnn run of the same dataset), evaluate them on --result_dir's.",
-)
+flags.DEFINE_string("attack_transfer_from", None, "Black-box: adversarial images from this run's network.")
 
 # This program's flags (absl and TensorFlow define more of their own, which are not saved with a run).
 PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]))
@@ -326,22 +249,6 @@ def load_split(values, split):
     return data.load_arrays(values["dataset"], values["data_dir"], split, values["norb_channels"])
 
 
-def viewpoints(values, split):
-    """(familiar, novel) boolean masks over the split's images under --viewpoint_split, or None."""
-    if values["viewpoint_split"] == "none":
-        return None
-    info = data.smallnorb.load_info(values["data_dir"], split)
-    return data.smallnorb.viewpoint_split(info, values["viewpoint_split"])
-
-
-def eval_settings(values):
-    """How test mode and the sweep evaluate: `evaluation.Settings` from the flag values."""
-    micro_batches = runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"])
-    return evaluation.Settings(
-        values["dataset"], values["eval_batch_size"], values["seed"], values["threads"], micro_batches, values["quiet"]
-    )
-
-
 def describe(hparams, values):
     """The network in a few words, for header lines."""
     if hparams.model == "cnn":
@@ -355,7 +262,7 @@ def describe(hparams, values):
 def training_data(values):
     """(train images, train labels, validation images, validation labels) of the run."""
     images, labels = load_split(values, "train")
-    masks = viewpoints(values, "train")
+    masks = data.viewpoint_masks(values["dataset"], values["data_dir"], "train", values["viewpoint_split"])
     if masks is not None:  # train on the familiar viewpoints only
         images, labels = images[masks[0]], labels[masks[0]]
     if values["validation_size"] >= len(images):
@@ -462,78 +369,24 @@ def training_run_flags(values, given):
 
 
 def test(result_dir, overrides):
-    """Evaluates DIR's latest checkpoint on the test set; writes JSON and pictures.
+    """Evaluates DIR's latest checkpoint on the test set (test_run.py); writes JSON and pictures.
 
     `overrides` maps TEST_FLAGS given on the command line to their values; every other flag is the run's.
     """
     values = dict(run_dir.read_flags(result_dir, flag_defaults(), validate_flags), **overrides)
-    checkpoint, step = run_dir.latest_checkpoint(result_dir)
-    if checkpoint is None:
-        raise UsageError("%s holds no checkpoint" % result_dir)
+    test_run.latest_checkpoint(result_dir)  # a run without a checkpoint is refused before the data is read
     hparams = run_hparams(result_dir, values)
-    source = attack_source(values, overrides, hparams)  # a bad transfer run is refused before any evaluation
-    loaded, labels = load_split(values, "test")
-    views = data.evaluation_views(values["dataset"], loaded, values["multi_crop"])
-    images = views[0]
-    print(
-        "evaluating %s: checkpoint %s (step %d), %s test split, %d images, batch %d; %s"
-        % (
-            result_dir,
-            os.path.basename(checkpoint),
-            step,
-            values["dataset"],
-            len(labels),
-            values["eval_batch_size"],
-            describe(hparams, values),
-        ),
-        flush=True,
-    )
-    settings = eval_settings(values)
-    predictions, truth, routing, checkpoint, step, averaged = evaluation.evaluate_checkpoint(
-        result_dir, hparams, settings, views, labels, "test", statistics=True
-    )
-    extra = {"routing": evaluation.routing_table(routing or {})}  # none for the CNN
-    if averaged is not None:
-        extra["multi_crop"] = {"views": len(views), "accuracy": float(np.mean(averaged == truth))}
-    masks = viewpoints(values, "test")
-    if masks is not None:
-        extra["viewpoints"] = {
-            name: {"images": int(mask.sum()), "accuracy": float(np.mean(predictions[mask] == truth[mask]))}
-            for name, mask in zip(("familiar", "novel"), masks)
-        }
-    count = min(values["sweep_images"], len(labels)) if hparams.model == "capsules" else 0  # no routing: no sweep
-    if count:
-        as_trained = float(np.mean(predictions[:count] == truth[:count]))
-        extra["iteration_sweep"] = evaluation.iteration_sweep(
-            result_dir, hparams, settings, images[:count], labels[:count], as_trained
+    source = None
+    if values["attack_transfer_from"]:  # a bad transfer run is refused before any evaluation
+        source_dir = values["attack_transfer_from"]
+        if not os.path.isdir(source_dir):
+            raise UsageError("--attack_transfer_from %s does not exist" % source_dir)
+        source_values = dict(run_dir.read_flags(source_dir, flag_defaults(), validate_flags), **overrides)
+        source = test_run.attack_source(
+            source_dir, source_values, run_hparams(source_dir, source_values), values, hparams
         )
-    if values["attack"] != "none":
-        extra["attacks"] = attack_section(result_dir, values, hparams, settings, source, images, labels)
-    return evaluation.report(
-        result_dir, checkpoint, step, predictions, truth, images, data.get(values["dataset"]).class_names, extra
-    )
-
-
-def attack_section(result_dir, values, hparams, settings, source, images, labels):
-    """The `attacks` section of the results after this command's attack (pictures written), see attacks.py."""
-    victim = attacks.Source(result_dir, hparams, settings)
-    key, entry, samples = attacks.run(victim, source, values["dataset"], images, labels, attacks.options_from(values))
-    section = attacks.merged_section(result_dir, key, entry)
-    attacks.write_pictures(result_dir, section, key, samples)
-    return section
-
-
-def attack_source(values, overrides, hparams):
-    """`attacks.Source` of --attack_transfer_from's run (its saved network, this command's test flags), or None."""
-    path = values["attack_transfer_from"]
-    if not path:
-        return None
-    if not os.path.isdir(path):
-        raise UsageError("--attack_transfer_from %s does not exist" % path)
-    source_values = dict(run_dir.read_flags(path, flag_defaults(), validate_flags), **overrides)
-    source_hparams = run_hparams(path, source_values)
-    attacks.check_transfer(path, values["dataset"], hparams, source_values["dataset"], source_hparams)
-    return attacks.Source(path, source_hparams, eval_settings(source_values))
+    images, labels = load_split(values, "test")
+    return test_run.evaluate(result_dir, values, hparams, images, labels, describe(hparams, values), source)
 
 
 # ---- entry point -----------------------------------------------------------------------------------------

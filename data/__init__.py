@@ -95,3 +95,13 @@ def evaluation_views(name, images, count):
     if name in PREPROCESSED:
         return [smallnorb_preprocess.crop_at(images, offset) for offset in offsets[:count]]
     return [_shifted(images, (-dy, -dx)) for dy, dx in offsets[:count]]
+
+
+def viewpoint_masks(name, data_dir, split, kind):
+    """(familiar, novel) boolean masks over a smallNORB split's images for `kind` 'azimuth' or 'elevation'
+    (smallnorb.viewpoint_split); None for kind 'none'."""
+    if kind == "none":
+        return None
+    if name not in PREPROCESSED:
+        raise ValueError("viewpoint splits need smallNORB's info files, not %s" % name)
+    return smallnorb.viewpoint_split(smallnorb.load_info(data_dir, split), kind)
