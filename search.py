@@ -50,7 +50,6 @@ from data import idx
 from run_dir import UsageError
 
 flags, FLAGS = main.flags, main.FLAGS
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the pictures
 
 STUDY_FILE = "study.db"
 BEST_FILE = "best.json"
@@ -101,7 +100,7 @@ def run_trials(job, count, parallel):
                     submitted += 1
                 done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 yield from (future.result() for future in done if future.result() is not None)
-        except KeyboardInterrupt:  # a signal sent to this process alone: the workers stop after their step too
+        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C here or in the caller: the workers stop after their step
             for child in multiprocessing.active_children():
                 os.kill(child.pid, signal.SIGINT)
             raise
@@ -111,7 +110,7 @@ def run_study(study, job, parallel):
     """Trains until the study holds `job.wanted` finished trials; yields each trial's `describe` dict."""
     said = False
     while True:
-        optuna.storages.fail_stale_trials(study)  # killed trials: FAIL, and their parameters queued once more
+        search_study.fail_stale_trials(study)  # killed trials: FAIL, and their parameters queued once more
         finished, running = search_study.tally(study)
         if len(finished) >= job.wanted:
             return
@@ -166,8 +165,8 @@ def write_pictures(study, study_dir, complete):
     for name, function, needed in PICTURES:
         if complete < needed:
             continue
-        with warnings.catch_warnings():  # with few trials, PED-ANOVA and the axes warn of what the picture shows
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():  # experimental plots; with few trials PED-ANOVA and the axes warn too
+            warnings.simplefilter("ignore")
             axes = getattr(optuna_plots, function)(study)
         figure = getattr(axes, "flat", [axes])[0].figure  # plot_slice gives an array of axes for several parameters
         path = os.path.join(study_dir, name)
@@ -207,8 +206,8 @@ def write_outputs(study, job, values, given):
 # ---- command line ----------------------------------------------------------------------------------------
 
 
-def check_search_flags():
-    """UsageError naming the first bad search flag."""
+def check_search_flags(values):
+    """UsageError naming the first bad search flag, or a main.py flag that trials cannot work with."""
     if not FLAGS.study_dir:
         raise UsageError("--study_dir is required")
     if FLAGS.trials is None:
@@ -218,12 +217,14 @@ def check_search_flags():
             raise UsageError("--%s must be > 0, got %r" % (name, FLAGS[name].value))
     if not 0.0 <= FLAGS.prune_below <= 1.0:
         raise UsageError("--prune_below is a validation accuracy in [0, 1], got %r" % FLAGS.prune_below)
+    if values["validation_size"] == 0:
+        raise UsageError("--validation_size must be > 0: trials are scored on the validation images")
 
 
 def prepare(argv):
     """(the study, its Job, main.py's flag values, the main.py flags given) from the command line."""
     values, given, _ = main.parse_command_line(argv)
-    check_search_flags()
+    check_search_flags(values)
     routing = values["routing"] or main.capsnet.PRESETS[values["preset"]].routing
     space = search_space.load(FLAGS.space) if FLAGS.space else search_space.DEFAULT_SPACE
     try:
@@ -277,23 +278,14 @@ def _check_trial_dirs(study, study_dir):
 def search(argv):
     """Runs the search the command line describes; returns the exit code."""
     study, job, values, given = prepare(argv)
-    optuna.storages.fail_stale_trials(study)  # trials of killed processes: FAIL, their parameters queued again
+    search_study.fail_stale_trials(study)
     finished, running = search_study.tally(study)
-    pruner = job.pruner + (", below %g" % job.prune_below if job.prune_below else "")
+    counts = (job.wanted, len(finished), len(running), FLAGS.parallel, job.steps, job.every)
     print(
-        "search %r in %s: %d trials wanted, %d finished before, %d running, %d at a time; %d steps a trial, "
-        "validated every %d; pruner %s"
-        % (
-            study.study_name,
-            job.study_dir,
-            job.wanted,
-            len(finished),
-            len(running),
-            FLAGS.parallel,
-            job.steps,
-            job.every,
-            pruner,
-        ),
+        "search %r in %s: " % (study.study_name, job.study_dir)
+        + "%d trials wanted, %d finished before, %d running, %d at a time; %d steps a trial, validated every %d; "
+        % counts
+        + "pruner %s%s" % (job.pruner, ", below %g" % job.prune_below if job.prune_below else ""),
         flush=True,
     )
     for count, info in enumerate(run_study(study, job, FLAGS.parallel), 1):

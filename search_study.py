@@ -25,8 +25,6 @@ import training
 from data import idx
 from run_dir import UsageError
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats and the retry
-
 INTERRUPTED = "interrupted"  # the fail_reason of a trial stopped by Ctrl-C or SIGTERM: queued again, not counted
 MISSED_BEATS = 3  # a trial silent for this many heartbeat intervals is taken as killed
 SQLITE_TIMEOUT_S = 60  # how long an SQLite writer waits for another process's lock
@@ -58,13 +56,15 @@ def open_storage(url, heartbeat_s):
     import sqlalchemy  # Optuna's RDB storage is built on it
 
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {},
-            heartbeat_interval=heartbeat_s,
-            grace_period=MISSED_BEATS * heartbeat_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
+        with warnings.catch_warnings():  # heartbeats and the retry are marked experimental (since Optuna 2.8)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {},
+                heartbeat_interval=heartbeat_s,
+                grace_period=MISSED_BEATS * heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
     except (ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as error:
         message = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError("--storage %s: %s" % (masked(url), message)) from None
@@ -122,6 +122,13 @@ def _first_difference(values, saved):
         if values.get(name) != saved.get(name):
             return {name: values.get(name)}, {name: saved.get(name)}
     return None, None
+
+
+def fail_stale_trials(study):
+    """Marks FAIL the running trials whose heartbeat stopped (their process was killed) and queues each once more."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def tally(study):

@@ -2,7 +2,7 @@
 
 One study of three trials on two workers (its outputs, the best trial's command, a rerun that adds one trial),
 one study that meets a killed trial, a non-finite trial and pruned ones, and bad input, which is one line on
-stderr with exit code 2.
+stderr with exit code 2 (run in this process: it is refused before any training).
 """
 
 import json
@@ -58,8 +58,9 @@ def study(workspace):
 
 def test_three_trials_on_two_workers(workspace, study):
     """Three trials complete in study.db, each a run directory validated at steps 2 and 4 with both reported to
-    the pruner; two of them ran at the same time (two workers); stdout has one line per trial."""
-    assert study.returncode == 0, study.stderr
+    the pruner; two of them ran at the same time (two workers); stdout has one line per trial, stderr nothing
+    (TensorFlow's start-up lines stay silenced in the workers too)."""
+    assert study.returncode == 0 and study.stderr == "", study.stderr
     assert (
         "3 trials wanted, 0 finished before, 0 running, 2 at a time; 4 steps a trial, validated every 2" in study.stdout
     )
@@ -172,15 +173,36 @@ def test_pruned_trial_stops_at_its_report(workspace, troubled):
     assert "trial 2 pruned at step 2: validation " in troubled.stdout
 
 
-def test_bad_storage_is_one_line(tmp_path):
-    """An --storage URL Optuna cannot open is one line on stderr and exit code 2; nothing is written."""
+def run_in_process(argv, capsys):
+    """search.run(argv) in this process: (exit code, stderr). Quicker than a subprocess for input refused early."""
+    import search
+
+    search.FLAGS.unparse_flags()  # absl keeps the values of an earlier parse in this process
+    code = search.run(["search.py"] + argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [("nonsense://x", "Can't load plugin"), ("sqlite:////no/such/folder/study.db", "unable to open database file")],
+    ids=["unknown_dialect", "missing_folder"],
+)
+def test_bad_storage_is_one_line(tmp_path, capsys, url, message):
+    """An --storage URL Optuna cannot open is one line on stderr naming it, exit code 2; nothing is written."""
     write_tiny_mnist(str(tmp_path / "data"))
-    result = run_search(
-        ["--study_dir", "study", "--trials", "1", "--storage", "nonsense://x", "--data_dir", "data"], tmp_path
-    )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: --storage nonsense://x: ") and len(result.stderr.splitlines()) == 1
-    assert not (tmp_path / "study").exists()
+    argv = [
+        "--study_dir",
+        str(tmp_path / "study"),
+        "--trials",
+        "1",
+        "--storage",
+        url,
+        "--data_dir",
+        str(tmp_path / "data"),
+    ]
+    code, stderr = run_in_process(argv, capsys)
+    assert code == 2 and stderr.startswith("error: --storage %s: " % url) and message in stderr, stderr
+    assert len(stderr.splitlines()) == 1 and not (tmp_path / "study").exists()
 
 
 @pytest.mark.parametrize(
@@ -206,12 +228,58 @@ def test_bad_storage_is_one_line(tmp_path):
 )
 def test_bad_space_is_one_line(tmp_path, capsys, space, message):
     """A bad --space file is one line on stderr naming the parameter, exit code 2; nothing is written."""
-    import search
-
     path = tmp_path / "space.json"
     path.write_text(space if isinstance(space, str) else json.dumps(space))
-    search.FLAGS.unparse_flags()  # absl keeps the values of an earlier parse in this process
-    code = search.run(["search.py", "--study_dir", str(tmp_path / "study"), "--trials", "1", "--space", str(path)])
-    stderr = capsys.readouterr().err
+    code, stderr = run_in_process(
+        ["--study_dir", str(tmp_path / "study"), "--trials", "1", "--space", str(path)], capsys
+    )
     assert code == 2 and stderr.startswith("error: --space %s: " % path) and message in stderr, stderr
     assert len(stderr.splitlines()) == 1 and not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--study_dir", "s"], "--trials N is required"),
+        (["--study_dir", "s", "--trials", "2", "--validation_size", "0"], "--validation_size must be > 0"),
+        (["--study_dir", "s", "--trials", "2", "--prune_below", "80"], "--prune_below is a validation accuracy"),
+        (["--study_dir", "s", "--trials", "2", "--pruner", "nonsense"], "--pruner"),
+    ],
+    ids=["no_trials", "no_validation", "percent_threshold", "unknown_pruner"],
+)
+def test_bad_flags_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    """A bad search flag, or a main.py flag trials cannot work with, is one line on stderr and exit code 2."""
+    monkeypatch.chdir(tmp_path)
+    code, stderr = run_in_process(argv, capsys)
+    assert code == 2 and message in stderr and len(stderr.splitlines()) == 1, stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_default_space_samples_each_form_its_own_ranges():
+    """With the default space, a trial of one routing form samples that form's '<form>.<field>' parameters only,
+    each inside the form's range, and they map back to plain HParams fields."""
+    import search_space
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        trial = study.ask()
+        params = search_space.suggest(trial, search_space.DEFAULT_SPACE, "paper")
+        form = params["routing"]
+        assert {name.partition(".")[0] for name in params if "." in name} == {form}
+        low, high = search_space.DEFAULT_SPACE["class_weight_stddev"][form][1:]
+        assert low <= params[form + ".class_weight_stddev"] <= high
+        routing, fields = search_space.fields_of(params)
+        assert routing == form and "beta_v_init" in fields and "routing" not in fields
+
+
+def test_trial_overrides_come_after_the_command():
+    """A trial's fields follow the command's --hparams (replacing the same names); a searched margin schedule
+    ramps over the run unless the command sets the ramp."""
+    import search_study
+
+    values = {"hparams": "weight_decay=0, learning_rate=0.1", "margin_ramp_steps": None}
+    params = {"routing": "official", "official.beta_v_init": 0.5, "learning_rate": 0.01, "margin_schedule": "linear"}
+    routing, text = search_study.run_overrides(values, params)
+    assert routing == "official"
+    assert text == "weight_decay=0,beta_v_init=0.5,learning_rate=0.01,margin_ramp_steps=0,margin_schedule=linear"
+    assert "margin_ramp_steps" not in search_study.run_overrides(dict(values, margin_ramp_steps=500), params)[1]
