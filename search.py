@@ -6,17 +6,18 @@
 Trials sample the space of search_space.py (`--space FILE`, a JSON object of the same form, replaces it) and train
 `--steps_per_trial` steps each in `DIR/trials/<number>`, a run directory that main.py can test or resume, its log
 beside it. Every main.py flag (--preset, --batch_size, --data_dir, ...) applies to every trial; a trial's sampled
-fields come last, through --routing and --hparams. A trial validates `--reports_per_trial` times, evenly spaced
-(a training.Monitor: main.py's own runs validate at epoch ends only), reports each validation accuracy to the
-pruner (`--pruner median|hyperband|none`; `--prune_below ACC` also stops a trial below ACC) and scores the
-accuracy at its last step. A trial whose training meets a non-finite value (main's EXIT_NON_FINITE) is recorded
-as FAIL with the reason in its user attribute `fail_reason`, and the study goes on.
+fields come last, through --routing and --hparams. A trial validates `--reports_per_trial` times, evenly spaced,
+besides every epoch end (a training.Monitor: main.py's own runs validate at epoch ends only), reports each
+validation accuracy to the pruner (`--pruner median|hyperband|none`; `--prune_below ACC` also stops a trial
+below ACC) and scores the accuracy at its last step. A trial whose training meets a non-finite value (main's
+EXIT_NON_FINITE) is recorded as FAIL with the reason in its user attribute `fail_reason`, and the study goes on.
 
 The study is kept in `DIR/study.db` (SQLite) and the same command resumes it: `--trials N` is the total wanted,
 so a rerun trains only the missing trials. Trials run `--parallel` at a time in worker processes with
 `--threads` (default: cores / parallel) each, and beat a heartbeat into the storage every `--heartbeat_s`
 seconds: a trial whose process was killed is marked FAIL once it misses three beats, and its parameters are
-queued once more. Ctrl-C stops the workers after their current step and exits 130; their trials are queued again.
+queued once more. Ctrl-C or SIGTERM stops the workers after their current step and exits 130; their trials are
+queued again.
 Several processes or machines can work on one study through a shared database (any Optuna RDB URL):
 
   pip install psycopg2-binary        # on every machine, then on each:
@@ -100,9 +101,9 @@ def run_trials(job, count, parallel):
                     submitted += 1
                 done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 yield from (future.result() for future in done if future.result() is not None)
-        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C here or in the caller: the workers stop after their step
+        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C or SIGTERM here or in the caller: stop the workers too
             for child in multiprocessing.active_children():
-                os.kill(child.pid, signal.SIGINT)
+                os.kill(child.pid, signal.SIGTERM)
             raise
 
 
@@ -295,10 +296,12 @@ def search(argv):
 
 
 def run(argv):
-    """The command line: one line on stderr and exit 2 for bad input, 130 after Ctrl-C (trials queued again)."""
+    """The command line: one line on stderr and exit 2 for bad input, 130 after Ctrl-C or SIGTERM (the running
+    trials queued again)."""
     if any(argument in main.HELP_ARGUMENTS for argument in argv[1:]):
         print(FLAGS.module_help(sys.modules[__name__]) + "\n\nand every main.py flag (python main.py --help)")
         return 0
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops the search as Ctrl-C does
     try:
         return search(argv)
     except (UsageError, idx.DataError) as error:

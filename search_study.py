@@ -11,6 +11,7 @@ import collections
 import functools
 import json
 import os
+import signal
 import socket
 import time
 import traceback
@@ -225,7 +226,13 @@ def _error_line(result_dir, code):
 
 
 def run_trial(job):
-    """Worker: one trial of the study (none when other processes have filled it); returns its `describe` dict."""
+    """Worker: one trial of the study (none when other processes have filled it); returns its `describe` dict.
+
+    Ctrl-C or SIGTERM (which search.py passes on) stops the trial: during training after the current step, the run
+    saved; before, at once. Either way the trial is recorded as interrupted and its parameters queued again.
+    """
+    for number in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (a background job)
+        signal.signal(number, signal.default_int_handler)
     study = load_study(job)
     finished, running = tally(study)
     if len(finished) + len(running) >= job.wanted:
