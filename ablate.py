@@ -5,8 +5,8 @@
 
 Each cell trains through main.py's own `train` (its run directory, `DIR/cells/<variant>-it<k>-s<seed>`,
 can be tested or resumed with main.py) and scores its validation accuracy at the last step. Cells run
-`--parallel` at a time in worker processes with `--threads` (default: cores / parallel) each. The study
-resumes: a finished cell is read back, not rerun, and an interrupted one continues from its checkpoint.
+`--parallel` at a time in worker processes (study_runs.py) with `--threads` (default: cores / parallel) each.
+The study resumes: a finished cell is read back, not rerun, and an interrupted one continues from its checkpoint.
 Ctrl-C stops the workers after their current step (they save) and exits 130. Outputs: `ablation.csv`,
 `ablation.md` (mean and spread over seeds) and `ablation.png` (accuracy against iterations, one line per
 variant, error bars over seeds). Every main.py flag (--preset, --batch_size, --data_dir, ...) applies to
@@ -15,14 +15,12 @@ every cell; --iterations and --hparams are set per cell.
 
 import concurrent.futures
 import csv
-import json
-import multiprocessing
 import os
 import sys
-import time
 
 import main  # defines main.py's flags, which every cell uses; its train function trains the cells
 import plots
+import study_runs
 from run_dir import UsageError
 
 flags, FLAGS = main.flags, main.FLAGS
@@ -102,56 +100,18 @@ def cell_dir(study_dir, cell):
     return os.path.join(study_dir, "cells", "%s-it%d-s%d" % (variant, iterations, seed))
 
 
-def finished_accuracy(result_dir, steps):
-    """The validation accuracy a finished cell recorded at `steps`, or None when it has not finished."""
-    path = os.path.join(result_dir, main.run_dir.HISTORY_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        history = json.load(f)
-    done = [a for s, a in zip(history["val_step"], history["val_accuracy"]) if s == steps]
-    return done[-1] if done else None
-
-
-def train_cell(values, result_dir):
-    """Worker: trains (or resumes) one cell with main.train, its output in the cell's train.log.
-
-    Returns (main's exit code, wall seconds).
-    """
-    started = time.time()
-    os.makedirs(result_dir, exist_ok=True)
-    with open(os.path.join(os.path.dirname(result_dir), os.path.basename(result_dir) + ".log"), "a") as log:
-        os.dup2(log.fileno(), sys.stdout.fileno())
-        os.dup2(log.fileno(), sys.stderr.fileno())
-    main.tf.get_logger().setLevel("ERROR")
-    main.tf.disable_v2_behavior()
-    resumable = main.run_dir.check_new_or_resumable(result_dir)
-    if resumable:  # the run-length and speed flags come from this study's command
-        saved = main.run_dir.read_flags(result_dir, main.flag_defaults(), main.validate_flags)
-        values = main.run_dir.merge_resumed_flags(
-            saved, dict(values, result_dir=result_dir), CELL_RUN_FLAGS, main.RUN_DEFINING_FLAGS, main.RUN_LENGTH_FLAGS
-        )
-    code = main.train(dict(values, result_dir=result_dir), result_dir, resumable)
-    return code, time.time() - started
-
-
-CELL_RUN_FLAGS = ("max_steps", "threads", "quiet")  # what a resumed cell takes from the study's command
-
-
 def run_cells(study_dir, todo, base, steps, parallel):
     """Trains the cells of `todo` `parallel` at a time; yields (cell, status, accuracy, wall seconds)."""
-    context = multiprocessing.get_context("spawn")  # a fresh TensorFlow per worker
-    # A fresh worker per cell: main.train builds its graph in the process's default graph, so a second cell
-    # in the same process would find the first cell's variables ('relu_conv1/kernel already exists').
-    with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=context, max_tasks_per_child=1) as pool:
+    with study_runs.worker_pool(parallel) as pool:
         futures = {
-            pool.submit(train_cell, cell_values(base, cell, steps), cell_dir(study_dir, cell)): cell for cell in todo
+            pool.submit(study_runs.train_run, cell_values(base, cell, steps), cell_dir(study_dir, cell)): cell
+            for cell in todo
         }
         for future in concurrent.futures.as_completed(futures):
             cell = futures[future]
             code, wall = future.result()
             status = {0: "finished", main.EXIT_NON_FINITE: "non-finite"}.get(code, "exit %d" % code)
-            accuracy = finished_accuracy(cell_dir(study_dir, cell), steps)
+            accuracy = study_runs.final_accuracy(cell_dir(study_dir, cell), steps)
             yield cell, status if accuracy is not None or code else "interrupted", accuracy, wall
 
 
@@ -204,10 +164,10 @@ def study(argv):
         parse_list("iteration_counts", FLAGS.iteration_counts, int),
         parse_list("seeds", FLAGS.seeds, int),
     )
-    base = dict(values, quiet=True, threads=values["threads"] or max(1, (os.cpu_count() or 1) // FLAGS.parallel))
+    base = study_runs.worker_values(values, FLAGS.parallel)
     rows, todo = [], []
     for cell in cells:
-        accuracy = finished_accuracy(cell_dir(FLAGS.study_dir, cell), FLAGS.cell_steps)
+        accuracy = study_runs.final_accuracy(cell_dir(FLAGS.study_dir, cell), FLAGS.cell_steps)
         if accuracy is None:
             todo.append(cell)
         else:

@@ -276,8 +276,12 @@ def training_data(values):
     return train_x, train_y, data.for_evaluation(values["dataset"], val_x), val_y
 
 
-def train(values, result_dir, resumed):
-    """Trains (or resumes) the run in `result_dir`; returns the exit code."""
+def train(values, result_dir, resumed, monitor=None):
+    """Trains (or resumes) the run in `result_dir`; returns the exit code.
+
+    `monitor` (a `training.Monitor`, for tools such as search.py) adds validations between epoch ends and receives
+    each accuracy; main.py's own command passes none.
+    """
     hparams = run_hparams(result_dir, values) if resumed else resolve_hparams(values)
     arrays = training_data(values)
     steps_per_epoch, max_steps = run_length(values, len(arrays[0]))
@@ -317,7 +321,7 @@ def train(values, result_dir, resumed):
     with runtime.new_session(values["threads"], model.micro_batches) as sess:
         sess.run(tf.global_variables_initializer())
         run_dir.write_run(result_dir, values, hparams)  # the first file of a new run: after start-up
-        run = training.TrainingRun(result_dir, sess, graph, eval_predictions, pipeline, arrays, schedule)
+        run = training.TrainingRun(result_dir, sess, graph, eval_predictions, pipeline, arrays, schedule, monitor)
         if start:
             run_dir.restore_latest(sess, run.saver, result_dir)
         else:

@@ -1,7 +1,9 @@
 """The training loop: steps, periodic checkpoints, the history and curve, validation at every epoch end.
 
 main.py builds the graph and the session and hands them to `TrainingRun`; Ctrl-C and SIGTERM finish the
-current step and raise `Interrupted`, after which main.py saves. No flags are read here.
+current step and raise `Interrupted`, after which main.py saves. A tool that watches a run (search.py's
+pruning) passes a `Monitor`: the run then also validates every `Monitor.every_steps` steps and hands each
+validation accuracy to `Monitor.report`. No flags are read here.
 """
 
 import collections
@@ -26,6 +28,11 @@ Schedule = collections.namedtuple(
     "Schedule", ["batch_size", "steps_per_epoch", "max_steps", "save_every_steps", "summary_every_steps", "quiet"]
 )
 
+# What a watching tool asks of the loop: also validate every `every_steps` steps (besides every epoch end and the
+# last step), and after each validation and its checkpoint call `report(step, accuracy)`. `report` may raise to
+# end the run at that step; the exception leaves the training loop, the run saved as it stands.
+Monitor = collections.namedtuple("Monitor", ["every_steps", "report"])
+
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived during training: the step finished; save and exit 0."""
@@ -34,9 +41,9 @@ class Interrupted(Exception):
 class TrainingRun:
     """The state of one training process: session, graph, saver, history and the loop over steps."""
 
-    def __init__(self, result_dir, sess, graph, eval_predictions, pipeline, data, schedule):
+    def __init__(self, result_dir, sess, graph, eval_predictions, pipeline, data, schedule, monitor=None):
         self.result_dir, self.sess, self.graph, self.pipeline = result_dir, sess, graph, pipeline
-        self.eval_predictions, self.schedule = eval_predictions, schedule
+        self.eval_predictions, self.schedule, self.monitor = eval_predictions, schedule, monitor
         self.train_x, self.train_y, self.val_x, self.val_y = data
         self.saver = tf.train.Saver(max_to_keep=MAX_CHECKPOINTS)
         self.writer = tf.summary.FileWriter(result_dir)
@@ -64,7 +71,8 @@ class TrainingRun:
         self.stop_signals.append(signum)
 
     def run(self, step):
-        """Trains from `step` to the last step, validating at every epoch end; returns the last step."""
+        """Trains from `step` to the last step, validating at every epoch end (and the monitor's steps); returns
+        the last step."""
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         self.sess.run(
@@ -74,19 +82,34 @@ class TrainingRun:
         schedule = self.schedule
         while step < schedule.max_steps:
             step = self._train_epoch(step)
-            if step % schedule.steps_per_epoch == 0 or step >= schedule.max_steps:
-                self._validate(step)
+            accuracy = self._validate(step) if self._validates_at(step) else None
             self.save(step)
+            if self.monitor is not None and accuracy is not None:
+                self.monitor.report(step, accuracy)
         return step
 
+    def _validates_at(self, step):
+        """Whether `step` ends an epoch, the run or one of the monitor's intervals."""
+        schedule = self.schedule
+        monitored = self.monitor is not None and step % self.monitor.every_steps == 0
+        return step % schedule.steps_per_epoch == 0 or step >= schedule.max_steps or monitored
+
     def _train_epoch(self, step):
-        """Trains to the end of the current epoch (or the last step), saving every save_every_steps."""
+        """Trains to the end of the current epoch (or the last step, or the monitor's next validation), saving
+        every save_every_steps."""
         schedule, graph = self.schedule, self.graph
         epoch, per_epoch = step // schedule.steps_per_epoch, schedule.steps_per_epoch
-        end = min(schedule.max_steps, (epoch + 1) * per_epoch)
+        epoch_end = min(schedule.max_steps, (epoch + 1) * per_epoch)
+        end = epoch_end
+        if self.monitor is not None:
+            end = min(end, (step // self.monitor.every_steps + 1) * self.monitor.every_steps)
         fetches = [graph.train_op, graph.loss, graph.accuracy, graph.global_step]
         with progress.progress(
-            end - epoch * per_epoch, "epoch %d" % (epoch + 1), "step", schedule.quiet, initial=step - epoch * per_epoch
+            epoch_end - epoch * per_epoch,
+            "epoch %d" % (epoch + 1),
+            "step",
+            schedule.quiet,
+            initial=step - epoch * per_epoch,
         ) as bar:
             while step < end:
                 if self.stop_signals:
@@ -113,8 +136,9 @@ class TrainingRun:
         self.history["train_accuracy"].append(float(accuracy))
 
     def _validate(self, step):
+        """Validation accuracy at `step`, recorded in the history and TensorBoard (None without a validation set)."""
         if len(self.val_x) == 0:
-            return
+            return None
         predictions, labels, _, _ = evaluation.predict(
             self.sess, self.pipeline, self.eval_predictions, self.val_x, self.val_y, "validation", self.schedule.quiet
         )
@@ -124,3 +148,4 @@ class TrainingRun:
         summary = tf.Summary(value=[tf.Summary.Value(tag="accuracy/validation", simple_value=accuracy)])
         self.writer.add_summary(summary, step)
         progress.write("step %d: validation accuracy %.2f%% on %d images" % (step, 100 * accuracy, len(labels)))
+        return accuracy
