@@ -238,7 +238,8 @@ def test_hparams_flag_parsing():
     flags; unknown names and bad values are usage errors naming them."""
     import main
 
-    values = {"preset": "small", "iterations": 3, "hparams": "weight_stddev=0.3, iterations=2,padding=SAME"}
+    values = {"preset": "small", "dataset": "mnist", "norb_channels": 1, "iterations": 3}
+    values["hparams"] = "weight_stddev=0.3, iterations=2,padding=SAME"
     hparams = main.resolve_hparams(values)
     assert (hparams.weight_stddev, hparams.iterations, hparams.padding) == (0.3, 2, "SAME")
     assert main.resolve_hparams(dict(values, hparams="standardise_costs=TRUE")).standardise_costs is True
