@@ -287,20 +287,11 @@ def train(values, result_dir, resumed, monitor=None):
     steps_per_epoch, max_steps = run_length(values, len(arrays[0]))
     hparams = runtime.with_run_length(hparams, max_steps)  # a new run's whole-run schedules
     start = run_dir.latest_checkpoint(result_dir)[1] if resumed else 0
+    sizes = (len(arrays[0]), len(arrays[2]))
+    header = (result_dir, start, max_steps, steps_per_epoch, values["batch_size"], values["dataset"]) + sizes
     print(
         "%s %s at step %d of %d (%d steps per epoch, batch %d; %s: %d training, %d validation images; %s)"
-        % (
-            "resuming" if start else "training into",
-            result_dir,
-            start,
-            max_steps,
-            steps_per_epoch,
-            values["batch_size"],
-            values["dataset"],
-            len(arrays[0]),
-            len(arrays[2]),
-            describe(hparams, values),
-        ),
+        % (("resuming" if start else "training into",) + header + (describe(hparams, values),)),
         flush=True,
     )
     tf.set_random_seed(values["seed"])
@@ -310,14 +301,8 @@ def train(values, result_dir, resumed, monitor=None):
     model = runtime.new_model(hparams, runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"]))
     graph = model.train(pipeline.train_images, pipeline.train_labels)
     eval_predictions = model.inference(pipeline.eval_images).predictions  # the same variables
-    schedule = training.Schedule(
-        values["batch_size"],
-        steps_per_epoch,
-        max_steps,
-        values["save_every_steps"],
-        values["summary_every_steps"],
-        values["quiet"],
-    )
+    intervals = (values["save_every_steps"], values["summary_every_steps"], values["quiet"])
+    schedule = training.Schedule(values["batch_size"], steps_per_epoch, max_steps, *intervals)
     with runtime.new_session(values["threads"], model.micro_batches) as sess:
         sess.run(tf.global_variables_initializer())
         run_dir.write_run(result_dir, values, hparams)  # the first file of a new run: after start-up
@@ -326,10 +311,8 @@ def train(values, result_dir, resumed, monitor=None):
             run_dir.restore_latest(sess, run.saver, result_dir)
         else:
             run.writer.add_graph(sess.graph)
-        print(
-            "%d parameters; training from step %d" % (capsnet.count_parameters(tf.trainable_variables()), start),
-            flush=True,
-        )
+        parameters = capsnet.count_parameters(tf.trainable_variables())
+        print("%d parameters; training from step %d" % (parameters, start), flush=True)
         return run_training(run, sess, graph, result_dir, start)
 
 
