@@ -269,6 +269,7 @@ class CapsNetEMModel:
         Returns:
           `TrainGraph`.
         """
+        _check_schedule_length(self.hparams, "lr_decay_steps")  # before any variable is made
         global_step = tf.train.get_or_create_global_step()
         inference = self.inference(images)
         loss = self.loss(inference.activations, labels, global_step)

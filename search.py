@@ -232,7 +232,7 @@ def prepare(argv):
         search_space.check(space, routing, functools.partial(_resolve, values))
     except UsageError as error:
         raise UsageError("--space %s: %s" % (FLAGS.space or "(the default)", error)) from None
-    main.data.get(main.DATASET).ensure(values["data_dir"])  # once here, not in every worker
+    main.data.get(values["dataset"]).ensure(values["data_dir"])  # once here, not in every worker
     storage = FLAGS.storage or "sqlite:///" + os.path.abspath(os.path.join(FLAGS.study_dir, STUDY_FILE))
     if FLAGS.storage:
         search_study.open_storage(storage, FLAGS.heartbeat_s)  # a bad URL is refused before anything is written

@@ -180,7 +180,10 @@ def run_main_in_process(args, capsys):
     import main
 
     main.FLAGS.unparse_flags()
-    code = main.main(["main.py"] + [str(a) for a in args])
+    try:
+        code = main.main(["main.py"] + [str(a) for a in args])
+    finally:
+        main.FLAGS.unparse_flags()  # absl keeps parsed values in the process: later tests parse their own
     return code, capsys.readouterr().err.splitlines()
 
 

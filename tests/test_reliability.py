@@ -303,6 +303,7 @@ def test_test_mode_takes_data_dir_threads_and_micro_batches(workspace, monkeypat
         "--sweep_images",
         "0",
     ]
+    main.FLAGS.unparse_flags()  # values an earlier in-process parse left behind would count as given
     try:
         with tf.Graph().as_default():
             assert main.main(argv) == 0
