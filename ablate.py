@@ -45,6 +45,7 @@ VARIANTS = {
     "official-normalise_over": ("official", {"normalise_over": "positions_and_types"}),
     "official-coordinate_addition": ("official", {"coordinate_addition": "paper"}),
     "official+stop_assignment_gradient": ("official", {"assignment_gradient": False}),  # a further variant
+    "official-activation+stop_assignment_gradient": ("official", dict(PAPER_ACTIVATION, assignment_gradient=False)),
 }
 CSV_FIELDS = ("variant", "iterations", "seed", "steps", "validation_accuracy", "status", "wall_s", "run_dir")
 EXIT_INTERRUPTED = 130
