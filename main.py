@@ -133,6 +133,7 @@ flags.DEFINE_integer("bim_steps", 10, "BIM iterations, >= 1.")
 flags.DEFINE_float("bim_step_size", None, "BIM step per iteration, > 0 (default: 1.25 * epsilon / bim_steps).")
 flags.DEFINE_integer("attack_images", 1000, "Attack the first N test images, >= 1.")
 flags.DEFINE_string("attack_transfer_from", None, "Black-box: adversarial images from this run's network.")
+flags.DEFINE_float("attack_margin", None, "Capsules: spread-loss margin of the attack, > 0 (default: the run's).")
 
 # This program's flags (absl and TensorFlow define more of their own, which are not saved with a run).
 PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]))
@@ -155,7 +156,16 @@ TEST_FLAGS = (
     "sweep_images",
     "multi_crop",
     "quiet",
-) + ("attack", "epsilons", "attack_target", "bim_steps", "bim_step_size", "attack_images", "attack_transfer_from")
+) + (
+    "attack",
+    "epsilons",
+    "attack_target",
+    "bim_steps",
+    "bim_step_size",
+    "attack_images",
+    "attack_transfer_from",
+    "attack_margin",
+)
 # Flags that set where a run ends (--max_steps, when given, wins over --epochs).
 RUN_LENGTH_FLAGS = ("epochs", "max_steps")
 POSITIVE_FLAGS = ("batch_size", "save_every_steps", "summary_every_steps", "epochs", "max_steps", "eval_batch_size")
