@@ -9,7 +9,7 @@ The layers follow the `tf.layers` form: a class per layer whose `__init__` store
 whose `build()` checks shapes and creates variables under the layer's variable scope, and whose
 `call()` holds the math; plus a functional alias (`conv_caps(...)` wraps `ConvCaps`). They are used
 through `tensorflow.compat.v1` in graph mode. This module imports only numpy and tensorflow (and the
-two modules above).
+two modules above, and `capsule_ops`, the fused routing kernels).
 
 Axis glossary, one meaning per letter in every file (example: the paper's MNIST network, batch 32,
 'VALID' padding). A, B, C, D are only the paper's type counts (relu_conv1 filters, primary, conv_caps1,
@@ -32,6 +32,8 @@ Inside routing, votes are parent-major, `[NP, O, KKI, 16]` (em_routing.py).
 
 import numpy as np
 import tensorflow.compat.v1 as tf
+
+import capsule_ops
 
 from em_routing import DEFAULT_FINAL_LAMBDA, PAPER_FORM, POSE_ENTRIES, POSE_SIZE, RoutingForm, _safe_log, em_routing
 from em_routing import inverse_temperatures
@@ -201,7 +203,8 @@ class RoutedCapsuleLayer(_CapsuleLayer):
 
     Routing options (keyword arguments of ConvCaps, ClassCaps and their functional forms): weights_initializer
     (default N(0, 0.5^2)), beta_v_initializer and beta_a_initializer (default 0), beta_a_scale (beta_a = scale *
-    variable; 1.0), standardise_costs (paper form only; False), form (`RoutingForm`; the paper's).
+    variable; 1.0), standardise_costs (paper form only; False), form (`RoutingForm`; the paper's), routing_kernel
+    ('tf', 'fused' or 'auto': see `capsule_ops.resolve`; 'tf').
     """
 
     def __init__(
@@ -216,8 +219,10 @@ class RoutedCapsuleLayer(_CapsuleLayer):
         beta_a_scale=1.0,
         standardise_costs=False,
         form=PAPER_FORM,
+        routing_kernel="tf",
     ):
         super().__init__(name, dtype)
+        self.routing_kernel = capsule_ops.resolve(routing_kernel)  # 'auto' -> 'fused' when it builds, else 'tf'
         if standardise_costs and form.activation != "paper":
             raise ValueError("%s: standardise_costs applies to the paper's activation form only" % name)
         self.standardise_costs = standardise_costs
@@ -250,6 +255,7 @@ class RoutedCapsuleLayer(_CapsuleLayer):
                 normalise,
                 self.standardise_costs,
                 self.form,
+                self.routing_kernel,
             )
         self.end_points = {
             "votes": votes,
