@@ -2,10 +2,14 @@
 
   python bench.py --preset small --mode train --batch_size 64
   python bench.py --preset paper --mode infer --batch_size 64 --profile
+  python bench.py --preset small --mode train --batch_size 64 --compare   # fused vs tf routing kernel
 
 Prints one human-readable row and one JSON line: preset, batch_size, mode, images_per_sec (median),
 step_ms (min/median/max), peak_rss_mb, flops_per_image (forward pass, see `forward_flops`), threads,
-the machine's measured fp32 matmul rate and the achieved fraction of it.
+the machine's measured fp32 matmul rate and the achieved fraction of it. `--compare` builds the network twice,
+with the fused and the TF-ops routing kernel (capsule_ops), times their steps interleaved (so load on the
+machine hits both alike), prints a row and a JSON line for each and then the ratio of their median steps;
+peak RSS is then the process's, for both graphs together.
 """
 
 import os
@@ -17,6 +21,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as main.py; docs/performa
 import collections  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
+import dataclasses  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -24,6 +29,7 @@ import tensorflow.compat.v1 as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 import capsule_layers as cl  # noqa: E402
+import capsule_ops  # noqa: E402
 import model as capsnet  # noqa: E402
 import runtime  # noqa: E402
 
@@ -37,6 +43,10 @@ flags.DEFINE_integer("threads", 0, "CPU threads (0: every core); as main.py's --
 flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch (0: no split); as main.py's --micro_batch_size.")
 flags.DEFINE_integer("iterations", None, "Routing iterations (default: the preset's).")
 flags.DEFINE_string("routing", None, "Routing form: paper or official (default: the preset's); as main.py's.")
+flags.DEFINE_string("routing_kernel", "auto", "Routing kernel: auto, fused or tf (capsule_ops); as main.py's.")
+flags.DEFINE_bool(
+    "compare", False, "Time the fused and the tf routing kernel in one run, interleaved; print the ratio."
+)
 flags.DEFINE_bool("xla", False, "Turn on XLA auto-clustering (global_jit_level ON_1).")
 flags.DEFINE_bool("profile", False, "Trace one extra step and print the 12 most expensive op types.")
 
@@ -127,26 +137,45 @@ def build(net, batch_size, mode):
     return [net.inference(images).activations]
 
 
-def time_steps(fetches, config):
-    """Warm-up, then FLAGS.steps timed steps: (step times in s, peak RSS in MB, a traced step's metadata or None)."""
-    with tf.Session(config=config) as sess:
-        sess.run(tf.global_variables_initializer())
-        for _ in range(FLAGS.warmup):
-            sess.run(fetches)
-        times = []
-        for _ in range(FLAGS.steps):
+# One network to time: its routing kernel, model, session and the fetches of one step.
+Runner = collections.namedtuple("Runner", ["kernel", "net", "session", "fetches"])
+
+
+def make_runner(hp, kernel, config):
+    """The network with routing kernel `kernel` in its own graph and an initialised session."""
+    graph = tf.Graph()
+    with graph.as_default():
+        hp = dataclasses.replace(hp, routing_kernel=kernel)
+        net = capsnet.CapsNetEMModel(hp, runtime.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
+        fetches = build(net, FLAGS.batch_size, FLAGS.mode)
+        initializer = tf.global_variables_initializer()
+    session = tf.Session(graph=graph, config=config)
+    session.run(initializer)
+    return Runner(net.layers[-1].routing_kernel, net, session, fetches)
+
+
+def time_steps(runners):
+    """Warm-up, then FLAGS.steps timed steps of each runner in turn: ({kernel: step times in s}, peak RSS in MB,
+    {kernel: a traced step's metadata} when profiling)."""
+    for _ in range(FLAGS.warmup):
+        for runner in runners:
+            runner.session.run(runner.fetches)
+    times = {runner.kernel: [] for runner in runners}
+    for _ in range(FLAGS.steps):
+        for runner in runners:
             started = time.perf_counter()
-            sess.run(fetches)
-            times.append(time.perf_counter() - started)
-        metadata = None
-        if FLAGS.profile:
-            metadata = tf.RunMetadata()
-            sess.run(fetches, options=tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE), run_metadata=metadata)
+            runner.session.run(runner.fetches)
+            times[runner.kernel].append(time.perf_counter() - started)
+    metadata = {}
+    for runner in runners if FLAGS.profile else ():
+        metadata[runner.kernel] = tf.RunMetadata()
+        options = tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE)
+        runner.session.run(runner.fetches, options=options, run_metadata=metadata[runner.kernel])
     return times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB, metadata
 
 
-def report(hp, net, times, peak_rss_mb, matmul_rate):
-    """The benchmark's row and JSON line."""
+def report(hp, net, kernel, times, peak_rss_mb, matmul_rate):
+    """The benchmark's row and its JSON fields."""
     median = float(np.median(times))
     images_per_sec = FLAGS.batch_size / median
     flops = forward_flops(hp)
@@ -157,6 +186,7 @@ def report(hp, net, times, peak_rss_mb, matmul_rate):
         "mode": FLAGS.mode,
         "iterations": hp.iterations,
         "routing": hp.routing,
+        "routing_kernel": kernel,
         "images_per_sec": round(images_per_sec, 2),
         "step_ms": {
             k: round(MS_PER_S * v, 1) for k, v in (("min", min(times)), ("median", median), ("max", max(times)))
@@ -172,8 +202,8 @@ def report(hp, net, times, peak_rss_mb, matmul_rate):
         "fraction_of_matmul_rate": round(flops * factor * images_per_sec / matmul_rate, 4),
     }
     print(
-        "%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), peak RSS %.0f MB, "
-        "%.1f MFLOP/img, %.1f%% of %.0f GFLOP/s"
+        "%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), "
+        "peak RSS %.0f MB, %.1f MFLOP/img, %.1f%% of %.0f GFLOP/s, %s routing kernel"
         % (
             FLAGS.preset,
             FLAGS.mode,
@@ -187,6 +217,7 @@ def report(hp, net, times, peak_rss_mb, matmul_rate):
             flops / 1e6,
             100 * result["fraction_of_matmul_rate"],
             result["matmul_gflops"],
+            kernel,
         )
     )
     return result
@@ -202,16 +233,23 @@ def main(argv):
     overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
     hp = capsnet.hparams_for(FLAGS.preset, FLAGS.routing, **overrides)
     hp = runtime.with_run_length(hp, FLAGS.warmup + FLAGS.steps)
-    net = capsnet.CapsNetEMModel(hp, runtime.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
-    fetches = build(net, FLAGS.batch_size, FLAGS.mode)
-    config = runtime.session_config(FLAGS.threads, net.micro_batches)
+    config = runtime.session_config(FLAGS.threads, runtime.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
     if FLAGS.xla:
         config.graph_options.optimizer_options.global_jit_level = tf.OptimizerOptions.ON_1
-    times, peak_rss_mb, metadata = time_steps(fetches, config)
-    result = report(hp, net, times, peak_rss_mb, matmul_rate)
-    for op_type, ms in top_ops(metadata) if metadata else ():
-        print("  %-28s %8.1f ms" % (op_type, ms))
-    print(json.dumps(result))
+    kernels = ["fused", "tf"] if FLAGS.compare else [capsule_ops.resolve(FLAGS.routing_kernel)]
+    runners = [make_runner(hp, kernel, config) for kernel in kernels]
+    times, peak_rss_mb, metadata = time_steps(runners)
+    results = []
+    for runner in runners:
+        results.append(report(hp, runner.net, runner.kernel, times[runner.kernel], peak_rss_mb, matmul_rate))
+        for op_type, ms in top_ops(metadata[runner.kernel]) if metadata else ():
+            print("  %-28s %8.1f ms" % (op_type, ms))
+    if FLAGS.compare:
+        speedup = float(np.median(times["tf"]) / np.median(times["fused"]))
+        print("fused / tf: %.2fx the images per second (median steps, interleaved)" % speedup)
+        results[0]["speedup_over_tf"] = round(speedup, 3)
+    for result in results:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":
