@@ -322,6 +322,10 @@ class ConvCaps(RoutedCapsuleLayer):
         field, out_types, kki = self.field, self.types, self.patch_children
         with tf.name_scope("votes"):
             flat = tf.reshape(poses, [batch, field.height, field.width, -1])  # [N, H, W, I*16]
+            if self.routing_kernel == "fused":  # one kernel writes the parent-major votes
+                patches = tf.reshape(field.extract(flat), [-1, kki, POSE_ENTRIES])  # [NP, KKI, 16]
+                weights = tf.reshape(self.weights, [kki, out_types, POSE_ENTRIES])  # [KKI, O, 16]
+                return capsule_ops.votes(patches, tf.transpose(weights, [1, 0, 2]))  # [NP, O, KKI, 16]
             patches = tf.reshape(field.extract(flat), [-1, kki, POSE_SIZE, POSE_SIZE])  # [NP, KKI, 4, 4]
             rows = tf.reshape(tf.transpose(patches, [1, 0, 2, 3]), [kki, -1, POSE_SIZE])  # [KKI, NP*4, 4]
             weights = tf.transpose(self.weights, [0, 1, 2, 4, 3, 5])  # [K, K, I, 4, O, 4]
@@ -452,19 +456,28 @@ class ClassCaps(RoutedCapsuleLayer):
             offsets[..., 1, POSE_SIZE - 1] = ((np.arange(self.width) + 0.5) / self.width)[None, :, None]  # column
         return tf.constant(offsets.reshape(1, 1, -1, POSE_ENTRIES), self.dtype)  # [1, 1, H*W*I, 16]
 
+    def _votes(self, poses, batch):
+        """V_ic = M_i W[i, c] for every child (h, w, i) and class: `[N, L, H*W*I, 16]`."""
+        in_types, classes, cells = self.input_types, self.classes, self.height * self.width
+        if self.routing_kernel == "fused":  # one kernel writes the parent-major votes
+            weights = tf.transpose(tf.reshape(self.weights, [in_types, classes, POSE_ENTRIES]), [1, 0, 2])  # [L, I, 16]
+            children = tf.reshape(poses, [batch, cells * in_types, POSE_ENTRIES])  # [N, H*W*I, 16]
+            return capsule_ops.votes(children, tf.tile(weights, [1, cells, 1]))  # W tiled: [L, H*W*I, 16]
+        type_major = tf.transpose(poses, [3, 0, 1, 2, 4, 5])  # [I, N, H, W, 4, 4]
+        rows = tf.reshape(type_major, [in_types, -1, POSE_SIZE])  # [I, N*H*W*4, 4]
+        weights = tf.transpose(self.weights, [0, 2, 1, 3])  # [I, 4, L, 4]
+        weights = tf.reshape(weights, [in_types, POSE_SIZE, classes * POSE_SIZE])  # [I, 4, L*4]
+        votes = tf.matmul(rows, weights)  # [I, N*H*W*4, L*4]
+        votes = tf.reshape(votes, [in_types, batch, cells, POSE_SIZE, classes, POSE_SIZE])
+        votes = tf.transpose(votes, [1, 4, 2, 0, 3, 5])  # [N, L, H*W, I, 4, 4]
+        return tf.reshape(votes, [batch, classes, cells * in_types, POSE_ENTRIES])  # [N, L, H*W*I, 16]
+
     def call(self, poses, activations):
         in_types, classes = self.input_types, self.classes
         children = self.height * self.width * in_types
         batch = tf.shape(poses)[0]
         with tf.name_scope("votes"):
-            type_major = tf.transpose(poses, [3, 0, 1, 2, 4, 5])  # [I, N, H, W, 4, 4]
-            rows = tf.reshape(type_major, [in_types, -1, POSE_SIZE])  # [I, N*H*W*4, 4]
-            weights = tf.transpose(self.weights, [0, 2, 1, 3])  # [I, 4, L, 4]
-            weights = tf.reshape(weights, [in_types, POSE_SIZE, classes * POSE_SIZE])  # [I, 4, L*4]
-            votes = tf.matmul(rows, weights)  # [I, N*H*W*4, L*4]
-            votes = tf.reshape(votes, [in_types, batch, self.height * self.width, POSE_SIZE, classes, POSE_SIZE])
-            votes = tf.transpose(votes, [1, 4, 2, 0, 3, 5])  # [N, L, H*W, I, 4, 4]
-            votes = tf.reshape(votes, [batch, classes, children, POSE_ENTRIES])  # [N, L, H*W*I, 16]
+            votes = self._votes(poses, batch)  # [N, L, H*W*I, 16]
             if self.coordinate_addition:
                 votes = votes + self._coordinates()
         child_activations = tf.reshape(activations, [-1, 1, children])  # [N, 1, H*W*I]

@@ -1,6 +1,9 @@
-"""Fused CPU kernels for EM routing's vote contractions (kernels.cc), built on first use, with gradients.
+"""Fused CPU kernels for capsule votes and EM routing's vote contractions, built on first use, with gradients.
 
-Votes are parent-major, `[NP, O, C, 16]` (em_routing.py). Three ops, each one read of the votes:
+Votes are parent-major, `[NP, O, C, 16]` (em_routing.py). `votes(poses, weights)` (votes_kernels.cc) writes
+them in that layout, V_noi = M_ni W_oi, in one pass (TensorFlow ops need a transpose on either side of a
+batched matmul); its gradient reads dL/dV once for both dL/dM and dL/dW. Three ops, each one read of the
+votes (kernels.cc):
   weighted_sums(votes, r)                      -> sum_i r_i V_i, sum_i r_i V_i^2    `[NP, O, 16]` each
   quadratic_forms(votes, a, b)                 -> sum_h V_ih a_h + V_ih^2 b_h        `[NP, O, C]`
   votes_gradient(votes, u, lin_rows, sq_rows)  -> sum_k u_ki (lin_kh + 2 V_ih sq_kh) `[NP, O, C, 16]`
@@ -17,10 +20,12 @@ import sys
 
 import tensorflow.compat.v1 as tf
 
-from capsule_ops import build as _build
-
 KERNELS = ("auto", "fused", "tf")
-BuildError = _build.BuildError
+
+
+class BuildError(RuntimeError):
+    """The kernels could not be built (no compiler, a compile error) or loaded."""
+
 
 _state = {"library": None, "failure": None, "reported": False}
 
@@ -31,7 +36,9 @@ def load():
         if _state["failure"] is not None:
             raise BuildError(_state["failure"])
         try:
-            _state["library"] = tf.load_op_library(_build.build())
+            from capsule_ops import build  # here, not above: `python -m capsule_ops.build` imports this package first
+
+            _state["library"] = tf.load_op_library(build.build())
         except (BuildError, tf.errors.NotFoundError) as error:
             _state["failure"] = str(error)
             raise BuildError(_state["failure"]) from None
@@ -62,6 +69,11 @@ def reset():
     _state.update(library=None, failure=None, reported=False)
 
 
+def votes(poses, weights):
+    """Votes `[NP, O, C, 16]`: V_noi = M_ni W_oi (4x4 products) for poses `[NP, C, 16]`, weights `[O, C, 16]`."""
+    return load().caps_votes(poses, weights)
+
+
 def weighted_sums(votes, weights):
     """(sum_i r_i V_i, sum_i r_i V_i^2) `[NP, O, 16]` each, for votes `[NP, O, C, 16]`, r `[NP, O or 1, C]`."""
     return load().caps_weighted_sums(votes, weights)
@@ -79,6 +91,12 @@ def votes_gradient(votes, per_child, linear_rows, square_rows):
 
 def _or_zeros(gradient, like):
     return tf.zeros_like(like) if gradient is None else gradient
+
+
+@tf.RegisterGradient("CapsVotes")
+def _votes_gradient(op, votes_grad):
+    """dL/dM_ni = sum_o dL/dV_noi W_oi^T, dL/dW_oi = sum_n M_ni^T dL/dV_noi, in one read of dL/dV."""
+    return load().caps_votes_backward(op.inputs[0], op.inputs[1], votes_grad)
 
 
 @tf.RegisterGradient("CapsWeightedSums")

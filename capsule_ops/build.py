@@ -1,4 +1,4 @@
-"""Builds the fused EM-routing kernels (kernels.cc) once per source, TensorFlow version, compiler flags and CPU.
+"""Builds the fused kernels (kernels.cc, votes_kernels.cc) once per source, TensorFlow version, flags and CPU.
 
   python -m capsule_ops.build      # build ahead of time (otherwise the first fused routing builds it)
 
@@ -19,7 +19,10 @@ import sys
 
 import tensorflow as tf
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
+from capsule_ops import BuildError
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, name) for name in ("kernels.cc", "votes_kernels.cc"))
 LIBRARY_NAME = "capsule_ops.so"
 CACHE_ENV = "CAPSNET_OPS_CACHE"
 DEFAULT_CACHE = os.path.join("~", ".cache", "capsnet-em-ops")
@@ -31,10 +34,6 @@ DEFAULT_MARCH = "native"
 BASE_FLAGS = ("-O3", "-fopenmp-simd", "-shared", "-fPIC", "-Wno-deprecated-declarations")
 BUILD_TIMEOUT_S = 600  # a build takes 10-30 s on the 2-core dev machine
 HASH_CHARS = 16
-
-
-class BuildError(RuntimeError):
-    """The kernels could not be built (no compiler, a compile error) or loaded."""
 
 
 def _cpu_flags():
@@ -50,14 +49,14 @@ def _cpu_flags():
 
 
 def compile_command(output):
-    """The compiler's argument list that builds `output` from SOURCE. BuildError when there is no compiler."""
+    """The compiler's argument list that builds `output` from SOURCES. BuildError when there is no compiler."""
     compiler = os.environ.get(COMPILER_ENV) or DEFAULT_COMPILER
     path = shutil.which(compiler)
     if path is None:
         raise BuildError("no C++ compiler %r on PATH (set %s)" % (compiler, COMPILER_ENV))
     march = os.environ.get(MARCH_ENV) or DEFAULT_MARCH
     return (
-        [path, "-march=" + march, *BASE_FLAGS, SOURCE, "-o", output]
+        [path, "-march=" + march, *BASE_FLAGS, *SOURCES, "-o", output]
         + tf.sysconfig.get_compile_flags()
         + tf.sysconfig.get_link_flags()
     )
@@ -67,8 +66,9 @@ def library_path():
     """Where the library for this source, TensorFlow, compiler, flags (and CPU, for -march=native) lives."""
     command = compile_command(LIBRARY_NAME)
     key = hashlib.sha256()
-    with open(SOURCE, "rb") as source:
-        key.update(source.read())
+    for name in SOURCES:
+        with open(name, "rb") as source:
+            key.update(source.read())
     key.update(("\0".join([tf.__version__, sys.version] + command)).encode())
     if "-march=native" in command:
         key.update(_cpu_flags().encode())
@@ -96,7 +96,9 @@ def build():
             raise BuildError("the compiler did not run: %s" % error) from None
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line]
-            raise BuildError("compiling %s failed: %s" % (SOURCE, "; ".join(errors[:3]) or result.stderr[-500:]))
+            raise BuildError(
+                "compiling %s failed: %s" % (" ".join(SOURCES), "; ".join(errors[:3]) or result.stderr[-500:])
+            )
         os.replace(partial, path)  # atomic: a reader never sees a half-written library
     return path
 

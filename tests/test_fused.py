@@ -1,6 +1,6 @@
-"""Tests of capsule_ops (the fused routing kernels): the ops against NumPy, the layers on the fused path against
-the TF-ops path and the float64 loop reference, finite-difference gradients, stress inputs, the build cache and
-the fallback when no compiler is there."""
+"""Tests of capsule_ops (the fused votes and routing kernels): the ops against NumPy, the layers on the fused
+path against the TF-ops path and the float64 loop reference, finite-difference gradients, stress inputs, the
+build cache and the fallback when no compiler is there."""
 
 import dataclasses
 import os
@@ -75,7 +75,7 @@ def _outputs_and_gradients(make_layer, poses, activations, kernel):
 
 
 class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
-    """The three kernels against NumPy, in float64 and float32, and their registered gradients."""
+    """The kernels against NumPy, in float64 and float32, and their registered gradients."""
 
     def _inputs(self, dtype, weight_types=4):
         rng = np.random.RandomState(0)
@@ -121,6 +121,35 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
                 error = tf.test.compute_gradient_error(x, x.shape.as_list(), loss, [], delta=FINITE_DIFFERENCE_DELTA)
                 self.assertLess(error, GRADIENT_TOLERANCE, x.name)
 
+    @parameterized.parameters((np.float64, 1e-12), (np.float32, 1e-5))
+    def test_votes_op_matches_numpy(self, dtype, tolerance):
+        """votes: M_ni W_oi per pair in the parent-major layout; its gradient op against einsums."""
+        rng = np.random.RandomState(1)
+        poses, weights = rng.normal(size=[5, 7, 16]).astype(dtype), rng.normal(size=[3, 7, 16]).astype(dtype)
+        grad = rng.normal(size=[5, 3, 7, 16]).astype(dtype)
+        m, w, g = poses.reshape(5, 7, 4, 4), weights.reshape(3, 7, 4, 4), grad.reshape(5, 3, 7, 4, 4)
+        expected = [
+            np.einsum("nirk,oikc->noirc", m, w).reshape(5, 3, 7, 16),
+            np.einsum("noirc,oikc->nirk", g, w).reshape(5, 7, 16),
+            np.einsum("nirk,noirc->oikc", m, g).reshape(3, 7, 16),
+        ]
+        poses_t, weights_t = tf.constant(poses), tf.constant(weights)
+        votes = capsule_ops.votes(poses_t, weights_t)
+        with self.session() as sess:
+            actual = sess.run([votes] + tf.gradients(votes, [poses_t, weights_t], grad))
+        for value, target in zip(actual, expected):
+            self.assertLess(_relative_error(value, target), tolerance)
+
+    def test_votes_gradient_matches_finite_differences(self):
+        """The registered gradient of votes w.r.t. poses and weights (float64)."""
+        rng = np.random.RandomState(2)
+        inputs = [tf.constant(rng.normal(size=shape)) for shape in ([4, 6, 16], [3, 6, 16])]
+        loss = tf.reduce_sum(tf.sin(capsule_ops.votes(*inputs)))
+        with self.session():
+            for x in inputs:
+                error = tf.test.compute_gradient_error(x, x.shape.as_list(), loss, [], delta=FINITE_DIFFERENCE_DELTA)
+                self.assertLess(error, GRADIENT_TOLERANCE)
+
     def test_bad_shapes(self):
         """Votes without 16 pose entries, or weights of another child count, are errors naming the shape."""
         with self.session() as sess:
@@ -128,6 +157,8 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
                 sess.run(capsule_ops.weighted_sums(np.zeros([2, 3, 4, 9]), np.zeros([2, 3, 4])))
             with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "weights must be"):
                 sess.run(capsule_ops.weighted_sums(np.zeros([2, 3, 4, 16]), np.zeros([2, 3, 5])))
+            with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "poses must be"):
+                sess.run(capsule_ops.votes(np.zeros([2, 4, 16]), np.zeros([3, 5, 16])))
 
 
 class FusedLayersTest(parameterized.TestCase, tf.test.TestCase):
