@@ -52,6 +52,9 @@ flags.DEFINE_bool("profile", False, "Trace one extra step and print the 12 most 
 
 MATMUL_SIZE = 2048  # square fp32 matmul used to measure the machine's attainable rate
 MATMUL_REPEATS = 10
+BANDWIDTH_FLOATS = 64 * 2**20  # a 256 MiB float32 tensor for the memory-bandwidth measurement
+FLOAT_BYTES = 4
+VOTES_GRADIENT_PASSES = 2  # training's extra vote-sized passes beyond twice the forward's (fused_vote_passes)
 KIB_PER_MIB = 1024.0
 MS_PER_S = 1000.0
 TOP_OPS = 12
@@ -65,34 +68,69 @@ VOTE_MACS = cl.POSE_SIZE**3  # a 4x4 by 4x4 product: 64 multiply-adds
 PRIMARY_OUTPUTS_PER_TYPE = cl.POSE_ENTRIES + 1  # a primary capsule: 16 pose entries and 1 activation
 
 
-def forward_flops(hp):
-    """Approximate forward FLOPs per image: convolutions, votes (4x4 @ 4x4 = 64 MACs) and routing.
-
-    Grid sizes follow `capsule_layers.conv_geometry`, so 'SAME' padding is counted too.
-    """
+def _primary_grid(hp):
+    """(height, width) of the primary capsules' grid, as `capsule_layers.conv_geometry` computes it."""
     height, width, _, _ = cl.conv_geometry(hp.image_size, hp.image_size, hp.conv1_kernel, hp.conv1_stride, hp.padding)
-    flops = FLOPS_PER_MAC * height * width * hp.conv1_kernel**2 * hp.image_channels * hp.conv1_filters
     height, width, _, _ = cl.conv_geometry(height, width, hp.primary_kernel, 1, hp.padding)
-    flops += (
-        FLOPS_PER_MAC
-        * height
-        * width
-        * hp.primary_kernel**2
-        * hp.conv1_filters
-        * hp.primary_types
-        * PRIMARY_OUTPUTS_PER_TYPE
-    )
-    types = hp.primary_types
-    routing_per_entry = hp.iterations * M_STEP_FLOPS_PER_ENTRY + (hp.iterations - 1) * E_STEP_FLOPS_PER_ENTRY
-    per_pair = FLOPS_PER_MAC * VOTE_MACS + cl.POSE_ENTRIES * routing_per_entry  # votes, then routing
+    return height, width
+
+
+def routed_pairs(hp):
+    """Child-parent pairs per image of each routed layer (conv_caps1, conv_caps2, class_caps): votes / 16."""
+    height, width = _primary_grid(hp)
+    types, pairs = hp.primary_types, []
     for out_types, kernel, stride in [
         (hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
         (hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride),
     ]:
         height, width, _, _ = cl.conv_geometry(height, width, kernel, stride, hp.padding)
-        flops += height * width * kernel**2 * types * out_types * per_pair  # child-parent pairs
+        pairs.append(height * width * kernel**2 * types * out_types)
         types = out_types
-    return flops + height * width * types * hp.num_classes * per_pair
+    return pairs + [height * width * types * hp.num_classes]
+
+
+def forward_flops(hp):
+    """Approximate forward FLOPs per image: convolutions, votes (4x4 @ 4x4 = 64 MACs) and routing.
+
+    Grid sizes follow `capsule_layers.conv_geometry`, so 'SAME' padding is counted too.
+    """
+    conv1_height, conv1_width, _, _ = cl.conv_geometry(
+        hp.image_size, hp.image_size, hp.conv1_kernel, hp.conv1_stride, hp.padding
+    )
+    flops = FLOPS_PER_MAC * conv1_height * conv1_width * hp.conv1_kernel**2 * hp.image_channels * hp.conv1_filters
+    height, width = _primary_grid(hp)
+    primary_macs = height * width * hp.primary_kernel**2 * hp.conv1_filters * hp.primary_types
+    flops += FLOPS_PER_MAC * primary_macs * PRIMARY_OUTPUTS_PER_TYPE
+    routing_per_entry = hp.iterations * M_STEP_FLOPS_PER_ENTRY + (hp.iterations - 1) * E_STEP_FLOPS_PER_ENTRY
+    per_pair = FLOPS_PER_MAC * VOTE_MACS + cl.POSE_ENTRIES * routing_per_entry  # votes, then routing
+    return flops + sum(routed_pairs(hp)) * per_pair
+
+
+def fused_vote_passes(iterations, mode):
+    """Vote-sized memory passes of one fused step per routed layer (capsule_ops).
+
+    Forward: the votes written once, `iterations` weighted sums and `iterations - 1` quadratic forms, one read
+    each. Training adds the same reads again (each op's gradient is the other op), the rank-k votes gradient
+    (a read and a write) and the votes' own gradient (one read).
+    """
+    forward = 1 + iterations + (iterations - 1)
+    return forward if mode == "infer" else 2 * forward + VOTES_GRADIENT_PASSES
+
+
+def measure_bandwidth(threads):
+    """Bytes/s of a `reduce_sum` over a tensor far larger than the caches: the attainable memory read rate."""
+    with tf.Graph().as_default():
+        a = tf.Variable(tf.random.uniform([BANDWIDTH_FLOATS]))
+        total = tf.reduce_sum(a)
+        with tf.Session(config=runtime.session_config(threads, micro_batches=1)) as sess:
+            sess.run(a.initializer)
+            sess.run(total)
+            times = []
+            for _ in range(MATMUL_REPEATS):
+                started = time.perf_counter()
+                sess.run(total)
+                times.append(time.perf_counter() - started)
+    return BANDWIDTH_FLOATS * FLOAT_BYTES / float(np.median(times))
 
 
 def measure_matmul_rate(threads):
@@ -174,10 +212,12 @@ def time_steps(runners):
     return times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB, metadata
 
 
-def report(hp, net, kernel, times, peak_rss_mb, matmul_rate):
-    """The benchmark's row and its JSON fields."""
+def report(hp, net, kernel, times, peak_rss_mb, rates):
+    """The benchmark's row and its JSON fields; `rates`: the machine's (matmul FLOP/s, memory bytes/s)."""
+    matmul_rate, bandwidth = rates
     median = float(np.median(times))
     images_per_sec = FLAGS.batch_size / median
+    vote_bytes = sum(routed_pairs(hp)) * cl.POSE_ENTRIES * FLOAT_BYTES * fused_vote_passes(hp.iterations, FLAGS.mode)
     flops = forward_flops(hp)
     factor = TRAIN_FLOP_FACTOR if FLAGS.mode == "train" else 1
     result = {
@@ -200,7 +240,11 @@ def report(hp, net, kernel, times, peak_rss_mb, matmul_rate):
         "xla": FLAGS.xla,
         "matmul_gflops": round(matmul_rate / 1e9, 1),
         "fraction_of_matmul_rate": round(flops * factor * images_per_sec / matmul_rate, 4),
+        "memory_gbps": round(bandwidth / 1e9, 1),
     }
+    if kernel == "fused":  # the vote-sized traffic of the fused kernels, against the reduce_sum rate
+        result["vote_traffic_gbps"] = round(vote_bytes * images_per_sec / 1e9, 1)
+        result["fraction_of_bandwidth"] = round(vote_bytes * images_per_sec / bandwidth, 3)
     print(
         "%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), "
         "peak RSS %.0f MB, %.1f MFLOP/img, %.1f%% of %.0f GFLOP/s, %s routing kernel"
@@ -220,6 +264,11 @@ def report(hp, net, kernel, times, peak_rss_mb, matmul_rate):
             kernel,
         )
     )
+    if "vote_traffic_gbps" in result:
+        print(
+            "  vote-sized traffic %.1f GB/s: %.1f%% of the %.1f GB/s of a reduce_sum"
+            % (result["vote_traffic_gbps"], 100 * result["fraction_of_bandwidth"], result["memory_gbps"])
+        )
     return result
 
 
@@ -229,7 +278,7 @@ def main(argv):
     if FLAGS.mode not in ("train", "infer"):
         raise SystemExit("error: --mode must be train or infer")
     tf.disable_v2_behavior()
-    matmul_rate = measure_matmul_rate(FLAGS.threads)  # first, on an idle process
+    rates = measure_matmul_rate(FLAGS.threads), measure_bandwidth(FLAGS.threads)  # first, on an idle process
     overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
     hp = capsnet.hparams_for(FLAGS.preset, FLAGS.routing, **overrides)
     hp = runtime.with_run_length(hp, FLAGS.warmup + FLAGS.steps)
@@ -241,7 +290,7 @@ def main(argv):
     times, peak_rss_mb, metadata = time_steps(runners)
     results = []
     for runner in runners:
-        results.append(report(hp, runner.net, runner.kernel, times[runner.kernel], peak_rss_mb, matmul_rate))
+        results.append(report(hp, runner.net, runner.kernel, times[runner.kernel], peak_rss_mb, rates))
         for op_type, ms in top_ops(metadata[runner.kernel]) if metadata else ():
             print("  %-28s %8.1f ms" % (op_type, ms))
     if FLAGS.compare:
