@@ -54,7 +54,6 @@ MATMUL_SIZE = 2048  # square fp32 matmul used to measure the machine's attainabl
 MATMUL_REPEATS = 10
 BANDWIDTH_FLOATS = 64 * 2**20  # a 256 MiB float32 tensor for the memory-bandwidth measurement
 FLOAT_BYTES = 4
-VOTES_GRADIENT_PASSES = 2  # training's extra vote-sized passes beyond twice the forward's (fused_vote_passes)
 KIB_PER_MIB = 1024.0
 MS_PER_S = 1000.0
 TOP_OPS = 12
@@ -110,11 +109,12 @@ def fused_vote_passes(iterations, mode):
     """Vote-sized memory passes of one fused step per routed layer (capsule_ops).
 
     Forward: the votes written once, `iterations` weighted sums and `iterations - 1` quadratic forms, one read
-    each. Training adds the same reads again (each op's gradient is the other op), the rank-k votes gradient
-    (a read and a write) and the votes' own gradient (one read).
+    each. Training adds as many reads again: each op's gradient is the other op, and the votes' gradient is
+    made on the fly inside the one kernel that reads the votes for dL/dM and dL/dW. (The class layer, whose
+    votes are small, stores its votes gradient: two passes more, not counted.)
     """
     forward = 1 + iterations + (iterations - 1)
-    return forward if mode == "infer" else 2 * forward + VOTES_GRADIENT_PASSES
+    return forward if mode == "infer" else 2 * forward
 
 
 def measure_bandwidth(threads):

@@ -258,8 +258,8 @@ class RoutedCapsuleLayer(_CapsuleLayer):
                 self.routing_kernel,
             )
         self.end_points = {
-            "votes": votes,
-            "assignments": tf.broadcast_to(routing.assignments, tf.shape(votes)[:3]),
+            "votes": routing.votes,
+            "assignments": tf.broadcast_to(routing.assignments, tf.shape(routing.votes)[:3]),
             "activations_per_iteration": [parents.activations for parents in routing.per_iteration],
             "parents_per_iteration": routing.per_iteration,
         }
@@ -306,7 +306,7 @@ class ConvCaps(RoutedCapsuleLayer):
     def call(self, poses, activations):
         field, out_types = self.field, self.types
         batch = tf.shape(poses)[0]
-        votes = self._votes(poses, batch)  # [NP, O, KKI, 16]
+        votes = self._votes(poses, batch)  # [NP, O, KKI, 16], or its factors (fused)
         child_activations = self._extract(activations)  # [NP, 1, KKI]
         if self.form.normalise_over == "positions":
             initial = self._per_patch_constant(field.valid / out_types, batch)  # 1/O, as the released code
@@ -318,14 +318,15 @@ class ConvCaps(RoutedCapsuleLayer):
         return out_poses, tf.reshape(out_activations, out_shape)  # [N, OH, OW, O]
 
     def _votes(self, poses, batch):
-        """V_ij = M_i W_ij as one batched matmul per child capsule of the kernel: `[NP, O, KKI, 16]`."""
+        """V_ij = M_i W_ij as one batched matmul per child capsule of the kernel: `[NP, O, KKI, 16]`; on the fused
+        path its factors, `capsule_ops.VoteFactors` (poses `[NP, KKI, 16]`, weights `[O, KKI, 16]`)."""
         field, out_types, kki = self.field, self.types, self.patch_children
         with tf.name_scope("votes"):
             flat = tf.reshape(poses, [batch, field.height, field.width, -1])  # [N, H, W, I*16]
             if self.routing_kernel == "fused":  # one kernel writes the parent-major votes
                 patches = tf.reshape(field.extract(flat), [-1, kki, POSE_ENTRIES])  # [NP, KKI, 16]
                 weights = tf.reshape(self.weights, [kki, out_types, POSE_ENTRIES])  # [KKI, O, 16]
-                return capsule_ops.votes(patches, tf.transpose(weights, [1, 0, 2]))  # [NP, O, KKI, 16]
+                return capsule_ops.VoteFactors(patches, tf.transpose(weights, [1, 0, 2]))  # V: [NP, O, KKI, 16]
             patches = tf.reshape(field.extract(flat), [-1, kki, POSE_SIZE, POSE_SIZE])  # [NP, KKI, 4, 4]
             rows = tf.reshape(tf.transpose(patches, [1, 0, 2, 3]), [kki, -1, POSE_SIZE])  # [KKI, NP*4, 4]
             weights = tf.transpose(self.weights, [0, 1, 2, 4, 3, 5])  # [K, K, I, 4, O, 4]

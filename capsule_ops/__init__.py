@@ -6,7 +6,7 @@ batched matmul); its gradient reads dL/dV once for both dL/dM and dL/dW. Three o
 votes (kernels.cc):
   weighted_sums(votes, r)                      -> sum_i r_i V_i, sum_i r_i V_i^2    `[NP, O, 16]` each
   quadratic_forms(votes, a, b)                 -> sum_h V_ih a_h + V_ih^2 b_h        `[NP, O, C]`
-  votes_gradient(votes, u, lin_rows, sq_rows)  -> sum_k u_ki (lin_kh + 2 V_ih sq_kh) `[NP, O, C, 16]`
+  votes_gradient(votes, us, lin_rows, sq_rows) -> sum_k u_ki (lin_kh + 2 V_ih sq_kh) `[NP, O, C, 16]`
 The gradient of each of the first two with respect to its small inputs is the other one (d/dr of the sums is
 a quadratic form of their gradients; d/da, d/db of the forms are weighted sums), and with respect to the
 votes a `votes_gradient` of rank 1.
@@ -16,6 +16,7 @@ votes a `votes_gradient` of rank 1.
 when the build fails (e.g. no compiler). Imports only tensorflow.
 """
 
+import collections
 import sys
 
 import tensorflow.compat.v1 as tf
@@ -69,6 +70,11 @@ def reset():
     _state.update(library=None, failure=None, reported=False)
 
 
+# A layer's votes as their two factors: poses `[NP, C, 16]` (each child's pose at each parent position) and
+# weights `[O, C, 16]`; the votes are V_noi = M_ni W_oi (em_routing makes them inside the routing).
+VoteFactors = collections.namedtuple("VoteFactors", ["poses", "weights"])
+
+
 def votes(poses, weights):
     """Votes `[NP, O, C, 16]`: V_noi = M_ni W_oi (4x4 products) for poses `[NP, C, 16]`, weights `[O, C, 16]`."""
     return load().caps_votes(poses, weights)
@@ -85,12 +91,18 @@ def quadratic_forms(votes, linear, quadratic):
 
 
 def votes_gradient(votes, per_child, linear_rows, square_rows):
-    """sum_k u_ki (L_kh + 2 V_ih S_kh) `[NP, O, C, 16]` for u `[NP, O, k, C]`, L and S `[NP, O, k, 16]`."""
+    """sum_k u_ki (L_kh + 2 V_ih S_kh) `[NP, O, C, 16]`; lists of k: u_k `[NP, O or 1, C]`, L_k, S_k `[NP, O, 16]`."""
     return load().caps_votes_gradient(votes, per_child, linear_rows, square_rows)
 
 
 def _or_zeros(gradient, like):
     return tf.zeros_like(like) if gradient is None else gradient
+
+
+def routing_votes_backward(poses, weights, votes, per_child, linear_rows, square_rows):
+    """(dL/dM `[NP, C, 16]`, dL/dW `[O, C, 16]`) for V = M W and dL/dV = sum_k u_ki (L_kh + 2 V_ih S_kh) (as
+    `votes_gradient`), without storing dL/dV."""
+    return list(load().caps_routing_votes_backward(poses, weights, votes, per_child, linear_rows, square_rows))
 
 
 @tf.RegisterGradient("CapsVotes")
@@ -107,8 +119,7 @@ def _weighted_sums_gradient(op, sum_grad, square_grad):
     weights_grad = quadratic_forms(votes, sum_grad, square_grad)  # [NP, O, C]
     if weights.shape[1] == 1 and votes.shape[1] != 1:  # r was shared by the O parent types
         weights_grad = tf.reduce_sum(weights_grad, axis=1, keepdims=True)  # [NP, 1, C]
-    per_child = tf.broadcast_to(weights, tf.shape(votes)[:3])[:, :, None, :]  # [NP, O, 1, C]
-    votes_grad = votes_gradient(votes, per_child, sum_grad[:, :, None, :], square_grad[:, :, None, :])
+    votes_grad = votes_gradient(votes, [weights], [sum_grad], [square_grad])
     return votes_grad, weights_grad
 
 
@@ -117,5 +128,5 @@ def _quadratic_forms_gradient(op, forms_grad):
     """d/da_h = sum_i g_i V_ih, d/db_h = sum_i g_i V_ih^2 (weighted sums); d/dV_ih = g_i (a_h + 2 V_ih b_h)."""
     votes, linear, quadratic = op.inputs
     linear_grad, quadratic_grad = weighted_sums(votes, forms_grad)  # [NP, O, 16] each
-    votes_grad = votes_gradient(votes, forms_grad[:, :, None, :], linear[:, :, None, :], quadratic[:, :, None, :])
+    votes_grad = votes_gradient(votes, [forms_grad], [linear], [quadratic])
     return votes_grad, linear_grad, quadratic_grad

@@ -9,6 +9,8 @@
 // split over the NP * O (parent position, type) blocks with TensorFlow's CPU thread pool; within a block
 // the 16 pose entries are the vector lanes (AVX2 / AVX-512 as the build's -march allows).
 
+#include <vector>
+
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -46,17 +48,6 @@ bool CheckVotes(OpKernelContext* context, const Tensor& votes, int64_t* np, int6
   *types = votes.dim_size(1);
   *children = votes.dim_size(2);
   return true;
-}
-
-// Checks that `tensor` is [NP, O, k, last] and returns k (or -1 after setting an error).
-int64_t RowsOf(OpKernelContext* context, const Tensor& tensor, int64_t np, int64_t types, int64_t last,
-               const char* name) {
-  if (tensor.dims() != 4 || tensor.dim_size(0) != np || tensor.dim_size(1) != types || tensor.dim_size(3) != last) {
-    context->CtxFailure(InvalidArgument(name, " must be [", np, ", ", types, ", k, ", last, "], got ",
-                                        tensor.shape().DebugString()));
-    return -1;
-  }
-  return tensor.dim_size(2);
 }
 
 // ---- CapsWeightedSums: vote_sum[b, h] = sum_i r[b, i] V[b, i, h], squared_sum[b, h] = sum_i r V^2 ----
@@ -158,7 +149,8 @@ class QuadraticFormsOp : public OpKernel {
   }
 };
 
-// ---- CapsVotesGradient: grad[b, i, h] = sum_k u[b, k, i] (L[b, k, h] + 2 V[b, i, h] S[b, k, h]) ----
+// ---- CapsVotesGradient: grad[b, i, h] = sum_k u_k[b, i] (L_k[b, h] + 2 V[b, i, h] S_k[b, h]) ----
+// The k uses come as lists (u_k [NP, O or 1, C], L_k and S_k [NP, O, 16]): no stacked or broadcast copies.
 
 template <typename T>
 class VotesGradientOp : public OpKernel {
@@ -167,48 +159,71 @@ class VotesGradientOp : public OpKernel {
 
   void Compute(OpKernelContext* context) override {
     const Tensor& votes = context->input(0);  // [NP, O, C, 16]
-    const Tensor& per_child = context->input(1);  // [NP, O, k, C]
-    const Tensor& linear_rows = context->input(2);  // [NP, O, k, 16]
-    const Tensor& square_rows = context->input(3);  // [NP, O, k, 16]
+    tensorflow::OpInputList per_child, linear_rows, square_rows;
+    OP_REQUIRES_OK(context, context->input_list("per_child", &per_child));
+    OP_REQUIRES_OK(context, context->input_list("linear_rows", &linear_rows));
+    OP_REQUIRES_OK(context, context->input_list("square_rows", &square_rows));
     int64_t np, types, children;
     if (!CheckVotes(context, votes, &np, &types, &children)) return;
-    const int64_t rank = RowsOf(context, per_child, np, types, children, "per_child");
-    if (rank < 0) return;
-    OP_REQUIRES(context, RowsOf(context, linear_rows, np, types, kPoseEntries, "linear_rows") == rank,
-                InvalidArgument("linear_rows must have ", rank, " rows"));
-    OP_REQUIRES(context, RowsOf(context, square_rows, np, types, kPoseEntries, "square_rows") == rank,
-                InvalidArgument("square_rows must have ", rank, " rows"));
+    const int rank = per_child.size();
+    std::vector<Use> uses(rank);
+    const TensorShape parent_shape({np, types, kPoseEntries});
+    for (int k = 0; k < rank; ++k) {
+      const Tensor& u = per_child[k];
+      OP_REQUIRES(context,
+                  u.dims() == 3 && u.dim_size(0) == np && u.dim_size(2) == children &&
+                      (u.dim_size(1) == types || u.dim_size(1) == 1),
+                  InvalidArgument("per_child must be [NP, O or 1, C], got ", u.shape().DebugString()));
+      OP_REQUIRES(context, linear_rows[k].shape() == parent_shape && square_rows[k].shape() == parent_shape,
+                  InvalidArgument("linear_rows and square_rows must be ", parent_shape.DebugString()));
+      uses[k] = {u.flat<T>().data(), u.dim_size(1) == 1, linear_rows[k].flat<T>().data(),
+                 square_rows[k].flat<T>().data()};
+    }
+    // The votes' last use: their buffer takes the gradient when nothing else holds it (peak memory).
     Tensor* gradient;
-    OP_REQUIRES_OK(context, context->allocate_output(0, votes.shape(), &gradient));
+    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, votes.shape(), &gradient));
     const T* v = votes.flat<T>().data();
-    const T* u = per_child.flat<T>().data();
-    const T* lin = linear_rows.flat<T>().data();
-    const T* sq = square_rows.flat<T>().data();
     T* out = gradient->flat<T>().data();
     const int64_t block_entries = children * kPoseEntries;
     ForEachBlock(context, np * types, block_entries * rank, [&](int64_t first, int64_t end) {
+      std::vector<const T*> u(rank), lin(rank), sq(rank);
       for (int64_t block = first; block < end; ++block) {
-        Gradient(v + block * block_entries, u + block * rank * children, lin + block * rank * kPoseEntries,
-                 sq + block * rank * kPoseEntries, children, rank, out + block * block_entries);
+        for (int k = 0; k < rank; ++k) {
+          u[k] = uses[k].per_child + (uses[k].shared ? block / types : block) * children;
+          lin[k] = uses[k].linear + block * kPoseEntries;
+          sq[k] = uses[k].square + block * kPoseEntries;
+        }
+        Gradient(v + block * block_entries, u.data(), lin.data(), sq.data(), children, rank,
+                 out + block * block_entries);
       }
     });
   }
 
  private:
-  static void Gradient(const T* __restrict v, const T* __restrict u, const T* __restrict lin, const T* __restrict sq,
-                       int64_t children, int64_t rank, T* __restrict out) {
+  struct Use {
+    const T* per_child;  // u_k, [NP, O or 1, C]
+    bool shared;         // u_k is [NP, 1, C]: one factor for all O parent types
+    const T* linear;     // L_k, [NP, O, 16]
+    const T* square;     // S_k, [NP, O, 16]
+  };
+
+  // v and out may be the same buffer: each entry is read before it is written.
+  static void Gradient(const T* v, const T* const* u, const T* const* lin, const T* const* sq, int64_t children,
+                       int rank, T* out) {
     for (int64_t i = 0; i < children; ++i) {
       T linear[kPoseEntries] = {}, square[kPoseEntries] = {};
-      for (int64_t k = 0; k < rank; ++k) {
-        const T weight = u[k * children + i];
+      for (int k = 0; k < rank; ++k) {
+        const T weight = u[k][i];
+        const T* __restrict lin_k = lin[k];
+        const T* __restrict sq_k = sq[k];
 #pragma omp simd
         for (int h = 0; h < kPoseEntries; ++h) {
-          linear[h] += weight * lin[k * kPoseEntries + h];
-          square[h] += weight * sq[k * kPoseEntries + h];
+          linear[h] += weight * lin_k[h];
+          square[h] += weight * sq_k[h];
         }
       }
-      const T* __restrict vote = v + i * kPoseEntries;
-      T* __restrict target = out + i * kPoseEntries;
+      const T* vote = v + i * kPoseEntries;
+      T* target = out + i * kPoseEntries;
 #pragma omp simd
       for (int h = 0; h < kPoseEntries; ++h) target[h] = linear[h] + T(2) * vote[h] * square[h];
     }
@@ -249,11 +264,12 @@ REGISTER_OP("CapsQuadraticForms")
 
 REGISTER_OP("CapsVotesGradient")
     .Attr("T: {float, double}")
-    .Input("votes: T")        // [NP, O, C, 16]
-    .Input("per_child: T")    // [NP, O, k, C]
-    .Input("linear_rows: T")  // [NP, O, k, 16]
-    .Input("square_rows: T")  // [NP, O, k, 16]
-    .Output("gradient: T")    // [NP, O, C, 16]
+    .Attr("K: int >= 1")
+    .Input("votes: T")            // [NP, O, C, 16]
+    .Input("per_child: K * T")    // K x [NP, O or 1, C]
+    .Input("linear_rows: K * T")  // K x [NP, O, 16]
+    .Input("square_rows: K * T")  // K x [NP, O, 16]
+    .Output("gradient: T")        // [NP, O, C, 16]
     .SetShapeFn([](InferenceContext* context) {
       context->set_output(0, context->input(0));
       return absl::OkStatus();

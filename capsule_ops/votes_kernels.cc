@@ -3,6 +3,8 @@
 //   CapsVotes          votes[n, o, i] = poses[n, i] @ weights[o, i]   (4x4 @ 4x4 per child-parent pair)
 //   CapsVotesBackward  poses_grad[n, i] = sum_o g[n, o, i] @ weights[o, i]^T,
 //                      weights_grad[o, i] = sum_n poses[n, i]^T @ g[n, o, i]
+//   CapsRoutingVotesBackward  the same, with g = EM routing's rank-k votes gradient (kernels.cc's
+//                      CapsVotesGradient) made on the fly from the votes: no vote-sized gradient is stored
 // poses [NP, C, 16] (each child's pose at each parent position: the layer's patches), weights [O, C, 16],
 // votes and g [NP, O, C, 16]. TensorFlow ops need a transpose before and after a batched matmul for this
 // (and the same in the gradient); here the votes are written once in their final layout and the gradient
@@ -140,6 +142,91 @@ class VotesOp : public OpKernel {
   }
 };
 
+// dL/dM and dL/dW from dL/dV, which `Source` gives per (parent position n, type o, child i) as a 16-lane
+// vector: source.Prepare(n) once per position, then source(o, i). The weight gradient is summed over positions
+// in per-chunk partial sums (a few per thread), then added up.
+template <typename T, typename Source>
+void PoseAndWeightGradients(OpKernelContext* context, const Tensor& poses, const Tensor& weights,
+                            const Source& source) {
+  const int64_t np = poses.dim_size(0), children = poses.dim_size(1), types = weights.dim_size(0);
+  Tensor *poses_grad, *weights_grad, partial;
+  OP_REQUIRES_OK(context, context->allocate_output(0, poses.shape(), &poses_grad));
+  OP_REQUIRES_OK(context, context->allocate_output(1, weights.shape(), &weights_grad));
+  const int64_t weight_entries = types * children * kEntries;
+  const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(np, kChunksPerThread * workers.num_threads));
+  OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
+                                                 TensorShape({chunks, weight_entries}), &partial));
+  const T* m = poses.flat<T>().data();
+  const T* w = weights.flat<T>().data();
+  T* partials = partial.flat<T>().data();
+  T* dm = poses_grad->flat<T>().data();
+  Parallel(context, chunks, (np / chunks + 1) * types * children * 2 * kCostPerVote, [&](int64_t first, int64_t end) {
+    Source local = source;  // per-shard scratch
+    for (int64_t chunk = first; chunk < end; ++chunk) {
+      T* dw = partials + chunk * weight_entries;
+      std::fill(dw, dw + weight_entries, T(0));
+      for (int64_t n = chunk * np / chunks; n < (chunk + 1) * np / chunks; ++n) {
+        local.Prepare(n);
+        T* dm_n = dm + n * children * kEntries;
+        std::fill(dm_n, dm_n + children * kEntries, T(0));
+        for (int64_t o = 0; o < types; ++o) {
+          for (int64_t i = 0; i < children; ++i) {
+            const int64_t entry = (o * children + i) * kEntries;
+            const Vec<T> gv = local(o, i), wv = Load(w + entry), mv = Load(m + (n * children + i) * kEntries);
+            const Vec<T> pose_term = TransposedRightTerm<T, 0>(gv, wv) + TransposedRightTerm<T, 1>(gv, wv) +
+                                     TransposedRightTerm<T, 2>(gv, wv) + TransposedRightTerm<T, 3>(gv, wv);
+            const Vec<T> weight_term = TransposedLeftTerm<T, 0>(mv, gv) + TransposedLeftTerm<T, 1>(mv, gv) +
+                                       TransposedLeftTerm<T, 2>(mv, gv) + TransposedLeftTerm<T, 3>(mv, gv);
+            Store(dm_n + i * kEntries, Load(dm_n + i * kEntries) + pose_term);
+            Store(dw + entry, Load(dw + entry) + weight_term);
+          }
+        }
+      }
+    }
+  });
+  T* dw_out = weights_grad->flat<T>().data();
+  Parallel(context, weight_entries, chunks, [&](int64_t first, int64_t end) {
+    for (int64_t e = first; e < end; ++e) {
+      T total = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partials[chunk * weight_entries + e];
+      dw_out[e] = total;
+    }
+  });
+}
+
+// dL/dV given as a tensor [NP, O, C, 16].
+template <typename T>
+struct StoredGradient {
+  const T* g;
+  int64_t types, children;
+  const T* position = nullptr;
+  void Prepare(int64_t n) { position = g + n * types * children * kEntries; }
+  Vec<T> operator()(int64_t o, int64_t i) const { return Load(position + (o * children + i) * kEntries); }
+};
+
+// dL/dV of EM routing made on the fly: sum_k u_k[n, o, i] (L_k[n, o] + 2 V[n, o, i] S_k[n, o]) (kernels.cc's
+// CapsVotesGradient), so that no vote-sized gradient is ever stored.
+template <typename T>
+struct RoutingGradient {
+  const T* votes;
+  int64_t types, children;
+  std::vector<const T*> per_child, linear, square;  // u_k [NP, O or 1, C]; L_k, S_k [NP, O, 16]
+  std::vector<bool> shared;                          // u_k is [NP, 1, C]
+  int64_t n = 0;
+  void Prepare(int64_t position) { n = position; }
+  Vec<T> operator()(int64_t o, int64_t i) const {
+    const int64_t block = n * types + o;
+    Vec<T> lin = {}, sq = {};
+    for (size_t k = 0; k < per_child.size(); ++k) {
+      const T u = per_child[k][(shared[k] ? n : block) * children + i];
+      lin += u * Load(linear[k] + block * kEntries);
+      sq += u * Load(square[k] + block * kEntries);
+    }
+    return lin + T(2) * Load(votes + (block * children + i) * kEntries) * sq;
+  }
+};
+
 template <typename T>
 class VotesBackwardOp : public OpKernel {
  public:
@@ -153,55 +240,43 @@ class VotesBackwardOp : public OpKernel {
     const int64_t np = poses.dim_size(0), children = poses.dim_size(1), types = weights.dim_size(0);
     OP_REQUIRES(context, grad.shape() == TensorShape({np, types, children, kEntries}),
                 InvalidArgument("votes gradient must be [NP, O, C, 16], got ", grad.shape().DebugString()));
-    Tensor *poses_grad, *weights_grad, partial;
-    OP_REQUIRES_OK(context, context->allocate_output(0, poses.shape(), &poses_grad));
-    OP_REQUIRES_OK(context, context->allocate_output(1, weights.shape(), &weights_grad));
-    const int64_t weight_entries = types * children * kEntries;
-    const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(np, kChunksPerThread * workers.num_threads));
-    OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
-                                                   TensorShape({chunks, weight_entries}), &partial));
-    const T* m = poses.flat<T>().data();
-    const T* w = weights.flat<T>().data();
-    const T* g = grad.flat<T>().data();
-    T* partials = partial.flat<T>().data();
-    T* dm = poses_grad->flat<T>().data();
-    Parallel(context, chunks, (np / chunks + 1) * types * children * 2 * kCostPerVote, [&](int64_t first, int64_t end) {
-      for (int64_t chunk = first; chunk < end; ++chunk) {
-        T* dw = partials + chunk * weight_entries;
-        std::fill(dw, dw + weight_entries, T(0));
-        for (int64_t n = chunk * np / chunks; n < (chunk + 1) * np / chunks; ++n) {
-          Position(m + n * children * kEntries, w, g + n * types * children * kEntries, types, children,
-                   dm + n * children * kEntries, dw);
-        }
-      }
-    });
-    T* dw_out = weights_grad->flat<T>().data();
-    Parallel(context, weight_entries, chunks, [&](int64_t first, int64_t end) {
-      for (int64_t e = first; e < end; ++e) {
-        T total = 0;
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partials[chunk * weight_entries + e];
-        dw_out[e] = total;
-      }
-    });
+    PoseAndWeightGradients<T>(context, poses, weights, StoredGradient<T>{grad.flat<T>().data(), types, children});
   }
+};
 
- private:
-  // One parent position: its children's pose gradients [C, 16], and its terms of the weight gradient.
-  static void Position(const T* pose, const T* w, const T* g, int64_t types, int64_t children, T* dm, T* dw) {
-    std::fill(dm, dm + children * kEntries, T(0));
-    for (int64_t o = 0; o < types; ++o) {
-      for (int64_t i = 0; i < children; ++i) {
-        const int64_t entry = (o * children + i) * kEntries;
-        const Vec<T> gv = Load(g + entry), wv = Load(w + entry), mv = Load(pose + i * kEntries);
-        const Vec<T> pose_term = TransposedRightTerm<T, 0>(gv, wv) + TransposedRightTerm<T, 1>(gv, wv) +
-                                 TransposedRightTerm<T, 2>(gv, wv) + TransposedRightTerm<T, 3>(gv, wv);
-        const Vec<T> weight_term = TransposedLeftTerm<T, 0>(mv, gv) + TransposedLeftTerm<T, 1>(mv, gv) +
-                                   TransposedLeftTerm<T, 2>(mv, gv) + TransposedLeftTerm<T, 3>(mv, gv);
-        Store(dm + i * kEntries, Load(dm + i * kEntries) + pose_term);
-        Store(dw + entry, Load(dw + entry) + weight_term);
-      }
+template <typename T>
+class RoutingVotesBackwardOp : public OpKernel {
+ public:
+  explicit RoutingVotesBackwardOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& poses = context->input(0);    // [NP, C, 16]
+    const Tensor& weights = context->input(1);  // [O, C, 16]
+    const Tensor& votes = context->input(2);    // [NP, O, C, 16]
+    tensorflow::OpInputList per_child, linear_rows, square_rows;
+    OP_REQUIRES_OK(context, context->input_list("per_child", &per_child));
+    OP_REQUIRES_OK(context, context->input_list("linear_rows", &linear_rows));
+    OP_REQUIRES_OK(context, context->input_list("square_rows", &square_rows));
+    if (!CheckPosesAndWeights(context, poses, weights)) return;
+    const int64_t np = poses.dim_size(0), children = poses.dim_size(1), types = weights.dim_size(0);
+    OP_REQUIRES(context, votes.shape() == TensorShape({np, types, children, kEntries}),
+                InvalidArgument("votes must be [NP, O, C, 16], got ", votes.shape().DebugString()));
+    RoutingGradient<T> source{votes.flat<T>().data(), types, children};
+    const TensorShape parent_shape({np, types, kEntries});
+    for (int k = 0; k < per_child.size(); ++k) {
+      const Tensor& u = per_child[k];
+      OP_REQUIRES(context,
+                  u.dims() == 3 && u.dim_size(0) == np && u.dim_size(2) == children &&
+                      (u.dim_size(1) == types || u.dim_size(1) == 1),
+                  InvalidArgument("per_child must be [NP, O or 1, C], got ", u.shape().DebugString()));
+      OP_REQUIRES(context, linear_rows[k].shape() == parent_shape && square_rows[k].shape() == parent_shape,
+                  InvalidArgument("linear_rows and square_rows must be ", parent_shape.DebugString()));
+      source.per_child.push_back(u.flat<T>().data());
+      source.shared.push_back(u.dim_size(1) == 1);
+      source.linear.push_back(linear_rows[k].flat<T>().data());
+      source.square.push_back(square_rows[k].flat<T>().data());
     }
+    PoseAndWeightGradients<T>(context, poses, weights, source);
   }
 };
 
@@ -232,9 +307,28 @@ REGISTER_OP("CapsVotesBackward")
       return absl::OkStatus();
     });
 
+REGISTER_OP("CapsRoutingVotesBackward")
+    .Attr("T: {float, double}")
+    .Attr("K: int >= 1")
+    .Input("poses: T")            // [NP, C, 16]
+    .Input("weights: T")          // [O, C, 16]
+    .Input("votes: T")            // [NP, O, C, 16], = CapsVotes(poses, weights)
+    .Input("per_child: K * T")    // K x [NP, O or 1, C]
+    .Input("linear_rows: K * T")  // K x [NP, O, 16]
+    .Input("square_rows: K * T")  // K x [NP, O, 16]
+    .Output("poses_grad: T")      // [NP, C, 16]
+    .Output("weights_grad: T")    // [O, C, 16]
+    .SetShapeFn([](InferenceContext* context) {
+      context->set_output(0, context->input(0));
+      context->set_output(1, context->input(1));
+      return absl::OkStatus();
+    });
+
 #define REGISTER_VOTE_KERNELS(T)                                                                             \
   REGISTER_KERNEL_BUILDER(Name("CapsVotes").Device(DEVICE_CPU).TypeConstraint<T>("T"), VotesOp<T>);          \
-  REGISTER_KERNEL_BUILDER(Name("CapsVotesBackward").Device(DEVICE_CPU).TypeConstraint<T>("T"), VotesBackwardOp<T>);
+  REGISTER_KERNEL_BUILDER(Name("CapsVotesBackward").Device(DEVICE_CPU).TypeConstraint<T>("T"), VotesBackwardOp<T>); \
+  REGISTER_KERNEL_BUILDER(Name("CapsRoutingVotesBackward").Device(DEVICE_CPU).TypeConstraint<T>("T"),          \
+                          RoutingVotesBackwardOp<T>);
 
 REGISTER_VOTE_KERNELS(float)
 REGISTER_VOTE_KERNELS(double)

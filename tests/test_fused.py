@@ -82,8 +82,8 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
         votes = rng.normal(size=[3, 4, 7, 16]).astype(dtype)  # [NP, O, C, 16]
         weights = rng.uniform(size=[3, weight_types, 7]).astype(dtype)  # [NP, O or 1, C]
         linear, quadratic = rng.normal(size=[2, 3, 4, 16]).astype(dtype)  # [NP, O, 16] each
-        per_child = rng.normal(size=[3, 4, 5, 7]).astype(dtype)  # [NP, O, k, C]
-        rows = rng.normal(size=[2, 3, 4, 5, 16]).astype(dtype)  # [NP, O, k, 16] each
+        per_child = [rng.normal(size=[3, o, 7]).astype(dtype) for o in (4, 1, 4)]  # k = 3 x [NP, O or 1, C]
+        rows = rng.normal(size=[2, 3, 3, 4, 16]).astype(dtype)  # L and S: k x [NP, O, 16] each
         return votes, weights, linear, quadratic, per_child, rows
 
     @parameterized.parameters((np.float64, 1e-12, 4), (np.float32, 1e-5, 4), (np.float64, 1e-12, 1))
@@ -95,14 +95,16 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
             np.einsum("noc,noch->noh", r, votes),
             np.einsum("noc,noch->noh", r, votes**2),
             np.einsum("noch,noh->noc", votes, linear) + np.einsum("noch,noh->noc", votes**2, quadratic),
-            np.einsum("nokc,nokh->noch", per_child, rows[0])
-            + 2 * votes * np.einsum("nokc,nokh->noch", per_child, rows[1]),
+            sum(
+                np.broadcast_to(u, votes.shape[:3])[..., None] * (lin[:, :, None] + 2 * votes * sq[:, :, None])
+                for u, lin, sq in zip(per_child, *rows)
+            ),
         ]
         with self.session() as sess:
             actual = sess.run(
                 list(capsule_ops.weighted_sums(votes, weights))
                 + [capsule_ops.quadratic_forms(votes, linear, quadratic)]
-                + [capsule_ops.votes_gradient(votes, per_child, *rows)]
+                + [capsule_ops.votes_gradient(votes, per_child, list(rows[0]), list(rows[1]))]
             )
         for value, target in zip(actual, expected):
             self.assertEqual(value.dtype, dtype)
@@ -139,6 +141,20 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
             actual = sess.run([votes] + tf.gradients(votes, [poses_t, weights_t], grad))
         for value, target in zip(actual, expected):
             self.assertLess(_relative_error(value, target), tolerance)
+
+    def test_routing_votes_backward(self):
+        """routing_votes_backward equals the votes' gradient op applied to votes_gradient's dL/dV."""
+        rng = np.random.RandomState(4)
+        poses, weights = tf.constant(rng.normal(size=[5, 7, 16])), tf.constant(rng.normal(size=[3, 7, 16]))
+        per_child = [rng.normal(size=[5, types, 7]) for types in (1, 3)]  # k = 2 x [NP, O or 1, C]
+        rows = [[rng.normal(size=[5, 3, 16]) for _ in range(2)] for _ in range(2)]  # L and S: k x [NP, O, 16]
+        votes = capsule_ops.votes(poses, weights)
+        votes_grad = capsule_ops.votes_gradient(votes, per_child, *rows)
+        with self.session() as sess:
+            actual = sess.run(capsule_ops.routing_votes_backward(poses, weights, votes, per_child, *rows))
+            expected = sess.run(tf.gradients(capsule_ops.votes(poses, weights), [poses, weights], votes_grad))
+        for value, target in zip(actual, expected):
+            self.assertLess(_relative_error(value, target), 1e-12)
 
     def test_votes_gradient_matches_finite_differences(self):
         """The registered gradient of votes w.r.t. poses and weights (float64)."""
