@@ -245,9 +245,16 @@ def report(hp, net, kernel, times, peak_rss_mb, rates):
     if kernel == "fused":  # the vote-sized traffic of the fused kernels, against the reduce_sum rate
         result["vote_traffic_gbps"] = round(vote_bytes * images_per_sec / 1e9, 1)
         result["fraction_of_bandwidth"] = round(vote_bytes * images_per_sec / bandwidth, 3)
+    traffic = ""
+    if "vote_traffic_gbps" in result:
+        traffic = ", vote-sized traffic %.1f GB/s = %.1f%% of a reduce_sum's %.1f GB/s" % (
+            result["vote_traffic_gbps"],
+            100 * result["fraction_of_bandwidth"],
+            result["memory_gbps"],
+        )
     print(
         "%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), "
-        "peak RSS %.0f MB, %.1f MFLOP/img, %.1f%% of %.0f GFLOP/s, %s routing kernel"
+        "peak RSS %.0f MB, %.1f MFLOP/img, %.1f%% of %.0f GFLOP/s, %s routing kernel%s"
         % (
             FLAGS.preset,
             FLAGS.mode,
@@ -262,13 +269,9 @@ def report(hp, net, kernel, times, peak_rss_mb, rates):
             100 * result["fraction_of_matmul_rate"],
             result["matmul_gflops"],
             kernel,
+            traffic,
         )
     )
-    if "vote_traffic_gbps" in result:
-        print(
-            "  vote-sized traffic %.1f GB/s: %.1f%% of the %.1f GB/s of a reduce_sum"
-            % (result["vote_traffic_gbps"], 100 * result["fraction_of_bandwidth"], result["memory_gbps"])
-        )
     return result
 
 
