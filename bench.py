@@ -3,13 +3,15 @@
   python bench.py --preset small --mode train --batch_size 64
   python bench.py --preset paper --mode infer --batch_size 64 --profile
   python bench.py --preset small --mode train --batch_size 64 --compare   # fused vs tf routing kernel
+  python bench.py --preset small --mode both --batch_size 64             # inference vs training, interleaved
 
 Prints one human-readable row and one JSON line: preset, batch_size, mode, images_per_sec (median),
 step_ms (min/median/max), peak_rss_mb, flops_per_image (forward pass, see `forward_flops`), threads,
 the machine's measured fp32 matmul rate and the achieved fraction of it. `--compare` builds the network twice,
 with the fused and the TF-ops routing kernel (capsule_ops), times their steps interleaved (so load on the
-machine hits both alike), prints a row and a JSON line for each and then the ratio of their median steps;
-peak RSS is then the process's, for both graphs together.
+machine hits both alike), prints a row for each, the ratio of their median steps, and a JSON line for each;
+peak RSS is then the process's, for both graphs together. `--mode both` does the same for a training and an
+inference graph (with `--compare`, four graphs) and prints inference's rate over training's.
 """
 
 import os
@@ -36,7 +38,9 @@ import runtime  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "small", "Network preset: paper or small.")
 flags.DEFINE_integer("batch_size", 64, "Images per step.")
-flags.DEFINE_string("mode", "train", "train (forward + loss + backward + Adam update) or infer (forward only).")
+flags.DEFINE_string(
+    "mode", "train", "train (forward + loss + backward + Adam update), infer (forward only), or both (interleaved)."
+)
 flags.DEFINE_integer("steps", 10, "Timed steps (>= 10 for the docs/performance.md figures).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (graph optimisation, allocator warm-up).")
 flags.DEFINE_integer("threads", 0, "CPU threads (0: every core); as main.py's --threads.")
@@ -176,54 +180,55 @@ def build(net, batch_size, mode):
 
 
 # One network to time: its routing kernel, model, session and the fetches of one step.
-Runner = collections.namedtuple("Runner", ["kernel", "net", "session", "fetches"])
+Runner = collections.namedtuple("Runner", ["key", "net", "session", "fetches"])  # key: (kernel, mode)
 
 
-def make_runner(hp, kernel, config):
-    """The network with routing kernel `kernel` in its own graph and an initialised session."""
+def make_runner(hp, kernel, mode, config):
+    """The network with routing kernel `kernel`, built for `mode`, in its own graph and an initialised session."""
     graph = tf.Graph()
     with graph.as_default():
         hp = dataclasses.replace(hp, routing_kernel=kernel)
         net = capsnet.CapsNetEMModel(hp, runtime.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
-        fetches = build(net, FLAGS.batch_size, FLAGS.mode)
+        fetches = build(net, FLAGS.batch_size, mode)
         initializer = tf.global_variables_initializer()
     session = tf.Session(graph=graph, config=config)
     session.run(initializer)
-    return Runner(net.layers[-1].routing_kernel, net, session, fetches)
+    return Runner((net.layers[-1].routing_kernel, mode), net, session, fetches)
 
 
 def time_steps(runners):
-    """Warm-up, then FLAGS.steps timed steps of each runner in turn: ({kernel: step times in s}, peak RSS in MB,
-    {kernel: a traced step's metadata} when profiling)."""
+    """Warm-up, then FLAGS.steps timed steps of each runner in turn: ({key: step times in s}, peak RSS in MB,
+    {key: a traced step's metadata} when profiling)."""
     for _ in range(FLAGS.warmup):
         for runner in runners:
             runner.session.run(runner.fetches)
-    times = {runner.kernel: [] for runner in runners}
+    times = {runner.key: [] for runner in runners}
     for _ in range(FLAGS.steps):
         for runner in runners:
             started = time.perf_counter()
             runner.session.run(runner.fetches)
-            times[runner.kernel].append(time.perf_counter() - started)
+            times[runner.key].append(time.perf_counter() - started)
     metadata = {}
     for runner in runners if FLAGS.profile else ():
-        metadata[runner.kernel] = tf.RunMetadata()
+        metadata[runner.key] = tf.RunMetadata()
         options = tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE)
-        runner.session.run(runner.fetches, options=options, run_metadata=metadata[runner.kernel])
+        runner.session.run(runner.fetches, options=options, run_metadata=metadata[runner.key])
     return times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB, metadata
 
 
-def report(hp, net, kernel, times, peak_rss_mb, rates):
-    """The benchmark's row and its JSON fields; `rates`: the machine's (matmul FLOP/s, memory bytes/s)."""
-    matmul_rate, bandwidth = rates
+def report(hp, net, key, times, peak_rss_mb, rates):
+    """The benchmark's row and its JSON fields for `key` (kernel, mode); `rates`: the machine's (matmul FLOP/s,
+    memory bytes/s)."""
+    (kernel, mode), (matmul_rate, bandwidth) = key, rates
     median = float(np.median(times))
     images_per_sec = FLAGS.batch_size / median
-    vote_bytes = sum(routed_pairs(hp)) * cl.POSE_ENTRIES * FLOAT_BYTES * fused_vote_passes(hp.iterations, FLAGS.mode)
+    vote_bytes = sum(routed_pairs(hp)) * cl.POSE_ENTRIES * FLOAT_BYTES * fused_vote_passes(hp.iterations, mode)
     flops = forward_flops(hp)
-    factor = TRAIN_FLOP_FACTOR if FLAGS.mode == "train" else 1
+    factor = TRAIN_FLOP_FACTOR if mode == "train" else 1
     result = {
         "preset": FLAGS.preset,
         "batch_size": FLAGS.batch_size,
-        "mode": FLAGS.mode,
+        "mode": mode,
         "iterations": hp.iterations,
         "routing": hp.routing,
         "routing_kernel": kernel,
@@ -245,6 +250,12 @@ def report(hp, net, kernel, times, peak_rss_mb, rates):
     if kernel == "fused":  # the vote-sized traffic of the fused kernels, against the reduce_sum rate
         result["vote_traffic_gbps"] = round(vote_bytes * images_per_sec / 1e9, 1)
         result["fraction_of_bandwidth"] = round(vote_bytes * images_per_sec / bandwidth, 3)
+    print(_row(result, flops))
+    return result
+
+
+def _row(result, flops):
+    """The human-readable line of one `report` result."""
     traffic = ""
     if "vote_traffic_gbps" in result:
         traffic = ", vote-sized traffic %.1f GB/s = %.1f%% of a reduce_sum's %.1f GB/s" % (
@@ -252,34 +263,34 @@ def report(hp, net, kernel, times, peak_rss_mb, rates):
             100 * result["fraction_of_bandwidth"],
             result["memory_gbps"],
         )
-    print(
+    step = result["step_ms"]
+    return (
         "%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), "
         "peak RSS %.0f MB, %.1f MFLOP/img, %.1f%% of %.0f GFLOP/s, %s routing kernel%s"
         % (
-            FLAGS.preset,
-            FLAGS.mode,
-            FLAGS.batch_size,
-            net.micro_batches,
-            images_per_sec,
-            result["step_ms"]["median"],
-            result["step_ms"]["min"],
-            result["step_ms"]["max"],
-            peak_rss_mb,
+            result["preset"],
+            result["mode"],
+            result["batch_size"],
+            result["micro_batches"],
+            result["images_per_sec"],
+            step["median"],
+            step["min"],
+            step["max"],
+            result["peak_rss_mb"],
             flops / 1e6,
             100 * result["fraction_of_matmul_rate"],
             result["matmul_gflops"],
-            kernel,
+            result["routing_kernel"],
             traffic,
         )
     )
-    return result
 
 
 def main(argv):
     if len(argv) > 1:
         raise SystemExit("error: unexpected arguments %s" % argv[1:])
-    if FLAGS.mode not in ("train", "infer"):
-        raise SystemExit("error: --mode must be train or infer")
+    if FLAGS.mode not in ("train", "infer", "both"):
+        raise SystemExit("error: --mode must be train, infer or both")
     tf.disable_v2_behavior()
     rates = measure_matmul_rate(FLAGS.threads), measure_bandwidth(FLAGS.threads)  # first, on an idle process
     overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
@@ -289,17 +300,26 @@ def main(argv):
     if FLAGS.xla:
         config.graph_options.optimizer_options.global_jit_level = tf.OptimizerOptions.ON_1
     kernels = ["fused", "tf"] if FLAGS.compare else [capsule_ops.resolve(FLAGS.routing_kernel)]
-    runners = [make_runner(hp, kernel, config) for kernel in kernels]
+    modes = ["train", "infer"] if FLAGS.mode == "both" else [FLAGS.mode]
+    runners = [make_runner(hp, kernel, mode, config) for kernel in kernels for mode in modes]
     times, peak_rss_mb, metadata = time_steps(runners)
     results = []
     for runner in runners:
-        results.append(report(hp, runner.net, runner.kernel, times[runner.kernel], peak_rss_mb, rates))
-        for op_type, ms in top_ops(metadata[runner.kernel]) if metadata else ():
+        results.append(report(hp, runner.net, runner.key, times[runner.key], peak_rss_mb, rates))
+        for op_type, ms in top_ops(metadata[runner.key]) if metadata else ():
             print("  %-28s %8.1f ms" % (op_type, ms))
-    if FLAGS.compare:
-        speedup = float(np.median(times["tf"]) / np.median(times["fused"]))
-        print("fused / tf: %.2fx the images per second (median steps, interleaved)" % speedup)
-        results[0]["speedup_over_tf"] = round(speedup, 3)
+    median = {key: float(np.median(value)) for key, value in times.items()}
+    for mode, result in zip(modes, results) if FLAGS.compare else ():  # the fused runners come first
+        result["speedup_over_tf"] = round(median[("tf", mode)] / median[("fused", mode)], 3)
+        print(
+            "fused / tf, %s: %.2fx the images per second (median steps, interleaved)"
+            % (mode, median[("tf", mode)] / median[("fused", mode)])
+        )
+    for kernel in kernels if FLAGS.mode == "both" else ():
+        print(
+            "%s kernel: inference %.2fx the images per second of training (median steps, interleaved)"
+            % (kernel, median[(kernel, "train")] / median[(kernel, "infer")])
+        )
     for result in results:
         print(json.dumps(result))
 
