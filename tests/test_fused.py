@@ -15,6 +15,7 @@ import capsule_layers as cl
 import capsule_ops
 import em_routing
 import hparams
+import model
 import numpy_reference as ref
 from capsule_ops import build as ops_build
 from test_capsule_layers import GEOMETRIES, _initializers, _random_capsules, _relative_error
@@ -322,6 +323,15 @@ class BuildTest(tf.test.TestCase):
         self.assertEqual(ops_build.build(), path)
         self.assertEqual(os.path.getmtime(path), built)
         self.assertEqual(capsule_ops.resolve("auto"), "fused")
+
+    def test_model_routes_on_the_fused_kernels_by_default(self):
+        """With a compiler, the default HParams (routing_kernel 'auto') build the network on the fused ops."""
+        net = model.CapsNetEMModel(hparams.hparams_for("small"))
+        net.inference(tf.zeros([2, 28, 28, 1]))
+        routed = [layer for layer in net.layers if isinstance(layer, cl.RoutedCapsuleLayer)]
+        self.assertEqual([layer.routing_kernel for layer in routed], ["fused"] * 3)
+        op_types = {op.type for op in tf.get_default_graph().get_operations()}
+        self.assertTrue({"CapsVotes", "CapsWeightedSums", "CapsQuadraticForms"} <= op_types)
 
     def test_hparams_choice(self):
         """routing_kernel is an HParams field: 'auto' by default, one of auto/fused/tf."""
