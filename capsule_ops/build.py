@@ -64,8 +64,8 @@ def compile_command(output):
 
 def library_path():
     """Where the library for this source, TensorFlow, compiler, flags (and CPU, for -march=native) lives."""
-    command = compile_command(LIBRARY_NAME)
-    key = hashlib.sha256()
+    command = [os.path.basename(arg) if arg in SOURCES else arg for arg in compile_command(LIBRARY_NAME)]
+    key = hashlib.sha256()  # the sources by content, not by where this checkout lies
     for name in SOURCES:
         with open(name, "rb") as source:
             key.update(source.read())
