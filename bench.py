@@ -2,10 +2,16 @@
 
   python bench.py --preset small --mode train --batch_size 64
   python bench.py --preset paper --mode infer --batch_size 64 --profile
+  python bench.py --preset small --mode train --batch_size 64 --compare   # fused vs tf routing kernel
+  python bench.py --preset small --mode both --batch_size 64             # inference vs training, interleaved
 
 Prints one human-readable row and one JSON line: preset, batch_size, mode, images_per_sec (median),
 step_ms (min/median/max), peak_rss_mb, flops_per_image (forward pass, see `forward_flops`), threads,
-the machine's measured fp32 matmul rate and the achieved fraction of it.
+the machine's measured fp32 matmul rate and the achieved fraction of it. `--compare` builds the network twice,
+with the fused and the TF-ops routing kernel (capsule_ops), times their steps interleaved (so load on the
+machine hits both alike), prints a row for each, the ratio of their median steps, and a JSON line for each;
+peak RSS is then the process's, for both graphs together. `--mode both` does the same for a training and an
+inference graph (with `--compare`, four graphs) and prints inference's rate over training's.
 """
 
 import os
@@ -17,6 +23,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as main.py; docs/performa
 import collections  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
+import dataclasses  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -24,24 +31,33 @@ import tensorflow.compat.v1 as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 import capsule_layers as cl  # noqa: E402
+import capsule_ops  # noqa: E402
 import model as capsnet  # noqa: E402
 import runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "small", "Network preset: paper or small.")
 flags.DEFINE_integer("batch_size", 64, "Images per step.")
-flags.DEFINE_string("mode", "train", "train (forward + loss + backward + Adam update) or infer (forward only).")
+flags.DEFINE_string(
+    "mode", "train", "train (forward + loss + backward + Adam update), infer (forward only), or both (interleaved)."
+)
 flags.DEFINE_integer("steps", 10, "Timed steps (>= 10 for the docs/performance.md figures).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (graph optimisation, allocator warm-up).")
 flags.DEFINE_integer("threads", 0, "CPU threads (0: every core); as main.py's --threads.")
 flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch (0: no split); as main.py's --micro_batch_size.")
 flags.DEFINE_integer("iterations", None, "Routing iterations (default: the preset's).")
 flags.DEFINE_string("routing", None, "Routing form: paper or official (default: the preset's); as main.py's.")
+flags.DEFINE_string("routing_kernel", "auto", "Routing kernel: auto, fused or tf (capsule_ops); as main.py's.")
+flags.DEFINE_bool(
+    "compare", False, "Time the fused and the tf routing kernel in one run, interleaved; print the ratio."
+)
 flags.DEFINE_bool("xla", False, "Turn on XLA auto-clustering (global_jit_level ON_1).")
 flags.DEFINE_bool("profile", False, "Trace one extra step and print the 12 most expensive op types.")
 
 MATMUL_SIZE = 2048  # square fp32 matmul used to measure the machine's attainable rate
 MATMUL_REPEATS = 10
+BANDWIDTH_FLOATS = 64 * 2**20  # a 256 MiB float32 tensor for the memory-bandwidth measurement
+FLOAT_BYTES = 4
 KIB_PER_MIB = 1024.0
 MS_PER_S = 1000.0
 TOP_OPS = 12
@@ -55,34 +71,70 @@ VOTE_MACS = cl.POSE_SIZE**3  # a 4x4 by 4x4 product: 64 multiply-adds
 PRIMARY_OUTPUTS_PER_TYPE = cl.POSE_ENTRIES + 1  # a primary capsule: 16 pose entries and 1 activation
 
 
-def forward_flops(hp):
-    """Approximate forward FLOPs per image: convolutions, votes (4x4 @ 4x4 = 64 MACs) and routing.
-
-    Grid sizes follow `capsule_layers.conv_geometry`, so 'SAME' padding is counted too.
-    """
+def _primary_grid(hp):
+    """(height, width) of the primary capsules' grid, as `capsule_layers.conv_geometry` computes it."""
     height, width, _, _ = cl.conv_geometry(hp.image_size, hp.image_size, hp.conv1_kernel, hp.conv1_stride, hp.padding)
-    flops = FLOPS_PER_MAC * height * width * hp.conv1_kernel**2 * hp.image_channels * hp.conv1_filters
     height, width, _, _ = cl.conv_geometry(height, width, hp.primary_kernel, 1, hp.padding)
-    flops += (
-        FLOPS_PER_MAC
-        * height
-        * width
-        * hp.primary_kernel**2
-        * hp.conv1_filters
-        * hp.primary_types
-        * PRIMARY_OUTPUTS_PER_TYPE
-    )
-    types = hp.primary_types
-    routing_per_entry = hp.iterations * M_STEP_FLOPS_PER_ENTRY + (hp.iterations - 1) * E_STEP_FLOPS_PER_ENTRY
-    per_pair = FLOPS_PER_MAC * VOTE_MACS + cl.POSE_ENTRIES * routing_per_entry  # votes, then routing
+    return height, width
+
+
+def routed_pairs(hp):
+    """Child-parent pairs per image of each routed layer (conv_caps1, conv_caps2, class_caps): votes / 16."""
+    height, width = _primary_grid(hp)
+    types, pairs = hp.primary_types, []
     for out_types, kernel, stride in [
         (hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
         (hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride),
     ]:
         height, width, _, _ = cl.conv_geometry(height, width, kernel, stride, hp.padding)
-        flops += height * width * kernel**2 * types * out_types * per_pair  # child-parent pairs
+        pairs.append(height * width * kernel**2 * types * out_types)
         types = out_types
-    return flops + height * width * types * hp.num_classes * per_pair
+    return pairs + [height * width * types * hp.num_classes]
+
+
+def forward_flops(hp):
+    """Approximate forward FLOPs per image: convolutions, votes (4x4 @ 4x4 = 64 MACs) and routing.
+
+    Grid sizes follow `capsule_layers.conv_geometry`, so 'SAME' padding is counted too.
+    """
+    conv1_height, conv1_width, _, _ = cl.conv_geometry(
+        hp.image_size, hp.image_size, hp.conv1_kernel, hp.conv1_stride, hp.padding
+    )
+    flops = FLOPS_PER_MAC * conv1_height * conv1_width * hp.conv1_kernel**2 * hp.image_channels * hp.conv1_filters
+    height, width = _primary_grid(hp)
+    primary_macs = height * width * hp.primary_kernel**2 * hp.conv1_filters * hp.primary_types
+    flops += FLOPS_PER_MAC * primary_macs * PRIMARY_OUTPUTS_PER_TYPE
+    routing_per_entry = hp.iterations * M_STEP_FLOPS_PER_ENTRY + (hp.iterations - 1) * E_STEP_FLOPS_PER_ENTRY
+    per_pair = FLOPS_PER_MAC * VOTE_MACS + cl.POSE_ENTRIES * routing_per_entry  # votes, then routing
+    return flops + sum(routed_pairs(hp)) * per_pair
+
+
+def fused_vote_passes(iterations, mode):
+    """Vote-sized memory passes of one fused step per routed layer (capsule_ops).
+
+    Forward: the votes written once, `iterations` weighted sums and `iterations - 1` quadratic forms, one read
+    each. Training adds as many reads again: each op's gradient is the other op, and the votes' gradient is
+    made on the fly inside the one kernel that reads the votes for dL/dM and dL/dW. (The class layer, whose
+    votes are small, stores its votes gradient: two passes more, not counted.)
+    """
+    forward = 1 + iterations + (iterations - 1)
+    return forward if mode == "infer" else 2 * forward
+
+
+def measure_bandwidth(threads):
+    """Bytes/s of a `reduce_sum` over a tensor far larger than the caches: the attainable memory read rate."""
+    with tf.Graph().as_default():
+        a = tf.Variable(tf.random.uniform([BANDWIDTH_FLOATS]))
+        total = tf.reduce_sum(a)
+        with tf.Session(config=runtime.session_config(threads, micro_batches=1)) as sess:
+            sess.run(a.initializer)
+            sess.run(total)
+            times = []
+            for _ in range(MATMUL_REPEATS):
+                started = time.perf_counter()
+                sess.run(total)
+                times.append(time.perf_counter() - started)
+    return BANDWIDTH_FLOATS * FLOAT_BYTES / float(np.median(times))
 
 
 def measure_matmul_rate(threads):
@@ -127,36 +179,59 @@ def build(net, batch_size, mode):
     return [net.inference(images).activations]
 
 
-def time_steps(fetches, config):
-    """Warm-up, then FLAGS.steps timed steps: (step times in s, peak RSS in MB, a traced step's metadata or None)."""
-    with tf.Session(config=config) as sess:
-        sess.run(tf.global_variables_initializer())
-        for _ in range(FLAGS.warmup):
-            sess.run(fetches)
-        times = []
-        for _ in range(FLAGS.steps):
+# One network to time: its routing kernel, model, session and the fetches of one step.
+Runner = collections.namedtuple("Runner", ["key", "net", "session", "fetches"])  # key: (kernel, mode)
+
+
+def make_runner(hp, kernel, mode, config):
+    """The network with routing kernel `kernel`, built for `mode`, in its own graph and an initialised session."""
+    graph = tf.Graph()
+    with graph.as_default():
+        hp = dataclasses.replace(hp, routing_kernel=kernel)
+        net = capsnet.CapsNetEMModel(hp, runtime.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
+        fetches = build(net, FLAGS.batch_size, mode)
+        initializer = tf.global_variables_initializer()
+    session = tf.Session(graph=graph, config=config)
+    session.run(initializer)
+    return Runner((net.layers[-1].routing_kernel, mode), net, session, fetches)
+
+
+def time_steps(runners):
+    """Warm-up, then FLAGS.steps timed steps of each runner in turn: ({key: step times in s}, peak RSS in MB,
+    {key: a traced step's metadata} when profiling)."""
+    for _ in range(FLAGS.warmup):
+        for runner in runners:
+            runner.session.run(runner.fetches)
+    times = {runner.key: [] for runner in runners}
+    for _ in range(FLAGS.steps):
+        for runner in runners:
             started = time.perf_counter()
-            sess.run(fetches)
-            times.append(time.perf_counter() - started)
-        metadata = None
-        if FLAGS.profile:
-            metadata = tf.RunMetadata()
-            sess.run(fetches, options=tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE), run_metadata=metadata)
+            runner.session.run(runner.fetches)
+            times[runner.key].append(time.perf_counter() - started)
+    metadata = {}
+    for runner in runners if FLAGS.profile else ():
+        metadata[runner.key] = tf.RunMetadata()
+        options = tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE)
+        runner.session.run(runner.fetches, options=options, run_metadata=metadata[runner.key])
     return times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB, metadata
 
 
-def report(hp, net, times, peak_rss_mb, matmul_rate):
-    """The benchmark's row and JSON line."""
+def report(hp, net, key, times, peak_rss_mb, rates):
+    """The benchmark's row and its JSON fields for `key` (kernel, mode); `rates`: the machine's (matmul FLOP/s,
+    memory bytes/s)."""
+    (kernel, mode), (matmul_rate, bandwidth) = key, rates
     median = float(np.median(times))
     images_per_sec = FLAGS.batch_size / median
+    vote_bytes = sum(routed_pairs(hp)) * cl.POSE_ENTRIES * FLOAT_BYTES * fused_vote_passes(hp.iterations, mode)
     flops = forward_flops(hp)
-    factor = TRAIN_FLOP_FACTOR if FLAGS.mode == "train" else 1
+    factor = TRAIN_FLOP_FACTOR if mode == "train" else 1
     result = {
         "preset": FLAGS.preset,
         "batch_size": FLAGS.batch_size,
-        "mode": FLAGS.mode,
+        "mode": mode,
         "iterations": hp.iterations,
         "routing": hp.routing,
+        "routing_kernel": kernel,
         "images_per_sec": round(images_per_sec, 2),
         "step_ms": {
             k: round(MS_PER_S * v, 1) for k, v in (("min", min(times)), ("median", median), ("max", max(times)))
@@ -170,48 +245,83 @@ def report(hp, net, times, peak_rss_mb, matmul_rate):
         "xla": FLAGS.xla,
         "matmul_gflops": round(matmul_rate / 1e9, 1),
         "fraction_of_matmul_rate": round(flops * factor * images_per_sec / matmul_rate, 4),
+        "memory_gbps": round(bandwidth / 1e9, 1),
     }
-    print(
-        "%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), peak RSS %.0f MB, "
-        "%.1f MFLOP/img, %.1f%% of %.0f GFLOP/s"
+    if kernel == "fused":  # the vote-sized traffic of the fused kernels, against the reduce_sum rate
+        result["vote_traffic_gbps"] = round(vote_bytes * images_per_sec / 1e9, 1)
+        result["fraction_of_bandwidth"] = round(vote_bytes * images_per_sec / bandwidth, 3)
+    print(_row(result, flops))
+    return result
+
+
+def _row(result, flops):
+    """The human-readable line of one `report` result."""
+    traffic = ""
+    if "vote_traffic_gbps" in result:
+        traffic = ", vote-sized traffic %.1f GB/s = %.1f%% of a reduce_sum's %.1f GB/s" % (
+            result["vote_traffic_gbps"],
+            100 * result["fraction_of_bandwidth"],
+            result["memory_gbps"],
+        )
+    step = result["step_ms"]
+    return (
+        "%s %s batch %d in %d micro-batches: %.1f img/s, step %.0f ms (min %.0f, max %.0f), "
+        "peak RSS %.0f MB, %.1f MFLOP/img, %.1f%% of %.0f GFLOP/s, %s routing kernel%s"
         % (
-            FLAGS.preset,
-            FLAGS.mode,
-            FLAGS.batch_size,
-            net.micro_batches,
-            images_per_sec,
-            result["step_ms"]["median"],
-            result["step_ms"]["min"],
-            result["step_ms"]["max"],
-            peak_rss_mb,
+            result["preset"],
+            result["mode"],
+            result["batch_size"],
+            result["micro_batches"],
+            result["images_per_sec"],
+            step["median"],
+            step["min"],
+            step["max"],
+            result["peak_rss_mb"],
             flops / 1e6,
             100 * result["fraction_of_matmul_rate"],
             result["matmul_gflops"],
+            result["routing_kernel"],
+            traffic,
         )
     )
-    return result
 
 
 def main(argv):
     if len(argv) > 1:
         raise SystemExit("error: unexpected arguments %s" % argv[1:])
-    if FLAGS.mode not in ("train", "infer"):
-        raise SystemExit("error: --mode must be train or infer")
+    if FLAGS.mode not in ("train", "infer", "both"):
+        raise SystemExit("error: --mode must be train, infer or both")
     tf.disable_v2_behavior()
-    matmul_rate = measure_matmul_rate(FLAGS.threads)  # first, on an idle process
+    rates = measure_matmul_rate(FLAGS.threads), measure_bandwidth(FLAGS.threads)  # first, on an idle process
     overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
     hp = capsnet.hparams_for(FLAGS.preset, FLAGS.routing, **overrides)
     hp = runtime.with_run_length(hp, FLAGS.warmup + FLAGS.steps)
-    net = capsnet.CapsNetEMModel(hp, runtime.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
-    fetches = build(net, FLAGS.batch_size, FLAGS.mode)
-    config = runtime.session_config(FLAGS.threads, net.micro_batches)
+    config = runtime.session_config(FLAGS.threads, runtime.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
     if FLAGS.xla:
         config.graph_options.optimizer_options.global_jit_level = tf.OptimizerOptions.ON_1
-    times, peak_rss_mb, metadata = time_steps(fetches, config)
-    result = report(hp, net, times, peak_rss_mb, matmul_rate)
-    for op_type, ms in top_ops(metadata) if metadata else ():
-        print("  %-28s %8.1f ms" % (op_type, ms))
-    print(json.dumps(result))
+    kernels = ["fused", "tf"] if FLAGS.compare else [capsule_ops.resolve(FLAGS.routing_kernel)]
+    modes = ["train", "infer"] if FLAGS.mode == "both" else [FLAGS.mode]
+    runners = [make_runner(hp, kernel, mode, config) for kernel in kernels for mode in modes]
+    times, peak_rss_mb, metadata = time_steps(runners)
+    results = []
+    for runner in runners:
+        results.append(report(hp, runner.net, runner.key, times[runner.key], peak_rss_mb, rates))
+        for op_type, ms in top_ops(metadata[runner.key]) if metadata else ():
+            print("  %-28s %8.1f ms" % (op_type, ms))
+    median = {key: float(np.median(value)) for key, value in times.items()}
+    for mode, result in zip(modes, results) if FLAGS.compare else ():  # the fused runners come first
+        result["speedup_over_tf"] = round(median[("tf", mode)] / median[("fused", mode)], 3)
+        print(
+            "fused / tf, %s: %.2fx the images per second (median steps, interleaved)"
+            % (mode, median[("tf", mode)] / median[("fused", mode)])
+        )
+    for kernel in kernels if FLAGS.mode == "both" else ():
+        print(
+            "%s kernel: inference %.2fx the images per second of training (median steps, interleaved)"
+            % (kernel, median[(kernel, "train")] / median[(kernel, "infer")])
+        )
+    for result in results:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

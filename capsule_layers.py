@@ -9,7 +9,7 @@ The layers follow the `tf.layers` form: a class per layer whose `__init__` store
 whose `build()` checks shapes and creates variables under the layer's variable scope, and whose
 `call()` holds the math; plus a functional alias (`conv_caps(...)` wraps `ConvCaps`). They are used
 through `tensorflow.compat.v1` in graph mode. This module imports only numpy and tensorflow (and the
-two modules above).
+two modules above, and `capsule_ops`, the fused routing kernels).
 
 Axis glossary, one meaning per letter in every file (example: the paper's MNIST network, batch 32,
 'VALID' padding). A, B, C, D are only the paper's type counts (relu_conv1 filters, primary, conv_caps1,
@@ -32,6 +32,8 @@ Inside routing, votes are parent-major, `[NP, O, KKI, 16]` (em_routing.py).
 
 import numpy as np
 import tensorflow.compat.v1 as tf
+
+import capsule_ops
 
 from em_routing import DEFAULT_FINAL_LAMBDA, PAPER_FORM, POSE_ENTRIES, POSE_SIZE, RoutingForm, _safe_log, em_routing
 from em_routing import inverse_temperatures
@@ -201,7 +203,8 @@ class RoutedCapsuleLayer(_CapsuleLayer):
 
     Routing options (keyword arguments of ConvCaps, ClassCaps and their functional forms): weights_initializer
     (default N(0, 0.5^2)), beta_v_initializer and beta_a_initializer (default 0), beta_a_scale (beta_a = scale *
-    variable; 1.0), standardise_costs (paper form only; False), form (`RoutingForm`; the paper's).
+    variable; 1.0), standardise_costs (paper form only; False), form (`RoutingForm`; the paper's), routing_kernel
+    ('tf', 'fused' or 'auto': see `capsule_ops.resolve`; 'tf').
     """
 
     def __init__(
@@ -216,8 +219,10 @@ class RoutedCapsuleLayer(_CapsuleLayer):
         beta_a_scale=1.0,
         standardise_costs=False,
         form=PAPER_FORM,
+        routing_kernel="tf",
     ):
         super().__init__(name, dtype)
+        self.routing_kernel = capsule_ops.resolve(routing_kernel)  # 'auto' -> 'fused' when it builds, else 'tf'
         if standardise_costs and form.activation != "paper":
             raise ValueError("%s: standardise_costs applies to the paper's activation form only" % name)
         self.standardise_costs = standardise_costs
@@ -250,10 +255,11 @@ class RoutedCapsuleLayer(_CapsuleLayer):
                 normalise,
                 self.standardise_costs,
                 self.form,
+                self.routing_kernel,
             )
         self.end_points = {
-            "votes": votes,
-            "assignments": tf.broadcast_to(routing.assignments, tf.shape(votes)[:3]),
+            "votes": routing.votes,
+            "assignments": tf.broadcast_to(routing.assignments, tf.shape(routing.votes)[:3]),
             "activations_per_iteration": [parents.activations for parents in routing.per_iteration],
             "parents_per_iteration": routing.per_iteration,
         }
@@ -300,7 +306,7 @@ class ConvCaps(RoutedCapsuleLayer):
     def call(self, poses, activations):
         field, out_types = self.field, self.types
         batch = tf.shape(poses)[0]
-        votes = self._votes(poses, batch)  # [NP, O, KKI, 16]
+        votes = self._votes(poses, batch)  # [NP, O, KKI, 16], or its factors (fused)
         child_activations = self._extract(activations)  # [NP, 1, KKI]
         if self.form.normalise_over == "positions":
             initial = self._per_patch_constant(field.valid / out_types, batch)  # 1/O, as the released code
@@ -312,10 +318,15 @@ class ConvCaps(RoutedCapsuleLayer):
         return out_poses, tf.reshape(out_activations, out_shape)  # [N, OH, OW, O]
 
     def _votes(self, poses, batch):
-        """V_ij = M_i W_ij as one batched matmul per child capsule of the kernel: `[NP, O, KKI, 16]`."""
+        """V_ij = M_i W_ij as one batched matmul per child capsule of the kernel: `[NP, O, KKI, 16]`; on the fused
+        path its factors, `capsule_ops.VoteFactors` (poses `[NP, KKI, 16]`, weights `[O, KKI, 16]`)."""
         field, out_types, kki = self.field, self.types, self.patch_children
         with tf.name_scope("votes"):
             flat = tf.reshape(poses, [batch, field.height, field.width, -1])  # [N, H, W, I*16]
+            if self.routing_kernel == "fused":  # one kernel writes the parent-major votes
+                patches = tf.reshape(field.extract(flat), [-1, kki, POSE_ENTRIES])  # [NP, KKI, 16]
+                weights = tf.reshape(self.weights, [kki, out_types, POSE_ENTRIES])  # [KKI, O, 16]
+                return capsule_ops.VoteFactors(patches, tf.transpose(weights, [1, 0, 2]))  # V: [NP, O, KKI, 16]
             patches = tf.reshape(field.extract(flat), [-1, kki, POSE_SIZE, POSE_SIZE])  # [NP, KKI, 4, 4]
             rows = tf.reshape(tf.transpose(patches, [1, 0, 2, 3]), [kki, -1, POSE_SIZE])  # [KKI, NP*4, 4]
             weights = tf.transpose(self.weights, [0, 1, 2, 4, 3, 5])  # [K, K, I, 4, O, 4]
@@ -446,19 +457,28 @@ class ClassCaps(RoutedCapsuleLayer):
             offsets[..., 1, POSE_SIZE - 1] = ((np.arange(self.width) + 0.5) / self.width)[None, :, None]  # column
         return tf.constant(offsets.reshape(1, 1, -1, POSE_ENTRIES), self.dtype)  # [1, 1, H*W*I, 16]
 
+    def _votes(self, poses, batch):
+        """V_ic = M_i W[i, c] for every child (h, w, i) and class: `[N, L, H*W*I, 16]`."""
+        in_types, classes, cells = self.input_types, self.classes, self.height * self.width
+        if self.routing_kernel == "fused":  # one kernel writes the parent-major votes
+            weights = tf.transpose(tf.reshape(self.weights, [in_types, classes, POSE_ENTRIES]), [1, 0, 2])  # [L, I, 16]
+            children = tf.reshape(poses, [batch, cells * in_types, POSE_ENTRIES])  # [N, H*W*I, 16]
+            return capsule_ops.votes(children, tf.tile(weights, [1, cells, 1]))  # W tiled: [L, H*W*I, 16]
+        type_major = tf.transpose(poses, [3, 0, 1, 2, 4, 5])  # [I, N, H, W, 4, 4]
+        rows = tf.reshape(type_major, [in_types, -1, POSE_SIZE])  # [I, N*H*W*4, 4]
+        weights = tf.transpose(self.weights, [0, 2, 1, 3])  # [I, 4, L, 4]
+        weights = tf.reshape(weights, [in_types, POSE_SIZE, classes * POSE_SIZE])  # [I, 4, L*4]
+        votes = tf.matmul(rows, weights)  # [I, N*H*W*4, L*4]
+        votes = tf.reshape(votes, [in_types, batch, cells, POSE_SIZE, classes, POSE_SIZE])
+        votes = tf.transpose(votes, [1, 4, 2, 0, 3, 5])  # [N, L, H*W, I, 4, 4]
+        return tf.reshape(votes, [batch, classes, cells * in_types, POSE_ENTRIES])  # [N, L, H*W*I, 16]
+
     def call(self, poses, activations):
         in_types, classes = self.input_types, self.classes
         children = self.height * self.width * in_types
         batch = tf.shape(poses)[0]
         with tf.name_scope("votes"):
-            type_major = tf.transpose(poses, [3, 0, 1, 2, 4, 5])  # [I, N, H, W, 4, 4]
-            rows = tf.reshape(type_major, [in_types, -1, POSE_SIZE])  # [I, N*H*W*4, 4]
-            weights = tf.transpose(self.weights, [0, 2, 1, 3])  # [I, 4, L, 4]
-            weights = tf.reshape(weights, [in_types, POSE_SIZE, classes * POSE_SIZE])  # [I, 4, L*4]
-            votes = tf.matmul(rows, weights)  # [I, N*H*W*4, L*4]
-            votes = tf.reshape(votes, [in_types, batch, self.height * self.width, POSE_SIZE, classes, POSE_SIZE])
-            votes = tf.transpose(votes, [1, 4, 2, 0, 3, 5])  # [N, L, H*W, I, 4, 4]
-            votes = tf.reshape(votes, [batch, classes, children, POSE_ENTRIES])  # [N, L, H*W*I, 16]
+            votes = self._votes(poses, batch)  # [N, L, H*W*I, 16]
             if self.coordinate_addition:
                 votes = votes + self._coordinates()
         child_activations = tf.reshape(activations, [-1, 1, children])  # [N, 1, H*W*I]

@@ -3,14 +3,15 @@
 Hinton, Sabour, Frosst, ICLR 2018 (https://openreview.net/forum?id=HJWLfGWRb). The M-step fits a
 Gaussian to each parent's weighted votes and sets its activation; the E-step reassigns each child's vote
 to the parents in proportion to a_j N(V_ij; mu_j, sigma_j^2). `RoutingForm` selects the paper's equations
-or pieces of the authors' released code (google-research `capsule_em`). Imports only tensorflow.
+or pieces of the authors' released code (google-research `capsule_em`). Imports only tensorflow and capsule_ops.
 
 Layout. Votes are parent-major, `[NP, O, children, 16]`: NP parent positions (N * P of a conv layer, or
 N for the class layer), O parent types, children = K*K*I patch entries ordered (kh, kw, i) (the channel
 order of `tf.image.extract_patches`), 16 = the flattened 4x4 pose. The M-step sums (sum_i r V and
 sum_i r V^2) are batched matmuls over the votes and their squares, so is the E-step's Mahalanobis term.
 The routing's gradient with respect to the votes is assembled by hand (`_VoteContractions`): one batched
-matmul instead of one vote-sized gradient per use of the votes.
+matmul instead of one vote-sized gradient per use of the votes. With `kernel='fused'` the same three
+contractions run as the fused C++ kernels of `capsule_ops` (one read of the votes each, V^2 never stored).
 """
 
 import collections
@@ -18,6 +19,8 @@ import dataclasses
 import math
 
 import tensorflow.compat.v1 as tf
+
+import capsule_ops
 
 POSE_SIZE = 4  # a pose is a 4x4 matrix (paper section 2)
 POSE_ENTRIES = POSE_SIZE * POSE_SIZE
@@ -41,6 +44,7 @@ OFFICIAL_CLASS_MASS_EPSILON = 1e-5  # their class layer adds 1e-5
 
 ACTIVATION_FORMS = ("paper", "official")
 NORMALISE_OVER = ("positions_and_types", "positions")
+ROUTING_KERNELS = ("tf", "fused")  # em_routing's `kernel`: TensorFlow ops or capsule_ops' fused kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,24 +124,44 @@ class _VoteContractions:
 
     def __init__(self, votes):
         self.votes = tf.stop_gradient(votes)  # [NP, O, children, 16]
-        self.squared_votes = tf.square(self.votes)  # [NP, O, children, 16]
-        self._sums = []  # (r `[NP, O, children]`, sum r V `[NP, O, 1, 16]`, sum r V^2 `[NP, O, 1, 16]`)
+        self._squared_votes = None  # V^2 `[NP, O, children, 16]`, made on first use
+        self._sums = []  # (r `[NP, O, children]`, sum r V `[NP, O, 16]`, sum r V^2 `[NP, O, 16]`)
         self._forms = []  # (a `[NP, O, 16]`, b `[NP, O, 16]`, V a + V^2 b `[NP, O, children]`)
+
+    @property
+    def squared_votes(self):
+        if self._squared_votes is None:
+            self._squared_votes = tf.square(self.votes)  # [NP, O, children, 16]
+        return self._squared_votes
+
+    def _contract_sums(self, weights):
+        r = weights[:, :, None, :]  # [NP, O, 1, children]
+        vote_sum = tf.matmul(r, self.votes)[:, :, 0, :]  # [NP, O, 16]
+        return vote_sum, tf.matmul(r, self.squared_votes)[:, :, 0, :]  # [NP, O, 16] each
+
+    def _contract_forms(self, linear, quadratic):
+        linear_part = tf.matmul(self.votes, linear[..., None])[..., 0]  # [NP, O, children]
+        return linear_part + tf.matmul(self.squared_votes, quadratic[..., None])[..., 0]  # [NP, O, children]
+
+    def _assemble(self, per_child, linear_rows, square_rows):
+        """[dL/dV] with dL/dV = sum_k u_ki (L_kh + 2 V_ih S_kh), for lists of k: u_k broadcastable to
+        `[NP, O, children]`, L_k and S_k `[NP, O, 16]`."""
+        shape = tf.shape(self.votes)[:3]
+        per_child = tf.stack([tf.broadcast_to(u, shape) for u in per_child], axis=2)  # [NP, O, k, children]
+        linear_rows, square_rows = tf.stack(linear_rows, axis=2), tf.stack(square_rows, axis=2)  # [NP, O, k, 16]
+        lin = tf.matmul(per_child, linear_rows, transpose_a=True)  # [NP, O, children, 16]
+        sq = tf.matmul(per_child, square_rows, transpose_a=True)  # [NP, O, children, 16]
+        return [lin + 2.0 * self.votes * sq]  # [dL/dV `[NP, O, children, 16]`]
 
     def weighted_sums(self, weights):
         """sum_i r_i V_i and sum_i r_i V_i^2 for r `[NP, O, children]` (O may be 1): two `[NP, O, 16]`."""
-        r = weights[:, :, None, :]  # [NP, O, 1, children]
-        vote_sum = tf.matmul(r, self.votes)  # [NP, O, 1, 16]
-        squared_sum = tf.matmul(r, self.squared_votes)  # [NP, O, 1, 16]
+        vote_sum, squared_sum = self._contract_sums(weights)
         self._sums.append((weights, vote_sum, squared_sum))
-        return vote_sum[:, :, 0, :], squared_sum[:, :, 0, :]
+        return vote_sum, squared_sum
 
     def quadratic_forms(self, linear, quadratic):
         """sum_h V_ih a_h + V_ih^2 b_h for every child: a, b `[NP, O, 16]` -> `[NP, O, children]`."""
-        forms = (
-            tf.matmul(self.votes, linear[..., None])[..., 0]
-            + tf.matmul(self.squared_votes, quadratic[..., None])[..., 0]
-        )  # [NP, O, children]
+        forms = self._contract_forms(linear, quadratic)  # [NP, O, children]
         self._forms.append((linear, quadratic, forms))
         return forms
 
@@ -158,18 +182,35 @@ class _VoteContractions:
         input_grads = grads[len(contractions) :]
         # A contraction that does not reach the used outputs contributes nothing to dL/dV.
         grads = [tf.zeros_like(x) if g is None else g for x, g in zip(contractions, grads[: len(contractions)])]
-        vote_sum_grads, squared_sum_grads = grads[:num_sums], grads[num_sums : 2 * num_sums]  # [NP, O, 1, 16] each
+        vote_sum_grads, squared_sum_grads = grads[:num_sums], grads[num_sums : 2 * num_sums]  # [NP, O, 16] each
         form_grads = grads[2 * num_sums :]  # [NP, O, children] each
-        shape = tf.shape(self.votes)[:3]
         # Column k of U is the per-child factor of use k; row k of W_lin / W_sq its per-parent factor.
-        per_child = [tf.broadcast_to(r, shape) for r, _, _ in self._sums] + form_grads  # k x [NP, O, children]
-        lin_rows = vote_sum_grads + [a[:, :, None, :] for a, _, _ in self._forms]  # k x [NP, O, 1, 16]
-        sq_rows = squared_sum_grads + [b[:, :, None, :] for _, b, _ in self._forms]  # k x [NP, O, 1, 16]
-        u_transposed = tf.stack(per_child, axis=2)  # [NP, O, k, children]
-        lin = tf.matmul(u_transposed, tf.concat(lin_rows, axis=2), transpose_a=True)  # [NP, O, children, 16]
-        sq = tf.matmul(u_transposed, tf.concat(sq_rows, axis=2), transpose_a=True)  # [NP, O, children, 16]
-        votes_grad = lin + 2.0 * self.votes * sq  # [NP, O, children, 16]
-        return [votes_grad] + input_grads
+        per_child = [r for r, _, _ in self._sums] + form_grads  # k x [NP, O or 1, children]
+        lin_rows = vote_sum_grads + [a for a, _, _ in self._forms]  # k x [NP, O, 16]
+        sq_rows = squared_sum_grads + [b for _, b, _ in self._forms]  # k x [NP, O, 16]
+        return self._assemble(per_child, lin_rows, sq_rows) + input_grads  # dL/dV (or dL/dM, dL/dW), then inputs
+
+
+class _FusedVoteContractions(_VoteContractions):
+    """The same contractions and gradient through the fused kernels of `capsule_ops`: one read of the votes
+    per use, V^2 computed on the fly, never stored. Given the votes' factors (poses M `[NP, children, 16]`,
+    weights W `[O, children, 16]`), it makes V = M W and returns dL/dM, dL/dW without storing dL/dV."""
+
+    def __init__(self, votes, weights=None):
+        self.factors = None if weights is None else (tf.stop_gradient(votes), tf.stop_gradient(weights))
+        super().__init__(votes if weights is None else capsule_ops.votes(*self.factors))
+
+    def _contract_sums(self, weights):
+        return capsule_ops.weighted_sums(self.votes, weights)  # [NP, O, 16] each
+
+    def _contract_forms(self, linear, quadratic):
+        return capsule_ops.quadratic_forms(self.votes, linear, quadratic)  # [NP, O, children]
+
+    def _assemble(self, per_child, linear_rows, square_rows):
+        if self.factors is None:
+            return [capsule_ops.votes_gradient(self.votes, per_child, linear_rows, square_rows)]  # [dL/dV]
+        poses, weights = self.factors
+        return capsule_ops.routing_votes_backward(poses, weights, self.votes, per_child, linear_rows, square_rows)
 
 
 def _activation_logits(mass, variance, beta_v, beta_a, inverse_temperature, standardise_costs, form):
@@ -281,8 +322,9 @@ def _e_step_log_numerators(contractions, mean, variance, log_activations):
 
 
 # What EM routing returns: the last M-step's means (the parent poses) `[NP, O, 16]` and activations `[NP, O]`,
-# the assignments R it used (broadcastable to `[NP, O, children]`), and one `Parents` per iteration.
-Routing = collections.namedtuple("Routing", ["poses", "activations", "assignments", "per_iteration"])
+# the assignments R it used (broadcastable to `[NP, O, children]`), one `Parents` per iteration, and the votes
+# `[NP, O, children, 16]` (made inside when given as factors).
+Routing = collections.namedtuple("Routing", ["poses", "activations", "assignments", "per_iteration", "votes"])
 
 
 def em_routing(
@@ -295,6 +337,7 @@ def em_routing(
     normalise,
     standardise_costs=False,
     form=PAPER_FORM,
+    kernel="tf",
 ):
     """EM routing (paper Procedure 1) in the parent-major layout.
 
@@ -302,7 +345,10 @@ def em_routing(
     all other inputs by autodiff.
 
     Args:
-      votes: `[NP, O, children, 16]`, NP parent positions (N * P of a conv layer, or N for the class layer).
+      votes: `[NP, O, children, 16]`, NP parent positions (N * P of a conv layer, or N for the class layer); with
+        kernel='fused' also `capsule_ops.VoteFactors` (poses `[NP, children, 16]`, weights `[O, children, 16]`):
+        the votes M W are then made inside, and their gradient taken on to M and W by one kernel that never
+        stores a vote-sized gradient.
       child_activations: `[NP, 1, children]`, zero for padded children.
       initial_assignments: R before the first M-step, broadcastable to `[NP, O, children]`.
       beta_v, beta_a: `[O]`.
@@ -310,15 +356,26 @@ def em_routing(
       normalise: maps E-step log numerators `[NP, O, children]` to assignments R `[NP, O, children]`.
       standardise_costs: see `_activation_logits`.
       form: `RoutingForm`.
+      kernel: how the votes are contracted: 'tf' (TensorFlow ops) or 'fused' (`capsule_ops`' kernels; resolve
+        'auto' with `capsule_ops.resolve` first).
 
     Returns:
       `Routing`; its per_iteration `Parents` carry the M-steps' statistics for diagnostics.
     """
     fields = len(Parents._fields)
+    if kernel not in ROUTING_KERNELS:
+        raise ValueError("kernel must be one of %s, got %r" % (ROUTING_KERNELS, kernel))
+    factored = isinstance(votes, capsule_ops.VoteFactors)
+    if factored and kernel != "fused":
+        raise ValueError("votes given as capsule_ops.VoteFactors need kernel='fused'")
+    vote_inputs = list(votes) if factored else [votes]
+    contract = _FusedVoteContractions if kernel == "fused" else _VoteContractions
 
     @tf.custom_gradient
-    def route(votes, child_activations, initial_assignments, beta_v, beta_a):
-        contractions = _VoteContractions(votes)
+    def route(*inputs):
+        contractions = contract(*inputs[: len(vote_inputs)])
+        child_activations, initial_assignments, beta_v, beta_a = inputs[len(vote_inputs) :]
+        votes = contractions.votes  # [NP, O, children, 16]
         assignments = initial_assignments
         previous_mean = tf.zeros_like(votes[:, :, 0, :]) if form.mean_momentum else None  # [NP, O, 16]
         per_iteration = []
@@ -346,15 +403,17 @@ def em_routing(
                         assignments = tf.stop_gradient(assignments)
         outputs = [parents.mean, parents.activations, assignments] + [x for p in per_iteration for x in p]
 
-        def gradient(*output_gradients):
+        def gradient(*output_gradients):  # the votes output (last) is for diagnostics: no gradient flows back
             other_inputs = [child_activations, initial_assignments, beta_v, beta_a]
-            return contractions.votes_gradient(outputs, output_gradients, other_inputs)
+            return contractions.votes_gradient(outputs, output_gradients[: len(outputs)], other_inputs)
 
-        return outputs, gradient
+        return outputs + [votes], gradient
 
-    mean, activations, assignments, *flat = route(votes, child_activations, initial_assignments, beta_v, beta_a)
+    mean, activations, assignments, *flat, routed = route(
+        *vote_inputs, child_activations, initial_assignments, beta_v, beta_a
+    )
     per_iteration = [Parents(*flat[i : i + fields]) for i in range(0, len(flat), fields)]
-    return Routing(mean, activations, assignments, per_iteration)
+    return Routing(mean, activations, assignments, per_iteration, routed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ The network (model.py) is built from them alone. No flags are read here.
 
 import dataclasses
 
+import capsule_ops
 import em_routing
 import receptive_field
 
@@ -59,6 +60,8 @@ class HParams:
     normalise_over: str = "positions_and_types"  # conv E-step normaliser; official 'positions'
     assignment_gradient: bool = True  # False: no gradient through the E-steps' assignments (a variant)
     coordinate_addition: str = "paper"  # 'paper' (cell centre in [0, 1], entries [0,3],[1,3]) or 'official'
+    # How routing contracts the votes (capsule_ops): 'fused' C++ kernels, 'tf' ops, or 'auto' (fused when it builds).
+    routing_kernel: str = "auto"
     # Spread loss margin (paper section 4: m rises from 0.2 to 0.9 during training).
     margin_schedule: str = "sigmoid"  # 'sigmoid' (official code), 'linear' or 'constant'
     margin_ramp_steps: int = 400000  # 'sigmoid': 0.2 + 0.79 sigmoid(min(10, 8 step / ramp - 4)); 0: the whole run
@@ -184,6 +187,7 @@ _CHOICES = {
     "normalise_over": em_routing.NORMALISE_OVER,
     "coordinate_addition": COORDINATE_FORMS,
     "margin_schedule": MARGIN_SCHEDULES,
+    "routing_kernel": capsule_ops.KERNELS,
 }
 _POSITIVE = (
     "conv1_filters",

@@ -90,6 +90,7 @@ ROUTING_HPARAMS = define_hparam_flags(
         "iterations": "EM routing iterations, >= 1",
         "final_lambda": "Final inverse temperature of the conv-capsule layers; lambda_i = final * (1 - 0.95^(i+1))",
         "class_final_lambda": "Final inverse temperature of the class layer",
+        "routing_kernel": "Routing's vote contractions: 'auto' (the fused C++ op when it builds), 'fused' or 'tf'",
     }
 )
 # ---- optimisation ----------------------------------------------------------------------------------

@@ -216,6 +216,7 @@ class CapsNetEMModel:
                     beta_a_scale=hp.beta_a_scale,
                     standardise_costs=hp.standardise_costs,
                     form=conv_form,
+                    routing_kernel=hp.routing_kernel,
                     name=name,
                 )
             )
@@ -231,6 +232,7 @@ class CapsNetEMModel:
                 beta_a_scale=hp.beta_a_scale,
                 standardise_costs=hp.standardise_costs,
                 form=class_form,
+                routing_kernel=hp.routing_kernel,
                 coordinate_offsets=self._coordinate_offsets(),
                 name="class_caps",
             )

@@ -1,0 +1,114 @@
+"""Builds the fused kernels (kernels.cc, votes_kernels.cc) once per source, TensorFlow version, flags and CPU.
+
+  python -m capsule_ops.build      # build ahead of time (otherwise the first fused routing builds it)
+
+The library is compiled with the system's C++ compiler (`$CXX`, default g++) against the TensorFlow wheel's
+headers and link flags (`tf.sysconfig`) into `$CAPSNET_OPS_CACHE` (default ~/.cache/capsnet-em-ops), in a
+folder named by a hash of everything that changes the binary: the source, the TensorFlow version, the compiler
+and its flags, and -- for `-march=native`, the default, since such a build only runs on a CPU like the one
+that built it -- this CPU's feature flags. `$CAPSNET_OPS_MARCH` picks another target (e.g. x86-64-v3 for a
+build shared between machines). A file lock keeps two processes from building the same library at once.
+"""
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import tensorflow as tf
+
+from capsule_ops import BuildError
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, name) for name in ("kernels.cc", "votes_kernels.cc"))
+LIBRARY_NAME = "capsule_ops.so"
+CACHE_ENV = "CAPSNET_OPS_CACHE"
+DEFAULT_CACHE = os.path.join("~", ".cache", "capsnet-em-ops")
+COMPILER_ENV = "CXX"
+DEFAULT_COMPILER = "g++"
+MARCH_ENV = "CAPSNET_OPS_MARCH"
+DEFAULT_MARCH = "native"
+# -fopenmp-simd: the `#pragma omp simd` loops over the 16 pose entries, without the OpenMP runtime.
+BASE_FLAGS = ("-O3", "-fopenmp-simd", "-shared", "-fPIC", "-Wno-deprecated-declarations")
+BUILD_TIMEOUT_S = 600  # a build takes 10-30 s on the 2-core dev machine
+HASH_CHARS = 16
+
+
+def _cpu_flags():
+    """This CPU's feature flags (the `flags` line of /proc/cpuinfo), or '' where there is none."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def compile_command(output):
+    """The compiler's argument list that builds `output` from SOURCES. BuildError when there is no compiler."""
+    compiler = os.environ.get(COMPILER_ENV) or DEFAULT_COMPILER
+    path = shutil.which(compiler)
+    if path is None:
+        raise BuildError("no C++ compiler %r on PATH (set %s)" % (compiler, COMPILER_ENV))
+    march = os.environ.get(MARCH_ENV) or DEFAULT_MARCH
+    return (
+        [path, "-march=" + march, *BASE_FLAGS, *SOURCES, "-o", output]
+        + tf.sysconfig.get_compile_flags()
+        + tf.sysconfig.get_link_flags()
+    )
+
+
+def library_path():
+    """Where the library for this source, TensorFlow, compiler, flags (and CPU, for -march=native) lives."""
+    command = [os.path.basename(arg) if arg in SOURCES else arg for arg in compile_command(LIBRARY_NAME)]
+    key = hashlib.sha256()  # the sources by content, not by where this checkout lies
+    for name in SOURCES:
+        with open(name, "rb") as source:
+            key.update(source.read())
+    key.update(("\0".join([tf.__version__, sys.version] + command)).encode())
+    if "-march=native" in command:
+        key.update(_cpu_flags().encode())
+    cache = os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    return os.path.join(cache, key.hexdigest()[:HASH_CHARS], LIBRARY_NAME)
+
+
+def build():
+    """The built library's path: from the cache, or compiled now (under a lock). BuildError on failure."""
+    path = library_path()
+    if os.path.exists(path):
+        return path
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then use its result
+        if os.path.exists(path):
+            return path
+        partial = "%s.%d.tmp" % (path, os.getpid())
+        try:
+            result = subprocess.run(
+                compile_command(partial), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise BuildError("the compiler did not run: %s" % error) from None
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.splitlines() if "error" in line]
+            raise BuildError(
+                "compiling %s failed: %s" % (" ".join(SOURCES), "; ".join(errors[:3]) or result.stderr[-500:])
+            )
+        os.replace(partial, path)  # atomic: a reader never sees a half-written library
+    return path
+
+
+def main():
+    try:
+        print(build())
+    except BuildError as error:
+        raise SystemExit("error: %s" % error) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+// Votes of a capsule layer straight into the parent-major layout, and their gradient; CPU, float and double.
+//
+//   CapsVotes          votes[n, o, i] = poses[n, i] @ weights[o, i]   (4x4 @ 4x4 per child-parent pair)
+//   CapsVotesBackward  poses_grad[n, i] = sum_o g[n, o, i] @ weights[o, i]^T,
+//                      weights_grad[o, i] = sum_n poses[n, i]^T @ g[n, o, i]
+//   CapsRoutingVotesBackward  the same, with g = EM routing's rank-k votes gradient (kernels.cc's
+//                      CapsVotesGradient) made on the fly from the votes: no vote-sized gradient is stored
+// poses [NP, C, 16] (each child's pose at each parent position: the layer's patches), weights [O, C, 16],
+// votes and g [NP, O, C, 16]. TensorFlow ops need a transpose before and after a batched matmul for this
+// (and the same in the gradient); here the votes are written once in their final layout and the gradient
+// reads g once. A 4x4 product is four multiply-adds of 16-lane vectors whose operands are lane permutations
+// of the two matrices (GCC vector extensions: AVX-512 / AVX2 permutes, as -march allows).
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace capsule_ops {
+namespace {
+
+using tensorflow::DEVICE_CPU;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::errors::InvalidArgument;
+using tensorflow::shape_inference::InferenceContext;
+using tensorflow::shape_inference::ShapeHandle;
+
+constexpr int kSide = 4;  // a pose is 4x4
+constexpr int kEntries = kSide * kSide;
+constexpr int kCostPerVote = 64;  // multiply-adds of a 4x4 product, for the sharder
+constexpr int kChunksPerThread = 4;  // weight-gradient partial sums per thread: load balance vs. memory
+
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float Vec __attribute__((vector_size(kEntries * sizeof(float))));
+  typedef int32_t Mask __attribute__((vector_size(kEntries * sizeof(float))));
+};
+template <>
+struct Lanes<double> {
+  typedef double Vec __attribute__((vector_size(kEntries * sizeof(double))));
+  typedef int64_t Mask __attribute__((vector_size(kEntries * sizeof(double))));
+};
+
+template <typename T>
+using Vec = typename Lanes<T>::Vec;
+
+template <typename T>
+inline Vec<T> Load(const T* source) {
+  Vec<T> value;
+  std::memcpy(&value, source, sizeof(value));
+  return value;
+}
+
+template <typename T>
+inline void Store(T* target, const Vec<T>& value) {
+  std::memcpy(target, &value, sizeof(value));
+}
+
+// A constant lane permutation: lane h takes lane f(h) (entry h = 4 * row + column).
+template <typename T, typename F>
+inline Vec<T> Permute(const Vec<T>& value, F f) {
+  typedef typename Lanes<T>::Mask Mask;
+  const Mask mask = {f(0), f(1), f(2),  f(3),  f(4),  f(5),  f(6),  f(7),
+                     f(8), f(9), f(10), f(11), f(12), f(13), f(14), f(15)};
+  return __builtin_shuffle(value, mask);
+}
+
+// (a @ b)[r, c] = sum_k a[r, k] b[k, c]: lane 4r+c gets a[4r+k] * b[4k+c], k = 0..3.
+template <typename T, int K>
+inline Vec<T> ProductTerm(const Vec<T>& a, const Vec<T>& b) {
+  return Permute<T>(a, [](int h) { return (h & ~3) + K; }) * Permute<T>(b, [](int h) { return 4 * K + (h & 3); });
+}
+
+template <typename T>
+inline Vec<T> Product(const Vec<T>& a, const Vec<T>& b) {
+  return ProductTerm<T, 0>(a, b) + ProductTerm<T, 1>(a, b) + ProductTerm<T, 2>(a, b) + ProductTerm<T, 3>(a, b);
+}
+
+// (g @ w^T)[r, k] = sum_c g[r, c] w[k, c]: lane 4r+k gets g[4r+c] * w[4k+c], c = 0..3.
+template <typename T, int C>
+inline Vec<T> TransposedRightTerm(const Vec<T>& g, const Vec<T>& w) {
+  return Permute<T>(g, [](int h) { return (h & ~3) + C; }) * Permute<T>(w, [](int h) { return 4 * (h & 3) + C; });
+}
+
+// (m^T @ g)[k, c] = sum_r m[r, k] g[r, c]: lane 4k+c gets m[4r+k] * g[4r+c], r = 0..3.
+template <typename T, int R>
+inline Vec<T> TransposedLeftTerm(const Vec<T>& m, const Vec<T>& g) {
+  return Permute<T>(m, [](int h) { return 4 * R + (h >> 2); }) * Permute<T>(g, [](int h) { return 4 * R + (h & 3); });
+}
+
+bool CheckPosesAndWeights(OpKernelContext* context, const Tensor& poses, const Tensor& weights) {
+  if (poses.dims() != 3 || poses.dim_size(2) != kEntries || weights.dims() != 3 ||
+      weights.dim_size(2) != kEntries || weights.dim_size(1) != poses.dim_size(1)) {
+    context->CtxFailure(InvalidArgument("poses must be [NP, C, 16] and weights [O, C, 16], got ",
+                                        poses.shape().DebugString(), " and ", weights.shape().DebugString()));
+    return false;
+  }
+  return true;
+}
+
+template <typename Fn>
+void Parallel(OpKernelContext* context, int64_t units, int64_t cost_per_unit, Fn fn) {
+  const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
+  tensorflow::Shard(workers.num_threads, workers.workers, units, cost_per_unit, fn);
+}
+
+template <typename T>
+class VotesOp : public OpKernel {
+ public:
+  explicit VotesOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& poses = context->input(0);    // [NP, C, 16]
+    const Tensor& weights = context->input(1);  // [O, C, 16]
+    if (!CheckPosesAndWeights(context, poses, weights)) return;
+    const int64_t np = poses.dim_size(0), children = poses.dim_size(1), types = weights.dim_size(0);
+    Tensor* votes;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({np, types, children, kEntries}), &votes));
+    const T* m = poses.flat<T>().data();
+    const T* w = weights.flat<T>().data();
+    T* out = votes->flat<T>().data();
+    Parallel(context, np * types, children * kCostPerVote, [&](int64_t first, int64_t end) {
+      for (int64_t block = first; block < end; ++block) {  // block = (parent position, type)
+        const T* pose = m + (block / types) * children * kEntries;
+        const T* weight = w + (block % types) * children * kEntries;
+        T* vote = out + block * children * kEntries;
+        for (int64_t i = 0; i < children; ++i) {
+          Store(vote + i * kEntries, Product<T>(Load(pose + i * kEntries), Load(weight + i * kEntries)));
+        }
+      }
+    });
+  }
+};
+
+// dL/dM and dL/dW from dL/dV, which `Source` gives per (parent position n, type o, child i) as a 16-lane
+// vector: source.Prepare(n) once per position, then source(o, i). The weight gradient is summed over positions
+// in per-chunk partial sums (a few per thread), then added up.
+template <typename T, typename Source>
+void PoseAndWeightGradients(OpKernelContext* context, const Tensor& poses, const Tensor& weights,
+                            const Source& source) {
+  const int64_t np = poses.dim_size(0), children = poses.dim_size(1), types = weights.dim_size(0);
+  Tensor *poses_grad, *weights_grad, partial;
+  OP_REQUIRES_OK(context, context->allocate_output(0, poses.shape(), &poses_grad));
+  OP_REQUIRES_OK(context, context->allocate_output(1, weights.shape(), &weights_grad));
+  const int64_t weight_entries = types * children * kEntries;
+  const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(np, kChunksPerThread * workers.num_threads));
+  OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
+                                                 TensorShape({chunks, weight_entries}), &partial));
+  const T* m = poses.flat<T>().data();
+  const T* w = weights.flat<T>().data();
+  T* partials = partial.flat<T>().data();
+  T* dm = poses_grad->flat<T>().data();
+  Parallel(context, chunks, (np / chunks + 1) * types * children * 2 * kCostPerVote, [&](int64_t first, int64_t end) {
+    Source local = source;  // per-shard scratch
+    for (int64_t chunk = first; chunk < end; ++chunk) {
+      T* dw = partials + chunk * weight_entries;
+      std::fill(dw, dw + weight_entries, T(0));
+      for (int64_t n = chunk * np / chunks; n < (chunk + 1) * np / chunks; ++n) {
+        local.Prepare(n);
+        T* dm_n = dm + n * children * kEntries;
+        std::fill(dm_n, dm_n + children * kEntries, T(0));
+        for (int64_t o = 0; o < types; ++o) {
+          for (int64_t i = 0; i < children; ++i) {
+            const int64_t entry = (o * children + i) * kEntries;
+            const Vec<T> gv = local(o, i), wv = Load(w + entry), mv = Load(m + (n * children + i) * kEntries);
+            const Vec<T> pose_term = TransposedRightTerm<T, 0>(gv, wv) + TransposedRightTerm<T, 1>(gv, wv) +
+                                     TransposedRightTerm<T, 2>(gv, wv) + TransposedRightTerm<T, 3>(gv, wv);
+            const Vec<T> weight_term = TransposedLeftTerm<T, 0>(mv, gv) + TransposedLeftTerm<T, 1>(mv, gv) +
+                                       TransposedLeftTerm<T, 2>(mv, gv) + TransposedLeftTerm<T, 3>(mv, gv);
+            Store(dm_n + i * kEntries, Load(dm_n + i * kEntries) + pose_term);
+            Store(dw + entry, Load(dw + entry) + weight_term);
+          }
+        }
+      }
+    }
+  });
+  T* dw_out = weights_grad->flat<T>().data();
+  Parallel(context, weight_entries, chunks, [&](int64_t first, int64_t end) {
+    for (int64_t e = first; e < end; ++e) {
+      T total = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partials[chunk * weight_entries + e];
+      dw_out[e] = total;
+    }
+  });
+}
+
+// dL/dV given as a tensor [NP, O, C, 16].
+template <typename T>
+struct StoredGradient {
+  const T* g;
+  int64_t types, children;
+  const T* position = nullptr;
+  void Prepare(int64_t n) { position = g + n * types * children * kEntries; }
+  Vec<T> operator()(int64_t o, int64_t i) const { return Load(position + (o * children + i) * kEntries); }
+};
+
+// dL/dV of EM routing made on the fly: sum_k u_k[n, o, i] (L_k[n, o] + 2 V[n, o, i] S_k[n, o]) (kernels.cc's
+// CapsVotesGradient), so that no vote-sized gradient is ever stored.
+template <typename T>
+struct RoutingGradient {
+  const T* votes;
+  int64_t types, children;
+  std::vector<const T*> per_child, linear, square;  // u_k [NP, O or 1, C]; L_k, S_k [NP, O, 16]
+  std::vector<bool> shared;                          // u_k is [NP, 1, C]
+  int64_t n = 0;
+  void Prepare(int64_t position) { n = position; }
+  Vec<T> operator()(int64_t o, int64_t i) const {
+    const int64_t block = n * types + o;
+    Vec<T> lin = {}, sq = {};
+    for (size_t k = 0; k < per_child.size(); ++k) {
+      const T u = per_child[k][(shared[k] ? n : block) * children + i];
+      lin += u * Load(linear[k] + block * kEntries);
+      sq += u * Load(square[k] + block * kEntries);
+    }
+    return lin + T(2) * Load(votes + (block * children + i) * kEntries) * sq;
+  }
+};
+
+template <typename T>
+class VotesBackwardOp : public OpKernel {
+ public:
+  explicit VotesBackwardOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& poses = context->input(0);    // [NP, C, 16]
+    const Tensor& weights = context->input(1);  // [O, C, 16]
+    const Tensor& grad = context->input(2);     // [NP, O, C, 16]
+    if (!CheckPosesAndWeights(context, poses, weights)) return;
+    const int64_t np = poses.dim_size(0), children = poses.dim_size(1), types = weights.dim_size(0);
+    OP_REQUIRES(context, grad.shape() == TensorShape({np, types, children, kEntries}),
+                InvalidArgument("votes gradient must be [NP, O, C, 16], got ", grad.shape().DebugString()));
+    PoseAndWeightGradients<T>(context, poses, weights, StoredGradient<T>{grad.flat<T>().data(), types, children});
+  }
+};
+
+template <typename T>
+class RoutingVotesBackwardOp : public OpKernel {
+ public:
+  explicit RoutingVotesBackwardOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& poses = context->input(0);    // [NP, C, 16]
+    const Tensor& weights = context->input(1);  // [O, C, 16]
+    const Tensor& votes = context->input(2);    // [NP, O, C, 16]
+    tensorflow::OpInputList per_child, linear_rows, square_rows;
+    OP_REQUIRES_OK(context, context->input_list("per_child", &per_child));
+    OP_REQUIRES_OK(context, context->input_list("linear_rows", &linear_rows));
+    OP_REQUIRES_OK(context, context->input_list("square_rows", &square_rows));
+    if (!CheckPosesAndWeights(context, poses, weights)) return;
+    const int64_t np = poses.dim_size(0), children = poses.dim_size(1), types = weights.dim_size(0);
+    OP_REQUIRES(context, votes.shape() == TensorShape({np, types, children, kEntries}),
+                InvalidArgument("votes must be [NP, O, C, 16], got ", votes.shape().DebugString()));
+    RoutingGradient<T> source{votes.flat<T>().data(), types, children};
+    const TensorShape parent_shape({np, types, kEntries});
+    for (int k = 0; k < per_child.size(); ++k) {
+      const Tensor& u = per_child[k];
+      OP_REQUIRES(context,
+                  u.dims() == 3 && u.dim_size(0) == np && u.dim_size(2) == children &&
+                      (u.dim_size(1) == types || u.dim_size(1) == 1),
+                  InvalidArgument("per_child must be [NP, O or 1, C], got ", u.shape().DebugString()));
+      OP_REQUIRES(context, linear_rows[k].shape() == parent_shape && square_rows[k].shape() == parent_shape,
+                  InvalidArgument("linear_rows and square_rows must be ", parent_shape.DebugString()));
+      source.per_child.push_back(u.flat<T>().data());
+      source.shared.push_back(u.dim_size(1) == 1);
+      source.linear.push_back(linear_rows[k].flat<T>().data());
+      source.square.push_back(square_rows[k].flat<T>().data());
+    }
+    PoseAndWeightGradients<T>(context, poses, weights, source);
+  }
+};
+
+REGISTER_OP("CapsVotes")
+    .Attr("T: {float, double}")
+    .Input("poses: T")    // [NP, C, 16]
+    .Input("weights: T")  // [O, C, 16]
+    .Output("votes: T")   // [NP, O, C, 16]
+    .SetShapeFn([](InferenceContext* context) {
+      ShapeHandle poses, weights;
+      TF_RETURN_IF_ERROR(context->WithRank(context->input(0), 3, &poses));
+      TF_RETURN_IF_ERROR(context->WithRank(context->input(1), 3, &weights));
+      context->set_output(0, context->MakeShape({context->Dim(poses, 0), context->Dim(weights, 0),
+                                                 context->Dim(poses, 1), kEntries}));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("CapsVotesBackward")
+    .Attr("T: {float, double}")
+    .Input("poses: T")         // [NP, C, 16]
+    .Input("weights: T")       // [O, C, 16]
+    .Input("votes_grad: T")    // [NP, O, C, 16]
+    .Output("poses_grad: T")   // [NP, C, 16]
+    .Output("weights_grad: T") // [O, C, 16]
+    .SetShapeFn([](InferenceContext* context) {
+      context->set_output(0, context->input(0));
+      context->set_output(1, context->input(1));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("CapsRoutingVotesBackward")
+    .Attr("T: {float, double}")
+    .Attr("K: int >= 1")
+    .Input("poses: T")            // [NP, C, 16]
+    .Input("weights: T")          // [O, C, 16]
+    .Input("votes: T")            // [NP, O, C, 16], = CapsVotes(poses, weights)
+    .Input("per_child: K * T")    // K x [NP, O or 1, C]
+    .Input("linear_rows: K * T")  // K x [NP, O, 16]
+    .Input("square_rows: K * T")  // K x [NP, O, 16]
+    .Output("poses_grad: T")      // [NP, C, 16]
+    .Output("weights_grad: T")    // [O, C, 16]
+    .SetShapeFn([](InferenceContext* context) {
+      context->set_output(0, context->input(0));
+      context->set_output(1, context->input(1));
+      return absl::OkStatus();
+    });
+
+#define REGISTER_VOTE_KERNELS(T)                                                                             \
+  REGISTER_KERNEL_BUILDER(Name("CapsVotes").Device(DEVICE_CPU).TypeConstraint<T>("T"), VotesOp<T>);          \
+  REGISTER_KERNEL_BUILDER(Name("CapsVotesBackward").Device(DEVICE_CPU).TypeConstraint<T>("T"), VotesBackwardOp<T>); \
+  REGISTER_KERNEL_BUILDER(Name("CapsRoutingVotesBackward").Device(DEVICE_CPU).TypeConstraint<T>("T"),          \
+                          RoutingVotesBackwardOp<T>);
+
+REGISTER_VOTE_KERNELS(float)
+REGISTER_VOTE_KERNELS(double)
+
+}  // namespace
+}  // namespace capsule_ops

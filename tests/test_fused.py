@@ -1,0 +1,341 @@
+"""Tests of capsule_ops (the fused votes and routing kernels): the ops against NumPy, the layers on the fused
+path against the TF-ops path and the float64 loop reference, finite-difference gradients, stress inputs, the
+build cache and the fallback when no compiler is there."""
+
+import dataclasses
+import os
+import unittest.mock
+
+from absl.testing import parameterized
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+
+import capsule_layers as cl
+import capsule_ops
+import em_routing
+import hparams
+import model
+import numpy_reference as ref
+from capsule_ops import build as ops_build
+from test_capsule_layers import GEOMETRIES, _initializers, _random_capsules, _relative_error
+from test_capsule_layers import _routing_variables
+
+RELATIVE_TOLERANCE = 1e-5  # issue acceptance: float64 forward against the reference
+FLOAT32_TOLERANCE = 1e-4  # float32 forward against the float64 reference
+PATH_TOLERANCE = 1e-9  # float64: fused and TF paths differ only in summation order
+GRADIENT_TOLERANCE = 1e-4
+FINITE_DIFFERENCE_DELTA = 1e-6
+OFFICIAL_BETA_A_RANGE = 2e-3  # as test_capsule_layers: keeps the official x5000 logit unsaturated
+
+# Every routing option of `RoutingForm` (and standardised costs), each beside the paper's equations.
+OPTIONS = {
+    "paper": dict(),
+    "official_activation": dict(form=dict(activation="official")),
+    "mean_momentum": dict(form=dict(mean_momentum=em_routing.OFFICIAL_MEAN_MOMENTUM)),
+    "mass_epsilon": dict(form=dict(mass_epsilon=em_routing.OFFICIAL_CONV_MASS_EPSILON)),
+    "normalise_over_positions": dict(form=dict(normalise_over="positions")),
+    "no_assignment_gradient": dict(form=dict(assignment_gradient=False)),
+    "standardise_costs": dict(standardise_costs=True),
+    "official": dict(
+        form=dict(
+            activation="official",
+            mean_momentum=em_routing.OFFICIAL_MEAN_MOMENTUM,
+            mass_epsilon=em_routing.OFFICIAL_CONV_MASS_EPSILON,
+            normalise_over="positions",
+        )
+    ),
+}
+
+
+def _layer_options(option, rng, weight_shape, parents):
+    """Layer keyword arguments (initialisers, form, standardise_costs) for an OPTIONS entry."""
+    settings = OPTIONS[option]
+    weights, beta_v, beta_a = _routing_variables(rng, weight_shape, parents)
+    form = cl.RoutingForm(**settings.get("form", {}))
+    if form.activation == "official":
+        beta_a = beta_a * OFFICIAL_BETA_A_RANGE
+    options = dict(_initializers(weights, beta_v, beta_a), form=form)
+    options["standardise_costs"] = settings.get("standardise_costs", False)
+    return options, (weights, beta_v, beta_a)
+
+
+def _outputs_and_gradients(make_layer, poses, activations, kernel):
+    """The layer's outputs and the gradients of a fixed random projection of them w.r.t. inputs and variables."""
+    with tf.Graph().as_default():
+        poses_t, activations_t = tf.constant(poses), tf.constant(activations)
+        layer = make_layer(kernel)
+        out_poses, out_activations = layer(poses_t, activations_t)
+        rng = np.random.RandomState(99)
+        loss = tf.reduce_sum(out_poses * rng.normal(size=out_poses.shape.as_list()))
+        loss += tf.reduce_sum(out_activations * rng.normal(size=out_activations.shape.as_list()))
+        grads = tf.gradients(loss, [poses_t, activations_t] + layer.variables)
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            return sess.run([out_poses, out_activations]), sess.run(grads)
+
+
+class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
+    """The kernels against NumPy, in float64 and float32, and their registered gradients."""
+
+    def _inputs(self, dtype, weight_types=4):
+        rng = np.random.RandomState(0)
+        votes = rng.normal(size=[3, 4, 7, 16]).astype(dtype)  # [NP, O, C, 16]
+        weights = rng.uniform(size=[3, weight_types, 7]).astype(dtype)  # [NP, O or 1, C]
+        linear, quadratic = rng.normal(size=[2, 3, 4, 16]).astype(dtype)  # [NP, O, 16] each
+        per_child = [rng.normal(size=[3, o, 7]).astype(dtype) for o in (4, 1, 4)]  # k = 3 x [NP, O or 1, C]
+        rows = rng.normal(size=[2, 3, 3, 4, 16]).astype(dtype)  # L and S: k x [NP, O, 16] each
+        return votes, weights, linear, quadratic, per_child, rows
+
+    @parameterized.parameters((np.float64, 1e-12, 4), (np.float32, 1e-5, 4), (np.float64, 1e-12, 1))
+    def test_ops_match_numpy(self, dtype, tolerance, weight_types):
+        """Weighted sums (r per type or shared), quadratic forms and the votes gradient equal their einsums."""
+        votes, weights, linear, quadratic, per_child, rows = self._inputs(dtype, weight_types)
+        r = np.broadcast_to(weights, votes.shape[:3])
+        expected = [
+            np.einsum("noc,noch->noh", r, votes),
+            np.einsum("noc,noch->noh", r, votes**2),
+            np.einsum("noch,noh->noc", votes, linear) + np.einsum("noch,noh->noc", votes**2, quadratic),
+            sum(
+                np.broadcast_to(u, votes.shape[:3])[..., None] * (lin[:, :, None] + 2 * votes * sq[:, :, None])
+                for u, lin, sq in zip(per_child, *rows)
+            ),
+        ]
+        with self.session() as sess:
+            actual = sess.run(
+                list(capsule_ops.weighted_sums(votes, weights))
+                + [capsule_ops.quadratic_forms(votes, linear, quadratic)]
+                + [capsule_ops.votes_gradient(votes, per_child, list(rows[0]), list(rows[1]))]
+            )
+        for value, target in zip(actual, expected):
+            self.assertEqual(value.dtype, dtype)
+            self.assertLess(_relative_error(value, target), tolerance)
+
+    @parameterized.parameters(1, 4)
+    def test_op_gradients_match_finite_differences(self, weight_types):
+        """The registered gradients of weighted_sums and quadratic_forms w.r.t. every input (float64)."""
+        votes, weights, linear, quadratic, _, _ = self._inputs(np.float64, weight_types)
+        inputs = [tf.constant(x) for x in (votes, weights, linear, quadratic)]
+        vote_sum, squared_sum = capsule_ops.weighted_sums(inputs[0], inputs[1])
+        forms = capsule_ops.quadratic_forms(inputs[0], inputs[2], inputs[3])
+        loss = tf.reduce_sum(tf.sin(vote_sum)) + tf.reduce_sum(tf.cos(squared_sum)) + tf.reduce_sum(tf.sin(forms))
+        with self.session():
+            for x in inputs:
+                error = tf.test.compute_gradient_error(x, x.shape.as_list(), loss, [], delta=FINITE_DIFFERENCE_DELTA)
+                self.assertLess(error, GRADIENT_TOLERANCE, x.name)
+
+    @parameterized.parameters((np.float64, 1e-12), (np.float32, 1e-5))
+    def test_votes_op_matches_numpy(self, dtype, tolerance):
+        """votes: M_ni W_oi per pair in the parent-major layout; its gradient op against einsums."""
+        rng = np.random.RandomState(1)
+        poses, weights = rng.normal(size=[5, 7, 16]).astype(dtype), rng.normal(size=[3, 7, 16]).astype(dtype)
+        grad = rng.normal(size=[5, 3, 7, 16]).astype(dtype)
+        m, w, g = poses.reshape(5, 7, 4, 4), weights.reshape(3, 7, 4, 4), grad.reshape(5, 3, 7, 4, 4)
+        expected = [
+            np.einsum("nirk,oikc->noirc", m, w).reshape(5, 3, 7, 16),
+            np.einsum("noirc,oikc->nirk", g, w).reshape(5, 7, 16),
+            np.einsum("nirk,noirc->oikc", m, g).reshape(3, 7, 16),
+        ]
+        poses_t, weights_t = tf.constant(poses), tf.constant(weights)
+        votes = capsule_ops.votes(poses_t, weights_t)
+        with self.session() as sess:
+            actual = sess.run([votes] + tf.gradients(votes, [poses_t, weights_t], grad))
+        for value, target in zip(actual, expected):
+            self.assertLess(_relative_error(value, target), tolerance)
+
+    def test_routing_votes_backward(self):
+        """routing_votes_backward equals the votes' gradient op applied to votes_gradient's dL/dV."""
+        rng = np.random.RandomState(4)
+        poses, weights = tf.constant(rng.normal(size=[5, 7, 16])), tf.constant(rng.normal(size=[3, 7, 16]))
+        per_child = [rng.normal(size=[5, types, 7]) for types in (1, 3)]  # k = 2 x [NP, O or 1, C]
+        rows = [[rng.normal(size=[5, 3, 16]) for _ in range(2)] for _ in range(2)]  # L and S: k x [NP, O, 16]
+        votes = capsule_ops.votes(poses, weights)
+        votes_grad = capsule_ops.votes_gradient(votes, per_child, *rows)
+        with self.session() as sess:
+            actual = sess.run(capsule_ops.routing_votes_backward(poses, weights, votes, per_child, *rows))
+            expected = sess.run(tf.gradients(capsule_ops.votes(poses, weights), [poses, weights], votes_grad))
+        for value, target in zip(actual, expected):
+            self.assertLess(_relative_error(value, target), 1e-12)
+
+    def test_votes_gradient_matches_finite_differences(self):
+        """The registered gradient of votes w.r.t. poses and weights (float64)."""
+        rng = np.random.RandomState(2)
+        inputs = [tf.constant(rng.normal(size=shape)) for shape in ([4, 6, 16], [3, 6, 16])]
+        loss = tf.reduce_sum(tf.sin(capsule_ops.votes(*inputs)))
+        with self.session():
+            for x in inputs:
+                error = tf.test.compute_gradient_error(x, x.shape.as_list(), loss, [], delta=FINITE_DIFFERENCE_DELTA)
+                self.assertLess(error, GRADIENT_TOLERANCE)
+
+    def test_bad_shapes(self):
+        """Votes without 16 pose entries, or weights of another child count, are errors naming the shape."""
+        with self.session() as sess:
+            with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "votes must be"):
+                sess.run(capsule_ops.weighted_sums(np.zeros([2, 3, 4, 9]), np.zeros([2, 3, 4])))
+            with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "weights must be"):
+                sess.run(capsule_ops.weighted_sums(np.zeros([2, 3, 4, 16]), np.zeros([2, 3, 5])))
+            with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "poses must be"):
+                sess.run(capsule_ops.votes(np.zeros([2, 4, 16]), np.zeros([3, 5, 16])))
+
+
+class FusedLayersTest(parameterized.TestCase, tf.test.TestCase):
+    """ConvCaps and ClassCaps on the fused path: the reference, the TF path, finite differences."""
+
+    def _conv_maker(self, padding, stride, option="paper", dtype=tf.float64, iterations=3):
+        rng = np.random.RandomState(3)
+        poses, activations = _random_capsules(rng, 2, 5, 5, 2)
+        options, variables = _layer_options(option, rng, [3, 3, 2, 3, 4, 4], 3)
+
+        def make(kernel):
+            return cl.ConvCaps(3, 3, stride, padding, iterations, 0.1, dtype=dtype, routing_kernel=kernel, **options)
+
+        return make, poses, activations, variables
+
+    @parameterized.named_parameters(*GEOMETRIES)
+    def test_conv_matches_reference_and_tf_path(self, padding, stride):
+        """3 iterations, float64: the fused layer equals the loop reference (< 1e-5) and the TF path's outputs
+        and gradients w.r.t. poses, activations and every variable (< 1e-9)."""
+        make, poses, activations, variables = self._conv_maker(padding, stride)
+        fused_outputs, fused_grads = _outputs_and_gradients(make, poses, activations, "fused")
+        tf_outputs, tf_grads = _outputs_and_gradients(make, poses, activations, "tf")
+        expected = ref.conv_caps_reference(poses, activations, *variables, 3, stride, padding, 3, 0.1)[:2]
+        for value, target, other in zip(fused_outputs, expected, tf_outputs):
+            self.assertLess(_relative_error(value, target), RELATIVE_TOLERANCE)
+            self.assertLess(_relative_error(value, other), PATH_TOLERANCE)
+        for value, other in zip(fused_grads, tf_grads):
+            self.assertLess(_relative_error(value, other), PATH_TOLERANCE)
+
+    @parameterized.named_parameters(*[(name, name) for name in OPTIONS if name != "paper"])
+    def test_routing_options_match_tf_path(self, option):
+        """Every routing option (SAME, stride 2, 3 iterations): fused outputs and gradients equal the TF path's."""
+        make, poses, activations, _ = self._conv_maker("SAME", 2, option)
+        fused_outputs, fused_grads = _outputs_and_gradients(make, poses, activations, "fused")
+        tf_outputs, tf_grads = _outputs_and_gradients(make, poses, activations, "tf")
+        for value, other in zip(fused_outputs + fused_grads, tf_outputs + tf_grads):
+            self.assertLess(_relative_error(value, other), PATH_TOLERANCE)
+
+    def test_float32_matches_reference(self):
+        """float32 fused layer against the float64 reference: rel. error < 1e-4."""
+        make, poses, activations, variables = self._conv_maker("VALID", 2, dtype=tf.float32)
+        outputs, _ = _outputs_and_gradients(make, poses.astype(np.float32), activations.astype(np.float32), "fused")
+        expected = ref.conv_caps_reference(poses, activations, *variables, 3, 2, "VALID", 3, 0.1)[:2]
+        for value, target in zip(outputs, expected):
+            self.assertLess(_relative_error(value, target), FLOAT32_TOLERANCE)
+
+    def test_conv_gradients_match_finite_differences(self):
+        """Fused ConvCaps (SAME, stride 2, 2 iterations): gradients w.r.t. inputs and variables."""
+        rng = np.random.RandomState(6)
+        poses, activations = _random_capsules(rng, 1, 4, 4, 2)
+        poses_t, activations_t = tf.constant(poses), tf.constant(activations)
+        variables = _routing_variables(rng, [3, 3, 2, 2, 4, 4], 2)
+        layer = cl.ConvCaps(
+            2, 3, 2, "SAME", 2, 0.5, dtype=tf.float64, routing_kernel="fused", **_initializers(*variables)
+        )
+        outputs = layer(poses_t, activations_t)
+        with self.session():
+            tf.global_variables_initializer().run()
+            for x in [poses_t, activations_t] + layer.variables:
+                for y in outputs:
+                    error = tf.test.compute_gradient_error(
+                        x, x.shape.as_list(), y, y.shape.as_list(), delta=FINITE_DIFFERENCE_DELTA
+                    )
+                    self.assertLess(error, GRADIENT_TOLERANCE, (x.name, y.name))
+
+    @parameterized.named_parameters(("paper", "paper"), ("official", "official"))
+    def test_class_caps_with_coordinate_addition(self, option):
+        """ClassCaps (coordinate addition, 3 iterations): fused equals the reference (paper form) and the TF
+        path's outputs and gradients; finite differences of the fused gradients."""
+        rng = np.random.RandomState(7)
+        poses, activations = _random_capsules(rng, 2, 3, 4, 2)
+        options, variables = _layer_options(option, rng, [2, 5, 4, 4], 5)
+        options["form"] = dataclasses.replace(options["form"], normalise_over="positions_and_types")
+
+        def make(kernel):
+            return cl.ClassCaps(5, 3, 0.5, dtype=tf.float64, routing_kernel=kernel, **options)
+
+        fused_outputs, fused_grads = _outputs_and_gradients(make, poses, activations, "fused")
+        tf_outputs, tf_grads = _outputs_and_gradients(make, poses, activations, "tf")
+        for value, other in zip(fused_outputs + fused_grads, tf_outputs + tf_grads):
+            self.assertLess(_relative_error(value, other), PATH_TOLERANCE)
+        if option == "paper":
+            expected = ref.class_caps_reference(poses, activations, *variables, 3, 0.5)
+            for value, target in zip(fused_outputs, expected):
+                self.assertLess(_relative_error(value, target), RELATIVE_TOLERANCE)
+        with self.session():
+            poses_t, activations_t = tf.constant(poses[:1]), tf.constant(activations[:1])
+            layer = make("fused")
+            out_activations = layer(poses_t, activations_t)[1]
+            tf.global_variables_initializer().run()
+            for x in [poses_t, activations_t] + layer.variables:
+                error = tf.test.compute_gradient_error(x, x.shape.as_list(), out_activations, [1, 5], delta=1e-6)
+                self.assertLess(error, GRADIENT_TOLERANCE, x.name)
+
+    def test_stress_inputs(self):
+        """float32 conv + class layers on the fused path: all-zero input, saturated activations, huge and tiny
+        poses, a parent with one child give finite outputs and gradients."""
+        rng = np.random.RandomState(9)
+        cases = [(0.0, 0.0, 3, 2), (1.0, 1.0, 3, 2), (1e4, 1.0, 3, 2), (1e-8, 0.5, 3, 2), (1.0, 0.5, 1, 1)]
+        for pose_scale, activation, kernel_size, in_types in cases:
+            with self.subTest((pose_scale, activation, kernel_size)), tf.Graph().as_default():
+                poses_t = tf.constant(rng.normal(size=[2, 4, 4, in_types, 4, 4]) * pose_scale, tf.float32)
+                activations_t = tf.constant(np.full([2, 4, 4, in_types], activation), tf.float32)
+                conv = cl.ConvCaps(3, kernel_size, 1, "SAME", iterations=3, routing_kernel="fused")
+                out_poses, out_activations = cl.class_caps(*conv(poses_t, activations_t), 4, routing_kernel="fused")
+                loss = tf.reduce_sum(out_activations) + tf.reduce_sum(out_poses)
+                grads = tf.gradients(loss, [poses_t, activations_t] + tf.trainable_variables())
+                with tf.Session() as sess:
+                    sess.run(tf.global_variables_initializer())
+                    for value in sess.run([out_poses, out_activations] + grads):
+                        self.assertTrue(np.all(np.isfinite(value)))
+
+
+class BuildTest(tf.test.TestCase):
+    """The build cache, the routing-kernel choice and the fallback."""
+
+    def tearDown(self):
+        capsule_ops.reset()  # later tests load the real library again
+        super().tearDown()
+
+    def test_missing_compiler_falls_back(self):
+        """No compiler: 'auto' resolves to 'tf' with one line on stderr, 'fused' raises BuildError."""
+        with unittest.mock.patch.dict(os.environ, {"CXX": "/nonexistent/g++"}):
+            capsule_ops.reset()
+            with unittest.mock.patch("sys.stderr") as stderr:
+                self.assertEqual(capsule_ops.resolve("auto"), "tf")
+                self.assertEqual(capsule_ops.resolve("auto"), "tf")
+            self.assertEqual(stderr.write.call_count, 1)
+            self.assertIn("using TensorFlow ops", stderr.write.call_args[0][0])
+            with self.assertRaisesRegex(capsule_ops.BuildError, "no C\\+\\+ compiler"):
+                capsule_ops.resolve("fused")
+            layer = cl.ConvCaps(3, routing_kernel="auto")
+            self.assertEqual(layer.routing_kernel, "tf")
+        self.assertEqual(capsule_ops.resolve("tf"), "tf")
+        with self.assertRaises(ValueError):
+            capsule_ops.resolve("gpu")
+
+    def test_cache_is_keyed_and_reused(self):
+        """The library's folder depends on the -march choice; building twice returns the cached file."""
+        native = ops_build.library_path()
+        with unittest.mock.patch.dict(os.environ, {ops_build.MARCH_ENV: "x86-64-v3"}):
+            self.assertNotEqual(ops_build.library_path(), native)
+        path = ops_build.build()
+        built = os.path.getmtime(path)
+        self.assertEqual(ops_build.build(), path)
+        self.assertEqual(os.path.getmtime(path), built)
+        self.assertEqual(capsule_ops.resolve("auto"), "fused")
+
+    def test_model_routes_on_the_fused_kernels_by_default(self):
+        """With a compiler, the default HParams (routing_kernel 'auto') build the network on the fused ops."""
+        net = model.CapsNetEMModel(hparams.hparams_for("small"))
+        net.inference(tf.zeros([2, 28, 28, 1]))
+        routed = [layer for layer in net.layers if isinstance(layer, cl.RoutedCapsuleLayer)]
+        self.assertEqual([layer.routing_kernel for layer in routed], ["fused"] * 3)
+        op_types = {op.type for op in tf.get_default_graph().get_operations()}
+        self.assertTrue({"CapsVotes", "CapsWeightedSums", "CapsQuadraticForms"} <= op_types)
+
+    def test_hparams_choice(self):
+        """routing_kernel is an HParams field: 'auto' by default, one of auto/fused/tf."""
+        self.assertEqual(hparams.HParams().routing_kernel, "auto")
+        self.assertEqual(hparams.HParams().parse("routing_kernel=tf").validate().routing_kernel, "tf")
+        with self.assertRaisesRegex(ValueError, "routing_kernel"):
+            hparams.HParams(routing_kernel="gpu").validate()
