@@ -90,7 +90,6 @@ ROUTING_HPARAMS = define_hparam_flags(
         "iterations": "EM routing iterations, >= 1",
         "final_lambda": "Final inverse temperature of the conv-capsule layers; lambda_i = final * (1 - 0.95^(i+1))",
         "class_final_lambda": "Final inverse temperature of the class layer",
-        "routing_kernel": "Routing's vote contractions: 'auto' (the fused C++ op when it builds), 'fused' or 'tf'",
     }
 )
 # ---- optimisation ----------------------------------------------------------------------------------
@@ -121,6 +120,9 @@ flags.DEFINE_integer("max_steps", None, "Stop after this many training steps in 
 flags.DEFINE_integer("save_every_steps", 500, "Checkpoint interval in steps, > 0.")
 flags.DEFINE_integer("summary_every_steps", 50, "TensorBoard summary and curve interval in steps, > 0.")
 flags.DEFINE_integer("threads", 0, "CPU threads, >= 0 (0: every core).")
+flags.DEFINE_string(
+    "routing_kernel", "auto", "Routing's vote passes: 'auto' (the fused C++ op when it builds), 'fused' or 'tf'."
+)
 flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch, >= 0 (0: no split; docs/performance.md).")
 flags.DEFINE_integer("eval_batch_size", 100, "Images per evaluation batch (validation and test mode), > 0.")
 flags.DEFINE_integer("sweep_images", 1000, "Test mode: images of the -1/+1/+2 iteration sweep, >= 0 (0: none).")
@@ -152,6 +154,7 @@ TEST_FLAGS = (
     "result_dir",
     "data_dir",
     "threads",
+    "routing_kernel",
     "micro_batch_size",
     "eval_batch_size",
     "sweep_images",
@@ -201,6 +204,7 @@ def resolve_hparams(values):
     channels = values["norb_channels"] if values["dataset"] in data.PREPROCESSED else spec.channels
     overrides = dict(image_size=spec.image_size, image_channels=channels, num_classes=spec.num_classes)
     overrides.update({name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None})
+    overrides["routing_kernel"] = values.get("routing_kernel") or capsnet.HParams.routing_kernel
     try:
         hparams = capsnet.hparams_for(values["preset"], values.get("routing"), **overrides)
     except ValueError as error:  # a flag's value: HParams names the field, which is the flag's name
@@ -242,8 +246,10 @@ def flag_defaults():
 
 
 def run_hparams(result_dir, values):
-    """The network of the run in `result_dir`: its saved HParams (fields it predates from its flags)."""
-    return run_dir.read_hparams(result_dir, resolve_hparams(values))
+    """The network of the run in `result_dir`: its saved HParams (fields it predates from its flags), with this
+    process's --routing_kernel (how the routing is computed, not what: same numerics, so any run takes any)."""
+    fresh = resolve_hparams(values)
+    return dataclasses.replace(run_dir.read_hparams(result_dir, fresh), routing_kernel=fresh.routing_kernel)
 
 
 def run_length(values, train_size):

@@ -183,17 +183,19 @@ def test_train_with_max_shift(tmp_path):
 
 
 def test_run_saved_before_newer_flags(tiny_run):
-    """A run directory whose flags.json predates --threads and --micro_batch_size (runs made before those
-    flags existed) still tests and resumes, with those flags at their defaults."""
+    """A run directory whose flags.json predates --threads, --micro_batch_size and --routing_kernel (runs made
+    before those flags existed) still tests and resumes, with those flags at their defaults; the routing kernel,
+    which changes how and not what the routing computes, may differ from the saved one in both."""
     workspace, run_dir, _ = tiny_run
     old_dir = os.path.join(str(workspace), "old_run")
     shutil.copytree(run_dir, old_dir)
     flags_path = os.path.join(old_dir, "flags.json")
     saved = read_json(flags_path)
-    del saved["flags"]["threads"], saved["flags"]["micro_batch_size"]
+    del saved["flags"]["threads"], saved["flags"]["micro_batch_size"], saved["flags"]["routing_kernel"]
+    saved["hparams"]["routing_kernel"] = "fused"  # as a run made where the op built saved it
     with open(flags_path, "w") as f:
         json.dump(saved, f)
-    test = run_main(["--test", "True", "--result_dir", "old_run"], cwd=workspace)
+    test = run_main(["--test", "True", "--result_dir", "old_run", "--routing_kernel", "tf"], cwd=workspace)
     assert test.returncode == 0, test.stderr
     assert "(step 2)" in test.stdout
     resume = run_main(["--result_dir", "old_run", "--max_steps", "3"], cwd=workspace)
