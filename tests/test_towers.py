@@ -5,11 +5,14 @@ runs on GPUs where there are some. The towers compute the same function of the b
 different float summation order, so they are compared to it within float32 rounding.
 """
 
+import os
+
 import numpy as np
 import tensorflow.compat.v1 as tf
 
 import model as capsnet
 import runtime
+from test_main import run_main, write_tiny_mnist
 
 _BATCH = 4  # images per step: 2 per tower
 _TOWERS = 2
@@ -84,6 +87,38 @@ class TowersTest(tf.test.TestCase):
         self.assertTrue(tower_ops)
         self.assertEqual({devices[name] for name in tower_ops}, {"/device:CPU:1"})
         self.assertEqual(devices["conv_caps1/weights"], runtime.VARIABLE_DEVICE)
+
+    def test_non_finite_tower_stops_the_step(self):
+        """A NaN pixel in tower 1's half of the batch fails the step with NonFiniteError (the averaged loss is NaN)
+        and leaves every variable as it was."""
+        hparams = capsnet.hparams_for("small", **_TINY)
+        images, labels = _batches()[0]
+        images[-1, 0, 0, 0] = np.nan  # the last image: tower 1's
+        with tf.Graph().as_default():
+            distribution = capsnet.Distribution(runtime.tower_devices(_TOWERS), None)
+            graph = capsnet.CapsNetEMModel(hparams).train(tf.constant(images), tf.constant(labels), distribution)
+            with runtime.new_session(0, 1, _TOWERS) as sess:
+                sess.run(tf.global_variables_initializer())
+                before = sess.run(tf.trainable_variables())
+                with self.assertRaisesRegex(capsnet.NonFiniteError, "is NaN or Inf"):
+                    capsnet.run_step(sess, graph, graph.train_op)
+                after = sess.run(tf.trainable_variables())
+        for old, new in zip(before, after):
+            np.testing.assert_array_equal(old, new)
+
+    def test_main_trains_on_two_devices_and_tests_on_one(self):
+        """`main.py --num_devices 2` trains 2 steps (batch 4, 2 images per tower) and writes a checkpoint that
+        `--test True` restores into the single-device graph."""
+        workspace = self.get_temp_dir()
+        write_tiny_mnist(os.path.join(workspace, "data"))
+        args = ["--preset", "small", "--hparams", ",".join("%s=%s" % item for item in _TINY.items())]
+        args += ["--batch_size", str(_BATCH), "--validation_size", "16", "--data_dir", "data", "--result_dir", "run"]
+        train = run_main(args + ["--max_steps", "2", "--num_devices", str(_TOWERS)], cwd=workspace)
+        self.assertEqual(train.returncode, 0, train.stderr)
+        self.assertIn("finished at step 2", train.stdout)
+        test = run_main(["--test", "True", "--result_dir", "run"], cwd=workspace)
+        self.assertEqual(test.returncode, 0, test.stderr)
+        self.assertIn("(step 2)", test.stdout)
 
     def test_one_device_builds_no_towers(self):
         """`--num_devices 1` (the default) places nothing: the graph is the single-device one."""
