@@ -348,9 +348,7 @@ class CapsNetEMModel:
 
 
 # The optimiser's part of a training graph (checked_adam).
-CheckedStep = collections.namedtuple(
-    "CheckedStep", ["train_op", "learning_rate", "grads_and_vars", "finite_checks", "optimizer"]
-)
+CheckedStep = collections.namedtuple("CheckedStep", ["train_op", "learning_rate", "grads_and_vars", "finite_checks"])
 
 
 def mean_of(tensors):
@@ -397,7 +395,7 @@ def checked_adam(tower_losses, hparams, global_step, wrap_optimizer=None):
         grads_and_vars = [(tf.identity(g), v) for g, v in grads_and_vars]
     train_op = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
     finite_checks = {check.op.name: what for check, (_, what) in zip(checks, described)}
-    return CheckedStep(train_op, learning_rate, grads_and_vars, finite_checks, optimizer)
+    return CheckedStep(train_op, learning_rate, grads_and_vars, finite_checks)
 
 
 class NonFiniteError(Exception):
