@@ -12,7 +12,9 @@ section 6 and FGSM itself use ("the gradient of the loss"), and it makes the two
 recipe. One property of the spread loss shows in the results: it is exactly 0, with a 0 gradient, for an
 image whose true class beats every other class by at least the margin, so FGSM leaves such an image as it
 is. The fraction of images with an all-zero gradient at the first step is reported (`zero_gradient`): a
-low success rate with a high zero-gradient fraction means no gradient, not robustness.
+low success rate with a high zero-gradient fraction means no gradient, not robustness. `--attack_margin M`
+sets the capsules' attack margin instead: at 1 the loss is 0 only where the class activations are exactly 1 and
+0 (saturated in float32), so nearly every image has a gradient, as every image has under cross-entropy.
 Untargeted attacks ascend the loss of the true label; targeted ones descend the loss of the target label
 (`random`: another class drawn with the run's seed; `least_likely`: the lowest-scoring class of the clean
 image on the attacking network). Each image's loss is summed, not averaged, so batching changes nothing.
@@ -57,9 +59,9 @@ SAMPLE_PAIRS = 8  # clean / adversarial pairs in attack_samples.png
 CURVES_FILE, SAMPLES_FILE = "attacks.png", "attack_samples.png"
 
 # What an attack does: the attack, its epsilons, the target rule, BIM's steps and step size (None: the
-# default), how many test images, and the seed of random targets.
+# default), how many test images, the seed of random targets and the capsules' attack margin (None: the run's).
 Options = collections.namedtuple(
-    "Options", ["attack", "epsilons", "target", "bim_steps", "bim_step_size", "images", "seed"]
+    "Options", ["attack", "epsilons", "target", "bim_steps", "bim_step_size", "images", "seed", "margin"]
 )
 # The attack step in a graph: placeholders, then the next images, the scores, predictions and which images
 # had an all-zero gradient.
@@ -97,6 +99,9 @@ def check_flags(values):
             raise UsageError("--%s must be >= 1, got %r" % (name, values[name]))
     if values["bim_step_size"] is not None and not values["bim_step_size"] > 0:
         raise UsageError("--bim_step_size must be > 0, got %r" % values["bim_step_size"])
+    margin = values["attack_margin"]
+    if margin is not None and not (math.isfinite(margin) and margin > 0):
+        raise UsageError("--attack_margin must be > 0, got %r" % margin)
     if values["attack_transfer_from"] and values["attack"] == "none":
         raise UsageError("--attack_transfer_from needs --attack fgsm or bim")
 
@@ -111,6 +116,7 @@ def options_from(values):
         values["bim_step_size"],
         values["attack_images"],
         values["seed"],
+        values["attack_margin"],
     )
 
 
@@ -129,13 +135,18 @@ def check_transfer(path, dataset, hparams, source_dataset, source_hparams):
 # ---- the attack in the graph ----------------------------------------------------------------------------------
 
 
-def objective_for(model, hparams, global_step):
+def objective_for(model, hparams, global_step, margin=None):
     """(objective, margin): objective(images, labels) -> (summed loss, class scores `[N, L]`) of `model`.
 
-    Capsules: the spread loss at the margin of `global_step` (the restored checkpoint's) on the class
-    activations; CNN: softmax cross-entropy on the logits, and margin None.
+    Capsules: the spread loss on the class activations at `margin`, or when None at the margin of
+    `global_step` (the restored checkpoint's); CNN: softmax cross-entropy on the logits, and margin None.
     """
-    margin = None if hparams.model == "cnn" else capsnet.margin_schedule(global_step, hparams)
+    if hparams.model == "cnn":
+        margin = None
+    elif margin is None:
+        margin = capsnet.margin_schedule(global_step, hparams)
+    else:
+        margin = tf.constant(margin, tf.float32)
 
     def objective(images, labels):
         if hparams.model == "cnn":
@@ -200,13 +211,13 @@ def perturb(sess, step, clean, labels, direction, bounds, epsilon, step_size, st
 class Network:
     """A run's latest checkpoint in a tf.Graph and session of its own, with the attack step on its loss."""
 
-    def __init__(self, source, image_shape):
+    def __init__(self, source, image_shape, margin=None):
         self.source = source
         self.graph = tf.Graph()
         with self.graph.as_default():
             global_step = tf.train.get_or_create_global_step()
             model = runtime.new_model(source.hparams, source.settings.micro_batches)
-            objective, margin = objective_for(model, source.hparams, global_step)
+            objective, margin = objective_for(model, source.hparams, global_step, margin)
             self.step = build_step(objective, image_shape)
             self.sess = runtime.new_session(source.settings.threads, source.settings.micro_batches)
             self.checkpoint = run_dir.restore_latest(self.sess, tf.train.Saver(), source.result_dir)
@@ -380,11 +391,12 @@ def run(victim, transfer_from, dataset, images, labels, options):
       dataset: the dataset's name (how images are fed and clipped).
 
     Returns:
-      (key "attack/target" (+ "/from:RUN" for a transfer), results entry, `Samples` at the largest epsilon).
+      (key "attack/target" (+ "/margin:M" with --attack_margin, + "/from:RUN" for a transfer), results entry,
+      `Samples` at the largest epsilon).
     """
     count = min(options.images, len(labels))
     clean, truth = as_network_input(dataset, images[:count]), np.asarray(labels[:count])
-    with Network(transfer_from or victim, clean.shape[1:]) as network:
+    with Network(transfer_from or victim, clean.shape[1:], options.margin) as network:
         adversarial, zero, targets, source_predictions = craft(network, clean, truth, dataset, options)
         loss, source_checkpoint = network.describe_loss(), network.checkpoint
         if transfer_from is None:
@@ -397,6 +409,8 @@ def run(victim, transfer_from, dataset, images, labels, options):
     entry.update(loss=loss, checkpoint=network.checkpoint, source_checkpoint=source_checkpoint)
     entry["clip"] = "each clean crop's min..max" if dataset in data.PREPROCESSED else "[0, 1]"
     key = "%s/%s" % (options.attack, options.target)
+    if options.margin is not None:
+        key += "/margin:%g" % options.margin
     if transfer_from is not None:
         key += "/from:%s" % os.path.basename(os.path.normpath(transfer_from.result_dir))
     print_entry(key, entry)

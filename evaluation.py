@@ -148,35 +148,40 @@ def report(result_dir, checkpoint, global_step, predictions, labels, images, cla
         global_step=global_step,
         confusion_matrix=matrix.tolist(),
     )
-    plots.plot_confusion_matrix(matrix, os.path.join(result_dir, "confusion_matrix.png"), class_names)
-    plots.plot_sample_grid(
-        images[:SAMPLE_IMAGES],
-        labels[:SAMPLE_IMAGES],
-        os.path.join(result_dir, "test_samples.png"),
-        predictions[:SAMPLE_IMAGES],
-    )
-    if extra.get("routing"):
-        plots.plot_routing(extra["routing"], os.path.join(result_dir, "routing.png"))
+    _draw(result_dir, matrix, class_names, images, labels, predictions, extra)
     run_dir.write_json_atomically(os.path.join(result_dir, run_dir.RESULTS_FILE), results)
     print(
         "test accuracy %.2f%% (error %.2f%%) on %d images, checkpoint %s (step %d)"
         % (100 * accuracy, 100 * (1 - accuracy), len(labels), checkpoint, global_step)
     )
     print("per-class accuracy: " + " ".join("%s:%.2f%%" % (name, 100 * a) for name, a in zip(class_names, per_class)))
+    _print_extra(extra)
+    return 0
+
+
+def _draw(result_dir, matrix, class_names, images, labels, predictions, extra):
+    """confusion_matrix.png, test_samples.png and, with routing statistics in `extra`, routing.png."""
+    plots.plot_confusion_matrix(matrix, os.path.join(result_dir, "confusion_matrix.png"), class_names)
+    shown = slice(0, SAMPLE_IMAGES)
+    samples_path = os.path.join(result_dir, "test_samples.png")
+    plots.plot_sample_grid(images[shown], labels[shown], samples_path, predictions[shown])
+    if extra.get("routing"):
+        plots.plot_routing(extra["routing"], os.path.join(result_dir, "routing.png"))
+
+
+def _print_extra(extra):
+    """A line each for the viewpoint splits, the multi-crop accuracy and the iteration sweep in `extra`."""
     for name, value in sorted(extra.get("viewpoints", {}).items()):
         print("%s viewpoints: %.2f%% on %d images" % (name, 100 * value["accuracy"], value["images"]))
     if "multi_crop" in extra:
-        print(
-            "multi-crop accuracy (%d views): %.2f%%"
-            % (extra["multi_crop"]["views"], 100 * extra["multi_crop"]["accuracy"])
-        )
+        views, accuracy = extra["multi_crop"]["views"], extra["multi_crop"]["accuracy"]
+        print("multi-crop accuracy (%d views): %.2f%%" % (views, 100 * accuracy))
     sweep = extra.get("iteration_sweep")
     if sweep:
         print(
             "iteration sweep (first %d images): " % sweep["images"]
             + " ".join("%s:%.2f%%" % (k, 100 * a) for k, a in sorted(sweep["accuracy"].items(), key=_as_int))
         )
-    return 0
 
 
 def _as_int(item):

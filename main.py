@@ -134,6 +134,7 @@ flags.DEFINE_integer("bim_steps", 10, "BIM iterations, >= 1.")
 flags.DEFINE_float("bim_step_size", None, "BIM step per iteration, > 0 (default: 1.25 * epsilon / bim_steps).")
 flags.DEFINE_integer("attack_images", 1000, "Attack the first N test images, >= 1.")
 flags.DEFINE_string("attack_transfer_from", None, "Black-box: adversarial images from this run's network.")
+flags.DEFINE_float("attack_margin", None, "Capsules: spread-loss margin of the attack, > 0 (default: the run's).")
 # ---- devices and cluster (cluster.py; README "Beyond one device") ---------------------------------------------
 flags.DEFINE_integer("num_devices", 1, "Towers: the batch split over N GPUs (or logical CPUs without GPUs), >= 1.")
 flags.DEFINE_string("ps_hosts", "", "Cluster: parameter servers, host:port,... (empty: no cluster; or TF_CONFIG).")
@@ -153,18 +154,11 @@ RUN_DEFINING_FLAGS = (
     + HPARAM_FLAGS
     + ("batch_size", "dataset", "data_dir", "norb_channels", "viewpoint_split", "validation_size", "max_shift", "seed")
 )
+ATTACK_FLAGS = ("attack", "epsilons", "attack_target", "bim_steps", "bim_step_size", "attack_images")
+ATTACK_FLAGS += ("attack_transfer_from", "attack_margin")  # every test-mode flag of the attacks group
 # Flags that test mode takes from its command line (with --test and --result_dir); the rest come from flags.json.
-TEST_FLAGS = (
-    "test",
-    "result_dir",
-    "data_dir",
-    "threads",
-    "micro_batch_size",
-    "eval_batch_size",
-    "sweep_images",
-    "multi_crop",
-    "quiet",
-) + ("attack", "epsilons", "attack_target", "bim_steps", "bim_step_size", "attack_images", "attack_transfer_from")
+TEST_FLAGS = ("test", "result_dir", "data_dir", "threads", "micro_batch_size", "eval_batch_size", "sweep_images")
+TEST_FLAGS += ("multi_crop", "quiet") + ATTACK_FLAGS
 # Flags that set where a run ends (--max_steps, when given, wins over --epochs).
 RUN_LENGTH_FLAGS = ("epochs", "max_steps")
 POSITIVE_FLAGS = ("batch_size", "save_every_steps", "summary_every_steps", "epochs", "max_steps", "eval_batch_size")

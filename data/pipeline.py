@@ -94,15 +94,10 @@ def random_shift(image, max_shift, seed=None):
 def make_dataset(images, labels, batch_size, shuffle=False, repeat=False, seed=None, drop_remainder=False, max_shift=0):
     """Builds the tf.data input pipeline over in-memory MNIST arrays.
 
-    Order: from_tensor_slices -> shuffle (buffer = whole set, reshuffled every
-    epoch) -> repeat -> random shift (only with max_shift > 0) -> batch -> scale
-    to [0, 1] -> prefetch. Shuffling before repeat keeps epochs disjoint. Works in
-    `tensorflow.compat.v1` graph mode with `tf.data.make_one_shot_iterator` /
-    `make_initializable_iterator`.
-
-    NumPy arrays are embedded in the graph as constants (about 47 MB for the
-    MNIST train set); pass `tf.placeholder`s and feed them to an initializable
-    iterator to keep them out of the graph (and out of checkpoints' meta graphs).
+    Order: from_tensor_slices -> shuffle (buffer = whole set, reshuffled every epoch) -> repeat -> random
+    shift (only with max_shift > 0) -> batch -> scale to [0, 1] -> prefetch; shuffling before repeat keeps
+    epochs disjoint. NumPy arrays become graph constants (47 MB for MNIST's train set): pass
+    `tf.placeholder`s and an initializable iterator to keep them out of the graph and its meta graphs.
 
     Args:
         images: uint8 [N, H, W], an array or a tensor.

@@ -106,7 +106,7 @@ class AttackStepTest(tf.test.TestCase):
         fgsm, _ = self._perturb(weights, clean, labels, 1.0, 0.07)
         bim, _ = self._perturb(weights, clean, labels, 1.0, 0.07, step_size=0.07, steps=1)
         self.assertAllEqual(bim, fgsm)
-        options = attacks.Options("bim", (0.07,), "none", 1, 0.07, 10, 1)
+        options = attacks.Options("bim", (0.07,), "none", 1, 0.07, 10, 1, None)
         self.assertEqual(attacks.step_schedule(options, 0.07), (0.07, 1))
         self.assertEqual(attacks.step_schedule(options._replace(attack="fgsm", bim_steps=10), 0.07), (0.07, 1))
         default = options._replace(bim_steps=10, bim_step_size=None)
@@ -148,12 +148,13 @@ def test_attack_labels():
 def test_flag_checks():
     """check_flags accepts the defaults and names the flag of each bad value."""
     good = {"attack": "fgsm", "epsilons": "0,0.1", "attack_target": "none", "bim_steps": 10}
-    good.update(bim_step_size=None, attack_images=1000, attack_transfer_from=None)
+    good.update(bim_step_size=None, attack_images=1000, attack_transfer_from=None, attack_margin=None)
     attacks.check_flags(good)
     assert attacks.parse_epsilons("0.01, 0.3") == (0.01, 0.3)
     for changes, message in (
         ({"epsilons": "0.1,nan"}, "--epsilons must all be finite and >= 0"),
         ({"bim_step_size": 0.0}, "--bim_step_size must be > 0"),
+        ({"attack_margin": float("inf")}, "--attack_margin must be > 0, got inf"),
         ({"attack": "none", "attack_transfer_from": "other"}, "--attack_transfer_from needs --attack fgsm or bim"),
     ):
         with pytest.raises(UsageError, match=message):
@@ -195,6 +196,7 @@ def run_main_in_process(args, capsys):
         (["--attack", "fgsm", "--epsilons", "0.1;0.2"], "--epsilons must be a comma-separated list of numbers"),
         (["--attack", "bim", "--bim_steps", "0"], "--bim_steps must be >= 1, got 0"),
         (["--attack", "fgsm", "--attack_images", "0"], "--attack_images must be >= 1, got 0"),
+        (["--attack", "fgsm", "--attack_margin", "0"], "--attack_margin must be > 0, got 0.0"),
         (["--attack", "fgsm", "--attack_target", "worst"], "--attack_target must be one of none/random/least_likely"),
         (["--attack", "fgsm", "--attack_transfer_from", "nowhere"], "--attack_transfer_from nowhere does not exist"),
         (
@@ -235,7 +237,8 @@ def test_bad_attack_flag_in_a_subprocess(runs):
 def test_fgsm_then_bim_write_the_attacks_section(runs):
     """`--attack fgsm` adds an `attacks` section (per epsilon: accuracy, success rate, zero gradients; epsilon 0
     keeps the clean accuracy and succeeds nowhere) beside the usual results, and draws attacks.png and
-    attack_samples.png; a later `--attack bim --attack_target least_likely` joins the same section."""
+    attack_samples.png; a later `--attack bim --attack_target least_likely --attack_margin 1` joins the same
+    section under a key naming its margin, and its loss says the margin."""
     common = ["--test", "True", "--result_dir", "caps", "--eval_batch_size", "6"]
     fgsm = run_main(common + ["--attack", "fgsm", "--epsilons", "0,0.1,0.3", "--attack_images", "12"], cwd=runs)
     assert fgsm.returncode == 0, fgsm.stderr
@@ -249,12 +252,14 @@ def test_fgsm_then_bim_write_the_attacks_section(runs):
     for name in ("attacks.png", "attack_samples.png"):
         assert_png(str(runs / "caps" / name))
     bim_args = ["--attack", "bim", "--attack_target", "least_likely", "--bim_steps", "2", "--epsilons", "0.1"]
-    bim = run_main(common + bim_args + ["--attack_images", "6"], cwd=runs)
+    bim = run_main(common + bim_args + ["--attack_images", "6", "--attack_margin", "1"], cwd=runs)
     assert bim.returncode == 0, bim.stderr
+    assert "attack bim/least_likely/margin:1 (spread loss, margin 1; 6 images" in bim.stdout
     section = read_json(str(runs / "caps" / "test_results.json"))["attacks"]
-    assert sorted(section) == ["bim/least_likely", "fgsm/none"]
-    assert section["bim/least_likely"]["bim_steps"] == 2
-    assert section["bim/least_likely"]["per_epsilon"][0]["step_size"] == pytest.approx(0.0625)  # 1.25 * 0.1 / 2
+    assert sorted(section) == ["bim/least_likely/margin:1", "fgsm/none"]
+    assert section["bim/least_likely/margin:1"]["bim_steps"] == 2
+    step_size = section["bim/least_likely/margin:1"]["per_epsilon"][0]["step_size"]
+    assert step_size == pytest.approx(0.0625)  # 1.25 * 0.1 / 2
 
 
 def test_transfer_from_the_cnn_and_overlay(runs, tmp_path):
