@@ -1,8 +1,8 @@
 """The cluster mode of main.py (cluster.py): parameter servers and workers on TensorFlow's own runtime.
 
 The cluster tests run 1 parameter server and 2 workers as three `python main.py` subprocesses on 127.0.0.1 with
-free ports, on tiny generated data and a tiny network; every wait is bounded, and every process still running when its test
-ends is killed. The flag and TF_CONFIG checks run in-process.
+free ports, on tiny generated data and a tiny network; every wait is bounded, and every process still running when
+its test ends is killed. The flag and TF_CONFIG checks run in-process.
 """
 
 import contextlib
