@@ -75,15 +75,20 @@ class CNNBaseline:
         predictions = tf.argmax(probabilities, axis=1)  # [N]
         return capsnet.Inference(probabilities, None, predictions, {"layers": list(self.layers)})
 
-    def train(self, images, labels):
-        """Softmax cross-entropy with weight decay, `model.checked_adam`, summaries: `model.TrainGraph`."""
+    def train(self, images, labels, distribution=capsnet.SINGLE_DEVICE):
+        """Softmax cross-entropy with weight decay, `model.checked_adam`, summaries: `model.TrainGraph`.
+
+        `distribution` may wrap the optimiser; towers are refused (dropout draws differ per tower; ValueError).
+        """
+        if distribution.towers:
+            raise ValueError("the CNN baseline trains on one device (no towers)")
         hp = self.hparams
         global_step = tf.train.get_or_create_global_step()
         logits = self.logits(images, hp.cnn_dropout)  # [N, L]
         cross_entropy = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
         weights = [w for layer in self.layers for w in layer.weights_to_decay]
         total = cross_entropy + hp.weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in weights])
-        step = capsnet.checked_adam(total, hp, global_step)
+        step = capsnet.checked_adam([total], hp, global_step, distribution.wrap_optimizer)
         predictions = tf.argmax(logits, axis=1)  # [N]
         accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, labels), tf.float32))
         summary_op = tf.summary.merge(
@@ -107,4 +112,5 @@ class CNNBaseline:
             summary_op,
             inference,
             step.finite_checks,
+            step.grads_and_vars,
         )

@@ -51,6 +51,7 @@ with quiet_native_stderr():
 from absl import flags  # noqa: E402
 
 import attacks  # noqa: E402
+import cluster  # noqa: E402
 import data  # noqa: E402
 import model as capsnet  # noqa: E402
 import run_dir  # noqa: E402
@@ -137,6 +138,14 @@ flags.DEFINE_float("bim_step_size", None, "BIM step per iteration, > 0 (default:
 flags.DEFINE_integer("attack_images", 1000, "Attack the first N test images, >= 1.")
 flags.DEFINE_string("attack_transfer_from", None, "Black-box: adversarial images from this run's network.")
 flags.DEFINE_float("attack_margin", None, "Capsules: spread-loss margin of the attack, > 0 (default: the run's).")
+# ---- devices and cluster (cluster.py; README "Beyond one device") ---------------------------------------------
+flags.DEFINE_integer("num_devices", 1, "Towers: the batch split over N GPUs (or logical CPUs without GPUs), >= 1.")
+flags.DEFINE_string("ps_hosts", "", "Cluster: parameter servers, host:port,... (empty: no cluster; or TF_CONFIG).")
+flags.DEFINE_string("worker_hosts", "", "Cluster: workers, host:port,...; worker 0 is the chief.")
+flags.DEFINE_string("job_name", "", "Cluster: this process's job, 'ps' or 'worker'.")
+flags.DEFINE_integer("task_index", 0, "Cluster: this process's index in its job, >= 0.")
+flags.DEFINE_bool("async", False, "Cluster: each worker updates on its own (default: synchronous, global batch W x N).")
+flags.DEFINE_integer("startup_timeout_s", 120, "Cluster: seconds to wait for the ps and the chief at start, > 0.")
 
 # This program's flags (absl and TensorFlow define more of their own, which are not saved with a run).
 PROGRAM_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]))
@@ -148,35 +157,19 @@ RUN_DEFINING_FLAGS = (
     + HPARAM_FLAGS
     + ("batch_size", "dataset", "data_dir", "norb_channels", "viewpoint_split", "validation_size", "max_shift", "seed")
 )
+ATTACK_FLAGS = ("attack", "epsilons", "attack_target", "bim_steps", "bim_step_size", "attack_images")
+ATTACK_FLAGS += ("attack_transfer_from", "attack_margin")  # every test-mode flag of the attacks group
 # Flags that test mode takes from its command line (with --test and --result_dir); the rest come from flags.json.
-TEST_FLAGS = (
-    "test",
-    "result_dir",
-    "data_dir",
-    "threads",
-    "routing_kernel",
-    "micro_batch_size",
-    "eval_batch_size",
-    "sweep_images",
-    "multi_crop",
-    "quiet",
-) + (
-    "attack",
-    "epsilons",
-    "attack_target",
-    "bim_steps",
-    "bim_step_size",
-    "attack_images",
-    "attack_transfer_from",
-    "attack_margin",
-)
+TEST_FLAGS = ("test", "result_dir", "data_dir", "threads", "routing_kernel", "micro_batch_size", "eval_batch_size")
+TEST_FLAGS += ("sweep_images", "multi_crop", "quiet") + ATTACK_FLAGS
 # Flags that set where a run ends (--max_steps, when given, wins over --epochs).
 RUN_LENGTH_FLAGS = ("epochs", "max_steps")
 POSITIVE_FLAGS = ("batch_size", "save_every_steps", "summary_every_steps", "epochs", "max_steps", "eval_batch_size")
+POSITIVE_FLAGS += ("num_devices", "startup_timeout_s")
 NON_NEGATIVE_FLAGS = ("validation_size", "threads", "micro_batch_size", "sweep_images")
 HELP_ARGUMENTS = ("-h", "--help", "--helpshort", "--helpfull")
 EXIT_USAGE = 2
-EXIT_NON_FINITE = 3
+EXIT_NON_FINITE = training.EXIT_NON_FINITE
 EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-ended command
 NORB_CHANNELS = (1, 2)  # --norb_channels: one image of each stereo pair, or both
 VIEWPOINT_SPLITS = ("none", "azimuth", "elevation")
@@ -237,7 +230,7 @@ def validate_flags(values):
     if not 0 <= values["max_shift"] < image_size:
         raise UsageError("--max_shift must be in 0..%d, got %r" % (image_size - 1, values["max_shift"]))
     attacks.check_flags(values)
-    resolve_hparams(values)
+    runtime.check_towers(values["batch_size"], values["num_devices"], resolve_hparams(values).model)
 
 
 def flag_defaults():
@@ -293,15 +286,28 @@ def training_data(values):
     return train_x, train_y, data.for_evaluation(values["dataset"], val_x), val_y
 
 
-def train(values, result_dir, resumed, monitor=None):
+def build_training(values, hparams, role):
+    """(pipeline, model, training graph, evaluation predictions, cluster.Synchronizer or None), placed on `role`."""
+    sync = cluster.synchronizer(role, values["async"]) if role else None
+    with cluster.placement(role) if role else contextlib.nullcontext():
+        sizes = [values[name] for name in ("batch_size", "eval_batch_size", "seed", "max_shift")]
+        pipeline = data_pipeline.build_for(values["dataset"], hparams, *sizes)
+        model = runtime.new_model(hparams, runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"]))
+        distribution = capsnet.Distribution(runtime.tower_devices(values["num_devices"]), sync)
+        graph = model.train(pipeline.train_images, pipeline.train_labels, distribution)
+        eval_predictions = model.inference(pipeline.eval_images).predictions  # the same variables
+    return pipeline, model, graph, eval_predictions, sync
+
+
+def train(values, result_dir, resumed, monitor=None, role=None):
     """Trains (or resumes) the run in `result_dir`; returns the exit code.
 
     `monitor` (a `training.Monitor`, for tools such as search.py) adds validations between epoch ends and receives
-    each accuracy; main.py's own command passes none.
+    each accuracy; main.py's own command passes none. `role` (a `cluster.Role`) trains as a worker of a cluster.
     """
     hparams = run_hparams(result_dir, values) if resumed else resolve_hparams(values)
-    arrays = training_data(values)
-    steps_per_epoch, max_steps = run_length(values, len(arrays[0]))
+    arrays, epoch_size = cluster.share(training_data(values), role, values["async"])
+    steps_per_epoch, max_steps = run_length(values, epoch_size)
     hparams = runtime.with_run_length(hparams, max_steps)  # a new run's whole-run schedules
     start = run_dir.latest_checkpoint(result_dir)[1] if resumed else 0
     sizes = (len(arrays[0]), len(arrays[2]))
@@ -312,15 +318,13 @@ def train(values, result_dir, resumed, monitor=None):
         flush=True,
     )
     tf.set_random_seed(values["seed"])
-    pipeline = data_pipeline.build_for(
-        values["dataset"], hparams, values["batch_size"], values["eval_batch_size"], values["seed"], values["max_shift"]
-    )
-    model = runtime.new_model(hparams, runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"]))
-    graph = model.train(pipeline.train_images, pipeline.train_labels)
-    eval_predictions = model.inference(pipeline.eval_images).predictions  # the same variables
+    pipeline, model, graph, eval_predictions, sync = build_training(values, hparams, role)
     intervals = (values["save_every_steps"], values["summary_every_steps"], values["quiet"])
     schedule = training.Schedule(values["batch_size"], steps_per_epoch, max_steps, *intervals)
-    with runtime.new_session(values["threads"], model.micro_batches) as sess:
+    if role:
+        parts = (graph, pipeline, eval_predictions, arrays, schedule, sync)
+        return cluster.train(role, parts, values, lambda: run_dir.write_run(result_dir, values, hparams))
+    with runtime.new_session(values["threads"], model.micro_batches, values["num_devices"]) as sess:
         sess.run(tf.global_variables_initializer())
         run_dir.write_run(result_dir, values, hparams)  # the first file of a new run: after start-up
         run = training.TrainingRun(result_dir, sess, graph, eval_predictions, pipeline, arrays, schedule, monitor)
@@ -425,8 +429,13 @@ def main(argv):
         if testing:
             run_dir.check_test_flags(values["result_dir"], given, TEST_FLAGS)
             return test(values["result_dir"], {name: values[name] for name in TEST_FLAGS if name in given})
+        role = cluster.join(values, os.environ.get(cluster.TF_CONFIG))  # with its server started
+        if role and role.job_name == "ps":
+            return cluster.run_ps(role)
+        if role and not cluster.is_chief(role):  # the other workers train with this command's flags, write nothing
+            return train(values, values["result_dir"], False, role=role)
         result_dir, run_values, resumed = training_run_flags(values, given)
-        return train(run_values, result_dir, resumed)
+        return train(run_values, result_dir, resumed, role=role)
     except (UsageError, idx.DataError) as error:
         print("error: %s" % error, file=sys.stderr)
         return EXIT_USAGE

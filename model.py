@@ -43,6 +43,11 @@ _SIGMOID_ARG_MAX = 10.0  # official: min(10, ...)
 _SIGMOID_ARG_SPAN = 8.0  # ramp_steps = 400000 reproduces step / 50000: 400000 / 8 = 50000
 
 Inference = collections.namedtuple("Inference", ["activations", "poses", "predictions", "end_points"])
+# How a training graph is spread (runtime.py and cluster.py make them): `towers`, one device (a name or a device
+# function) per tower, the batch split equally among them (empty: one graph, no device set); `wrap_optimizer`,
+# a function of the Adam optimiser returning the one to use (SyncReplicasOptimizer for synchronous workers), or None.
+Distribution = collections.namedtuple("Distribution", ["towers", "wrap_optimizer"])
+SINGLE_DEVICE = Distribution((), None)
 Loss = collections.namedtuple("Loss", ["total", "spread", "weight_decay", "margin"])
 TrainGraph = collections.namedtuple(
     "TrainGraph",
@@ -57,6 +62,7 @@ TrainGraph = collections.namedtuple(
         "summary_op",
         "inference",
         "finite_checks",
+        "grads_and_vars",
     ],
 )
 
@@ -262,20 +268,26 @@ class CapsNetEMModel:
         decay = hp.weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in weights])
         return Loss(spread + decay, spread, decay, margin)
 
-    def train(self, images, labels):
+    def train(self, images, labels, distribution=SINGLE_DEVICE):
         """Builds the training graph: inference, loss, Adam with exponential lr decay, summaries.
 
         Every gradient passes a finite check before any variable is updated: a non-finite loss or
-        gradient fails the step with an error naming the tensor, and no variable changes.
+        gradient fails the step with an error naming the tensor, and no variable changes. With towers
+        (`distribution.towers`), each tower's gradients are computed on its device and averaged: the
+        same update as one graph on the whole batch, as the towers' parts are equal.
 
         Returns:
           `TrainGraph`.
         """
         _check_schedule_length(self.hparams, "lr_decay_steps")  # before any variable is made
         global_step = tf.train.get_or_create_global_step()
-        inference = self.inference(images)
-        loss = self.loss(inference.activations, labels, global_step)
-        step = checked_adam(loss.total, self.hparams, global_step)
+        if distribution.towers:
+            inference, losses = self._towers(images, labels, global_step, distribution.towers)
+        else:
+            inference = self.inference(images)
+            losses = [self.loss(inference.activations, labels, global_step)]
+        loss = Loss(*(mean_of([getattr(part, field) for part in losses]) for field in Loss._fields))
+        step = checked_adam([part.total for part in losses], self.hparams, global_step, distribution.wrap_optimizer)
         accuracy = tf.reduce_mean(tf.cast(tf.equal(inference.predictions, labels), tf.float32))
         summary_op = self._summaries(loss, accuracy, step.learning_rate, inference.end_points, step.grads_and_vars)
         return TrainGraph(
@@ -289,7 +301,34 @@ class CapsNetEMModel:
             summary_op,
             inference,
             step.finite_checks,
+            step.grads_and_vars,
         )
+
+    def _towers(self, images, labels, global_step, towers):
+        """The network and its loss once per tower, on the tower's device, on an equal part of the batch.
+
+        Args:
+          images: `[N, H, W, K]`, N divisible by the number of towers.
+          labels: int `[N]`.
+          towers: the towers' devices.
+
+        Returns:
+          (`Inference` of the whole batch, the parts' outputs concatenated in order, a `Loss` per tower).
+        """
+        parts = zip(towers, split_batch(images, len(towers)), split_batch(labels, len(towers)))
+        inferences, losses = [], []
+        for index, (device, part_images, part_labels) in enumerate(parts):
+            with tf.device(device), tf.name_scope("tower_%d" % index):
+                inferences.append(self.inference(part_images))  # [N / towers, ...] per output
+                losses.append(self.loss(inferences[-1].activations, part_labels, global_step))
+        end_points = {
+            name: tf.concat([part.end_points[name] for part in inferences], axis=0)  # [N, ...]
+            for name in inferences[0].end_points
+            if name != "layers"
+        }
+        end_points["layers"] = list(self.layers)
+        whole = [tf.concat(tensors, axis=0) for tensors in zip(*[part[:3] for part in inferences])]  # [N, ...]
+        return Inference(*whole, end_points), losses
 
     def _summaries(self, loss, accuracy, learning_rate, end_points, grads_and_vars):
         """Loss, accuracy, learning rate, mean activations, betas, routing statistics and gradient norms."""
@@ -314,8 +353,28 @@ class CapsNetEMModel:
 CheckedStep = collections.namedtuple("CheckedStep", ["train_op", "learning_rate", "grads_and_vars", "finite_checks"])
 
 
-def checked_adam(loss_total, hparams, global_step):
-    """Adam with exponential learning-rate decay on `loss_total`, every value checked finite before any update.
+def mean_of(tensors):
+    """The mean of equally shaped `tensors` (the tensor itself when there is one: nothing is added to the graph)."""
+    return tensors[0] if len(tensors) == 1 else tf.add_n(tensors) / float(len(tensors))
+
+
+def average_gradients(tower_grads_and_vars):
+    """One (gradient, variable) list from one per tower (the same variables in the same order): the mean gradients."""
+    averaged = []
+    for pairs in zip(*tower_grads_and_vars):  # one variable's (gradient, variable) of every tower
+        averaged.append((mean_of([gradient for gradient, _ in pairs]), pairs[0][1]))
+    return averaged
+
+
+def checked_adam(tower_losses, hparams, global_step, wrap_optimizer=None):
+    """Adam with exponential learning-rate decay, every value checked finite before any update.
+
+    Args:
+      tower_losses: the scalar total loss of each tower (one: a single graph); their gradients are averaged,
+        each tower's computed on its own device (colocated with its forward ops).
+      hparams: `HParams` (learning rate and its decay).
+      global_step: the step variable the update increments.
+      wrap_optimizer: None, or a function of the Adam optimiser returning the one to apply the update with.
 
     A non-finite loss or gradient fails the step with an error naming the tensor (see `run_step`), and no
     variable changes. Returns `CheckedStep`; its finite_checks map each check op's name to what it checks.
@@ -325,7 +384,13 @@ def checked_adam(loss_total, hparams, global_step):
         hparams.learning_rate, global_step, hparams.lr_decay_steps, hparams.lr_decay_rate
     )
     optimizer = tf.train.AdamOptimizer(learning_rate)
-    grads_and_vars = optimizer.compute_gradients(loss_total)
+    if wrap_optimizer is not None:
+        optimizer = wrap_optimizer(optimizer)
+    colocate = len(tower_losses) > 1
+    grads_and_vars = average_gradients(
+        [optimizer.compute_gradients(loss, colocate_gradients_with_ops=colocate) for loss in tower_losses]
+    )
+    loss_total = mean_of(tower_losses)
     described = [(loss_total, "loss")] + [(g, "gradient of %s" % v.op.name) for g, v in grads_and_vars]
     checks = [tf.debugging.check_numerics(tensor, what) for tensor, what in described]
     with tf.control_dependencies(checks):  # all checks pass before any update

@@ -21,6 +21,7 @@ import progress
 import run_dir
 
 MAX_CHECKPOINTS = 3  # checkpoints kept in a run directory
+EXIT_NON_FINITE = 3  # main.py's exit code when a non-finite loss or gradient stopped training
 
 # What the loop needs to know of the run: the training and validation arrays, the batch size, the steps per
 # epoch and the last step, and the intervals and output settings (plain values, read from flags by main.py).
@@ -82,7 +83,7 @@ class TrainingRun:
         schedule = self.schedule
         while step < schedule.max_steps:
             step = self._train_epoch(step)
-            accuracy = self._validate(step) if self._validates_at(step) else None
+            accuracy = self.validate(step) if self._validates_at(step) else None
             self.save(step)
             if self.monitor is not None and accuracy is not None:
                 self.monitor.report(step, accuracy)
@@ -120,7 +121,7 @@ class TrainingRun:
                 elapsed = time.time() - started
                 _, loss, accuracy, step = results[:4]
                 if summarise:
-                    self._record(results[4], step, loss, accuracy)
+                    self.record(results[4], step, loss, accuracy)
                 if step % schedule.save_every_steps == 0:
                     self.save(step)
                 bar.set_postfix(
@@ -129,13 +130,14 @@ class TrainingRun:
                 bar.update(1)
         return step
 
-    def _record(self, summary, step, loss, accuracy):
+    def record(self, summary, step, loss, accuracy):
+        """The summary of `step` in TensorBoard and its loss and accuracy in the history."""
         self.writer.add_summary(summary, step)
         self.history["step"].append(int(step))
         self.history["loss"].append(float(loss))
         self.history["train_accuracy"].append(float(accuracy))
 
-    def _validate(self, step):
+    def validate(self, step):
         """Validation accuracy at `step`, recorded in the history and TensorBoard (None without a validation set)."""
         if len(self.val_x) == 0:
             return None
