@@ -35,7 +35,6 @@ DIR2's network, in a tf.Graph and session of its own, then evaluates them on the
 """
 
 import collections
-import json
 import math
 import os
 
@@ -44,7 +43,6 @@ import tensorflow.compat.v1 as tf
 
 import data
 import model as capsnet
-import plots
 import progress
 import run_dir
 import runtime
@@ -431,30 +429,3 @@ def print_entry(key, entry):
             "  eps %g: accuracy %.2f%%, success rate %.2f%% over %d images, zero gradient %.1f%%"
             % ((row["epsilon"],) + rates)
         )
-
-
-def merged_section(result_dir, key, entry):
-    """The `attacks` section: the entries of DIR's test_results.json for the same checkpoint, and `entry`."""
-    path = os.path.join(result_dir, run_dir.RESULTS_FILE)
-    previous = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                previous = json.load(f).get("attacks") or {}
-        except (OSError, ValueError, AttributeError):  # unreadable: start a new section
-            previous = {}
-    section = {
-        name: old
-        for name, old in previous.items()
-        if isinstance(old, dict) and old.get("checkpoint") == entry["checkpoint"]
-    }
-    section[key] = entry
-    return section
-
-
-def write_pictures(result_dir, section, key, samples):
-    """attacks.png (success rate against epsilon, a line per entry) and attack_samples.png (`samples`)."""
-    plots.plot_attack_curves(plots.attack_curves(section), os.path.join(result_dir, CURVES_FILE))
-    largest = max(row["epsilon"] for row in section[key]["per_epsilon"])
-    title = "%s, eps %g: clean (top), adversarial (bottom)" % (key, largest)
-    plots.plot_attack_pairs(*samples, os.path.join(result_dir, SAMPLES_FILE), title=title)

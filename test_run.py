@@ -5,6 +5,7 @@ test-time iteration sweep, the adversarial attacks and the report (evaluation.re
 flags and the run's saved values and passes them here as plain values; no flags are read here.
 """
 
+import json
 import os
 
 import numpy as np
@@ -12,6 +13,7 @@ import numpy as np
 import attacks
 import data
 import evaluation
+import plots
 import run_dir
 import runtime
 
@@ -100,7 +102,34 @@ def evaluate(result_dir, values, hparams, loaded, labels, network, source=None):
         key, entry, samples = attacks.run(
             victim, source, values["dataset"], views[0], labels, attacks.options_from(values)
         )
-        extra["attacks"] = attacks.merged_section(result_dir, key, entry)
-        attacks.write_pictures(result_dir, extra["attacks"], key, samples)
+        extra["attacks"] = _attacks_section(result_dir, key, entry)
+        _draw_attacks(result_dir, extra["attacks"], key, samples)
     class_names = data.get(values["dataset"]).class_names
     return evaluation.report(result_dir, checkpoint, step, predictions, truth, views[0], class_names, extra)
+
+
+def _attacks_section(result_dir, key, entry):
+    """The `attacks` section: the entries of DIR's test_results.json for the same checkpoint, and `entry`."""
+    path = os.path.join(result_dir, run_dir.RESULTS_FILE)
+    previous = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                previous = json.load(f).get("attacks") or {}
+        except (OSError, ValueError, AttributeError):  # unreadable: start a new section
+            previous = {}
+    section = {
+        name: old
+        for name, old in previous.items()
+        if isinstance(old, dict) and old.get("checkpoint") == entry["checkpoint"]
+    }
+    section[key] = entry
+    return section
+
+
+def _draw_attacks(result_dir, section, key, samples):
+    """attacks.png (success rate against epsilon, a line per entry) and attack_samples.png (`samples`)."""
+    plots.plot_attack_curves(plots.attack_curves(section), os.path.join(result_dir, attacks.CURVES_FILE))
+    largest = max(row["epsilon"] for row in section[key]["per_epsilon"])
+    title = "%s, eps %g: clean (top), adversarial (bottom)" % (key, largest)
+    plots.plot_attack_pairs(*samples, os.path.join(result_dir, attacks.SAMPLES_FILE), title=title)
