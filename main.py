@@ -76,7 +76,7 @@ def define_hparam_flags(helps):
 
 # ---- model (each flag's full meaning: the README's flags table) ------------------------------------
 flags.DEFINE_string(
-    "preset", "paper", "Network size: 'paper' (A=B=C=D=32, 3 iterations) or 'small' (A=64, B=8, C=D=16)."
+    "preset", "paper", "'paper' (A=B=C=D=32, 3 iterations), 'small' (A=64, B=8, C=D=16) or 'small_search'."
 )
 flags.DEFINE_string(
     "routing", None, "Routing form: 'paper' or 'official' (the released code's); default: the preset's."

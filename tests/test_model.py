@@ -199,6 +199,19 @@ class HParamsTest(tf.test.TestCase):
         self.assertEqual(capsnet.hparams_for("small"), capsnet.PRESETS["small"])
         self.assertEqual(capsnet.PRESETS["small"].iterations, 2)
 
+    def test_small_search_preset(self):
+        """`small_search` (the search's best trial) is the `small` network with only fields of the search space
+        changed, and valid; its margin ramps over the whole run."""
+        import search_space
+
+        small, searched = capsnet.PRESETS["small"], capsnet.hparams_for("small_search")
+        changed = {f.name for f in dataclasses.fields(small) if getattr(small, f.name) != getattr(searched, f.name)}
+        self.assertLessEqual(changed - {"margin_ramp_steps"}, set(search_space.DEFAULT_SPACE))
+        self.assertIn("learning_rate", changed)
+        self.assertEqual((searched.conv1_filters, searched.iterations), (small.conv1_filters, small.iterations))
+        self.assertEqual((searched.margin_schedule, searched.margin_ramp_steps), ("linear", capsnet.WHOLE_RUN))
+        searched.validate()
+
     def test_run_length(self):
         """with_run_length fills in exactly the WHOLE_RUN (0) schedule lengths; the small preset's learning
         rate then falls from 0.01 to a tenth of it at the run's last step."""
