@@ -25,7 +25,8 @@ _PLOT_DPI = 100
 _ABLATION_FIGSIZE_IN = (6.0, 4.0)
 _ROUTING_COLUMNS = 4  # routing.png: panels per row
 _ROUTING_PANEL_IN = 3.0  # routing.png: width and height of one panel
-_ATTACK_FIGSIZE_IN = (6.0, 4.0)  # attacks.png
+_ATTACK_FIGSIZE_IN = (7.0, 5.0)  # attacks.png
+_MANY_LINES_COLOURMAP = "tab20"  # 20 distinct colours (matplotlib's default cycle repeats after 10)
 _PAIR_ROWS = 2  # attack_samples.png: clean images above, adversarial below
 _SUPTITLE_IN = 0.4  # attack_samples.png: room for the figure's title
 _CONFUSION_TEXT_SWITCH = 0.5  # Cells above this fraction of the max get white text.
@@ -282,9 +283,13 @@ def plot_attack_curves(curves, path):
     """
     figure = _new_figure(_ATTACK_FIGSIZE_IN)
     axes = figure.add_subplot(1, 1, 1)
-    for label, (epsilons, rates) in curves.items():
+    from matplotlib import colormaps
+
+    colours = colormaps[_MANY_LINES_COLOURMAP].colors  # 20: the lines of two runs' attacks stay apart
+    for index, (label, (epsilons, rates)) in enumerate(curves.items()):
         order = np.argsort(epsilons)
-        axes.plot(np.asarray(epsilons)[order], 100.0 * np.asarray(rates)[order], marker="o", label=label)
+        colour = colours[index % len(colours)]
+        axes.plot(np.asarray(epsilons)[order], 100.0 * np.asarray(rates)[order], marker="o", label=label, c=colour)
     axes.set_xlabel("epsilon (L-infinity)")
     axes.set_ylabel("attack success rate (%)")
     axes.set_ylim(0.0, 100.0)
