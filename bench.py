@@ -125,32 +125,29 @@ def measure_bandwidth(threads):
     """Bytes/s of a `reduce_sum` over a tensor far larger than the caches: the attainable memory read rate."""
     with tf.Graph().as_default():
         a = tf.Variable(tf.random.uniform([BANDWIDTH_FLOATS]))
-        total = tf.reduce_sum(a)
-        with tf.Session(config=runtime.session_config(threads, micro_batches=1)) as sess:
-            sess.run(a.initializer)
-            sess.run(total)
-            times = []
-            for _ in range(MATMUL_REPEATS):
-                started = time.perf_counter()
-                sess.run(total)
-                times.append(time.perf_counter() - started)
-    return BANDWIDTH_FLOATS * FLOAT_BYTES / float(np.median(times))
+        seconds = _median_seconds(a, tf.reduce_sum(a), threads)
+    return BANDWIDTH_FLOATS * FLOAT_BYTES / seconds
 
 
 def measure_matmul_rate(threads):
     """fp32 FLOP/s of a square matmul on `threads` cores (0: all): the attainable peak of docs/performance.md."""
     with tf.Graph().as_default():
         a = tf.Variable(tf.random.normal([MATMUL_SIZE, MATMUL_SIZE]))
-        product = tf.reduce_sum(tf.matmul(a, a))
-        with tf.Session(config=runtime.session_config(threads, micro_batches=1)) as sess:
-            sess.run(a.initializer)
-            sess.run(product)
-            times = []
-            for _ in range(MATMUL_REPEATS):
-                started = time.perf_counter()
-                sess.run(product)
-                times.append(time.perf_counter() - started)
-    return FLOPS_PER_MAC * MATMUL_SIZE**3 / float(np.median(times))
+        seconds = _median_seconds(a, tf.reduce_sum(tf.matmul(a, a)), threads)
+    return FLOPS_PER_MAC * MATMUL_SIZE**3 / seconds
+
+
+def _median_seconds(variable, fetch, threads):
+    """Median seconds of `MATMUL_REPEATS` runs of `fetch` after initialising `variable` and one warm-up run."""
+    with tf.Session(config=runtime.session_config(threads, micro_batches=1)) as sess:
+        sess.run(variable.initializer)
+        sess.run(fetch)
+        times = []
+        for _ in range(MATMUL_REPEATS):
+            started = time.perf_counter()
+            sess.run(fetch)
+            times.append(time.perf_counter() - started)
+    return float(np.median(times))
 
 
 def top_ops(run_metadata, count=TOP_OPS):
