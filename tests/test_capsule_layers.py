@@ -28,6 +28,19 @@ def _relative_error(actual, expected):
     return np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-12)
 
 
+def _assert_gradients_match_finite_differences(test, inputs, outputs, label=(), skip=()):
+    """Every d output / d input of `outputs` x `inputs` within GRADIENT_TOLERANCE of float64 central differences,
+    in the current session (variables initialised); pairs (input, output) in `skip` are left out."""
+    for x in inputs:
+        for y in outputs:
+            if any(x is skipped_x and y is skipped_y for skipped_x, skipped_y in skip):
+                continue
+            error = tf.test.compute_gradient_error(
+                x, x.shape.as_list(), y, y.shape.as_list(), delta=FINITE_DIFFERENCE_DELTA
+            )
+            test.assertLess(error, GRADIENT_TOLERANCE, tuple(label) + (x.name, y.name))
+
+
 def _routing_variables(rng, weight_shape, parents):
     return (rng.normal(scale=0.5, size=weight_shape), rng.uniform(0.0, 1.0, parents), rng.uniform(0.0, 1.0, parents))
 
@@ -273,12 +286,8 @@ class ConvCapsTest(parameterized.TestCase, tf.test.TestCase):
             )
             out_poses, out_activations = layer(poses_t, activations_t)
             tf.global_variables_initializer().run()
-            for x in [poses_t, activations_t] + layer.variables:
-                for y in (out_poses, out_activations):
-                    error = tf.test.compute_gradient_error(
-                        x, x.shape.as_list(), y, y.shape.as_list(), delta=FINITE_DIFFERENCE_DELTA
-                    )
-                    self.assertLess(error, GRADIENT_TOLERANCE, (padding, stride, x.name, y.name))
+            inputs = [poses_t, activations_t] + layer.variables
+            _assert_gradients_match_finite_differences(self, inputs, (out_poses, out_activations), (padding, stride))
 
 
 class ClassCapsTest(tf.test.TestCase):
@@ -361,12 +370,7 @@ class ClassCapsTest(tf.test.TestCase):
         outputs = layer(poses_t, activations_t)
         with self.session():
             tf.global_variables_initializer().run()
-            for x in [poses_t, activations_t] + layer.variables:
-                for y in outputs:
-                    error = tf.test.compute_gradient_error(
-                        x, x.shape.as_list(), y, y.shape.as_list(), delta=FINITE_DIFFERENCE_DELTA
-                    )
-                    self.assertLess(error, GRADIENT_TOLERANCE, (x.name, y.name))
+            _assert_gradients_match_finite_differences(self, [poses_t, activations_t] + layer.variables, outputs)
 
 
 class NumericalStressTest(tf.test.TestCase):
@@ -572,14 +576,10 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
         outputs = list(hidden) + list(class_layer(*hidden))
         with self.session():
             tf.global_variables_initializer().run()
-            for x in [poses_t, activations_t] + layer.variables + class_layer.variables:
-                for y in outputs:
-                    if x in class_layer.variables and y in hidden:
-                        continue  # the class layer's variables do not reach the conv layer's outputs
-                    error = tf.test.compute_gradient_error(
-                        x, x.shape.as_list(), y, y.shape.as_list(), delta=FINITE_DIFFERENCE_DELTA
-                    )
-                    self.assertLess(error, GRADIENT_TOLERANCE, (x.name, y.name))
+            # the class layer's variables do not reach the conv layer's outputs
+            unreached = [(x, y) for x in class_layer.variables for y in hidden]
+            inputs = [poses_t, activations_t] + layer.variables + class_layer.variables
+            _assert_gradients_match_finite_differences(self, inputs, outputs, skip=unreached)
 
     def test_official_coordinates_of_the_paper_network(self):
         """The paper network's 3x3 class-layer grid looks at pixels -6, -2, 2 from the image centre (hand count:

@@ -18,7 +18,8 @@ import hparams
 import model
 import numpy_reference as ref
 from capsule_ops import build as ops_build
-from test_capsule_layers import GEOMETRIES, _initializers, _random_capsules, _relative_error
+from test_capsule_layers import GEOMETRIES, _assert_gradients_match_finite_differences, _initializers
+from test_capsule_layers import _random_capsules, _relative_error
 from test_capsule_layers import _routing_variables
 
 RELATIVE_TOLERANCE = 1e-5  # issue acceptance: float64 forward against the reference
@@ -234,12 +235,7 @@ class FusedLayersTest(parameterized.TestCase, tf.test.TestCase):
         outputs = layer(poses_t, activations_t)
         with self.session():
             tf.global_variables_initializer().run()
-            for x in [poses_t, activations_t] + layer.variables:
-                for y in outputs:
-                    error = tf.test.compute_gradient_error(
-                        x, x.shape.as_list(), y, y.shape.as_list(), delta=FINITE_DIFFERENCE_DELTA
-                    )
-                    self.assertLess(error, GRADIENT_TOLERANCE, (x.name, y.name))
+            _assert_gradients_match_finite_differences(self, [poses_t, activations_t] + layer.variables, outputs)
 
     @parameterized.named_parameters(("paper", "paper"), ("official", "official"))
     def test_class_caps_with_coordinate_addition(self, option):
