@@ -18,6 +18,7 @@ import csv
 import os
 import sys
 
+import em_routing
 import main  # defines main.py's flags, which every cell uses; its train function trains the cells
 import plots
 import study_runs
@@ -46,6 +47,8 @@ VARIANTS = {
     "official-coordinate_addition": ("official", {"coordinate_addition": "paper"}),
     "official+stop_assignment_gradient": ("official", {"assignment_gradient": False}),  # a further variant
     "official-activation+stop_assignment_gradient": ("official", dict(PAPER_ACTIVATION, assignment_gradient=False)),
+    "paper+cost_scale": ("paper", {"cost_scale": em_routing.IBM_COST_SCALE}),  # IBM's fix, on either form
+    "official+cost_scale": ("official", {"cost_scale": em_routing.IBM_COST_SCALE}),
 }
 CSV_FIELDS = ("variant", "iterations", "seed", "steps", "validation_accuracy", "status", "wall_s", "run_dir")
 EXIT_INTERRUPTED = 130

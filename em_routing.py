@@ -41,6 +41,7 @@ OFFICIAL_BETA_A_SCALE = 5000.0  # their logit subtracts 5000 * b_a: Adam moves b
 OFFICIAL_MEAN_MOMENTUM = 0.1  # their centre: mu <- 0.9 * (sum r V / mass) + 0.1 * mu_previous, from mu = 0
 OFFICIAL_CONV_MASS_EPSILON = 1e-7  # their conv layers add 1e-7 to every parent's mass
 OFFICIAL_CLASS_MASS_EPSILON = 1e-5  # their class layer adds 1e-5
+IBM_COST_SCALE = 100.0  # IBM (Gritzman, 2019): the cost's mass times 100 / (children per parent type)
 
 ACTIVATION_FORMS = ("paper", "official")
 NORMALISE_OVER = ("positions_and_types", "positions")
@@ -66,6 +67,10 @@ class RoutingForm:
       assignment_gradient: False treats every E-step's R as a constant in the backward pass (a stop-gradient),
         so gradients reach the votes only through the M-steps' sums; True (the paper, the released code)
         differentiates through every E-step.
+      cost_scale: s > 0 multiplies the mass in the activation logit by s O / children (O parent types, children
+        per parent position): IBM's (Gritzman, 2019) 'layer_norm_factor', s = IBM_COST_SCALE, which puts a
+        conv layer and the class layer, whose parents see very different numbers of children, on one scale of
+        lambda and beta. 0 (the paper, the released code): the mass as it is.
     """
 
     activation: str = "paper"
@@ -73,6 +78,7 @@ class RoutingForm:
     mass_epsilon: float = 0.0
     normalise_over: str = "positions_and_types"
     assignment_gradient: bool = True
+    cost_scale: float = 0.0
 
     def __post_init__(self):
         if self.activation not in ACTIVATION_FORMS:
@@ -83,6 +89,8 @@ class RoutingForm:
             raise ValueError("mass_epsilon must be >= 0, got %r" % self.mass_epsilon)
         if self.normalise_over not in NORMALISE_OVER:
             raise ValueError("normalise_over must be one of %s, got %r" % (NORMALISE_OVER, self.normalise_over))
+        if self.cost_scale < 0.0:
+            raise ValueError("cost_scale must be >= 0, got %r" % self.cost_scale)
 
 
 PAPER_FORM = RoutingForm()  # the paper's equations
@@ -217,7 +225,7 @@ def _activation_logits(mass, variance, beta_v, beta_a, inverse_temperature, stan
     """The M-step's activation logit of every parent: `[NP, O]`.
 
     Args:
-      mass: sum_i r_ij (+ the form's epsilon), `[NP, O, 1]`.
+      mass: sum_i r_ij (+ the form's epsilon), `[NP, O, 1]`, as the logit sees it (see `_logit_mass`).
       variance: sigma^2, `[NP, O, 16]`.
       beta_v, beta_a: `[O]`.
       inverse_temperature: lambda, a float.
@@ -238,6 +246,14 @@ def _activation_logits(mass, variance, beta_v, beta_a, inverse_temperature, stan
     mean = tf.reduce_mean(cost, axis=1, keepdims=True)  # [NP, 1]
     variance = tf.reduce_mean(tf.square(cost - mean), axis=1, keepdims=True)  # [NP, 1]
     return inverse_temperature * (beta_a + (mean - cost) * tf.rsqrt(variance + _COST_VARIANCE_EPSILON))
+
+
+def _logit_mass(mass, children, parent_types, form):
+    """The mass as the activation logit sees it: `[NP, O, 1]`; times cost_scale O / children when the form
+    scales costs (`RoutingForm.cost_scale`), for `children` per parent position and O = `parent_types`."""
+    if not form.cost_scale:
+        return mass
+    return mass * (form.cost_scale * parent_types / children)
 
 
 # One M-step's result for every parent: mean and variance `[NP, O, 16]`, activations and their logs `[NP, O]`,
@@ -295,8 +311,9 @@ def _m_step(
             mean = (1.0 - momentum) * vote_mean + momentum * previous_mean if momentum else vote_mean
             spread = mean_square - 2.0 * mean * vote_mean + tf.square(mean) * mass_fraction  # [NP, O, 16]
         variance = tf.nn.relu(spread) + _VARIANCE_FLOOR  # [NP, O, 16]
+        logit_mass = _logit_mass(mass, int(child_activations.shape[-1]), int(beta_v.shape[0]), form)  # [NP, O, 1]
         logits = _activation_logits(
-            mass, variance, beta_v, beta_a, inverse_temperature, standardise_costs, form
+            logit_mass, variance, beta_v, beta_a, inverse_temperature, standardise_costs, form
         )  # [NP, O]
         return Parents(mean, variance, tf.sigmoid(logits), tf.log_sigmoid(logits), mass, assignments)
 

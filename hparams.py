@@ -59,6 +59,7 @@ class HParams:
     class_mass_epsilon: float = 0.0  # official 1e-5: the same in the class layer
     normalise_over: str = "positions_and_types"  # conv E-step normaliser; official 'positions'
     assignment_gradient: bool = True  # False: no gradient through the E-steps' assignments (a variant)
+    cost_scale: float = 0.0  # IBM's fix (a variant): logit mass x cost_scale O / children; 0: off, IBM: 100
     coordinate_addition: str = "paper"  # 'paper' (cell centre in [0, 1], entries [0,3],[1,3]) or 'official'
     # How routing contracts the votes (capsule_ops): 'fused' C++ kernels, 'tf' ops, or 'auto' (fused when it builds).
     routing_kernel: str = "auto"
@@ -234,7 +235,14 @@ _POSITIVE = (
     "cnn_kernel",
     "cnn_hidden",
 )
-_NON_NEGATIVE = ("conv_mass_epsilon", "class_mass_epsilon", "margin_ramp_steps", "lr_decay_steps", "weight_decay")
+_NON_NEGATIVE = (
+    "conv_mass_epsilon",
+    "class_mass_epsilon",
+    "cost_scale",
+    "margin_ramp_steps",
+    "lr_decay_steps",
+    "weight_decay",
+)
 
 
 def hparams_for(preset, routing=None, **overrides):

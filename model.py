@@ -178,7 +178,12 @@ class CapsNetEMModel:
         """The `RoutingForm` of the conv-capsule layers and of the class layer."""
         hp = self.hparams
         conv = cl.RoutingForm(
-            hp.activation_form, hp.mean_momentum, hp.conv_mass_epsilon, hp.normalise_over, hp.assignment_gradient
+            hp.activation_form,
+            hp.mean_momentum,
+            hp.conv_mass_epsilon,
+            hp.normalise_over,
+            hp.assignment_gradient,
+            hp.cost_scale,
         )
         return conv, dataclasses.replace(conv, mass_epsilon=hp.class_mass_epsilon)
 

@@ -135,6 +135,7 @@ def em_routing_reference(
     mean_momentum=0.0,
     mass_epsilon=0.0,
     normalise_over="positions_and_types",
+    cost_scale=0.0,
 ):
     """EM routing (paper Procedure 1) for ONE example over an explicit bipartite graph.
 
@@ -155,6 +156,8 @@ def em_routing_reference(
         mass_epsilon: added to s_j = sum_i r_ij.
         normalise_over: 'positions_and_types' (each child's R sums to 1 over all its parents) or
             'positions' (over the parents of each type separately; R starts at 1 / number of types).
+        cost_scale: s > 0: the activation logit sees s_j * s * (number of parent types) / (children of a full
+            receptive field) in place of s_j (IBM, Gritzman 2019); 0: s_j.
 
     Returns:
         mu [num_parents, 16], parent_acts [num_parents], R [num_children, num_parents] (the
@@ -169,6 +172,8 @@ def em_routing_reference(
     children_of = [[i for i in range(num_children) if sees[i, j]] for j in range(num_parents)]
 
     num_types = len(beta_a)
+    full_field = max(len(children) for children in children_of)  # children per parent, padding included
+    logit_mass_factor = cost_scale * num_types / full_field if cost_scale else 1.0
     # The parents each child is normalised over: all of them, or those of one type at a time.
     if normalise_over == "positions":
         groups = [
@@ -201,8 +206,8 @@ def em_routing_reference(
             mu[j] = (1.0 - mean_momentum) * new_mu + mean_momentum * mu[j]  # mu[j] is 0 before the first
             var[j] = sum(r[i] * (votes[i, j] - mu[j]) ** 2 for i in children_of[j]) / divisor
             var[j] += VAR_FLOOR
-            masses[j] = s_j
-            cost = (beta_v[o] + 0.5 * np.log(var[j])) * s_j
+            masses[j] = s_j * logit_mass_factor
+            cost = (beta_v[o] + 0.5 * np.log(var[j])) * masses[j]
             total_cost[j] = np.sum(cost)
         for j in range(num_parents):
             o = parent_type[j]

@@ -450,6 +450,8 @@ FORMS = {
     "mean_momentum": dict(mean_momentum=em_routing.OFFICIAL_MEAN_MOMENTUM),
     "mass_epsilon": dict(mass_epsilon=em_routing.OFFICIAL_CLASS_MASS_EPSILON),
     "normalise_over_positions": dict(normalise_over="positions"),
+    "cost_scale": dict(cost_scale=em_routing.IBM_COST_SCALE),
+    "official_cost_scale": dict(OFFICIAL_FORM, cost_scale=em_routing.IBM_COST_SCALE),
 }
 # The whole official form in every geometry; each piece alone in the one with padding and stride.
 FORM_CASES = [
@@ -465,6 +467,7 @@ def _routing_form(form):
         form.get("mean_momentum", 0.0),
         form.get("mass_epsilon", 0.0),
         form.get("normalise_over", "positions_and_types"),
+        cost_scale=form.get("cost_scale", 0.0),
     )
 
 
@@ -511,7 +514,10 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
         self.assertLess(_relative_error(out_activations, expected_activations), RELATIVE_TOLERANCE)
 
     @parameterized.named_parameters(
-        ("official", "official"), ("official_activation", "official_activation"), ("mean_momentum", "mean_momentum")
+        ("official", "official"),
+        ("official_activation", "official_activation"),
+        ("mean_momentum", "mean_momentum"),
+        ("cost_scale", "cost_scale"),
     )
     def test_class_caps_matches_reference(self, name):
         """ClassCaps in each form, with the released code's coordinate offsets, equals the reference."""
@@ -556,22 +562,26 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
         self.assertAllClose(sums[covered], np.ones(covered.sum()), atol=1e-12)
         self.assertAllEqual(sums[~covered], np.zeros((~covered).sum()))
 
-    @parameterized.named_parameters(("valid_stride1", "VALID", 1), ("same_stride2", "SAME", 2))
-    def test_official_gradients(self, padding, stride):
-        """Official-form ConvCaps and ClassCaps gradients w.r.t. inputs and variables match finite differences."""
+    @parameterized.named_parameters(
+        ("official_valid_stride1", "official", "VALID", 1),
+        ("official_same_stride2", "official", "SAME", 2),
+        ("cost_scale_same_stride2", "cost_scale", "SAME", 2),
+    )
+    def test_form_gradients(self, name, padding, stride):
+        """ConvCaps and ClassCaps gradients in the official form (and with IBM's cost scale) w.r.t. inputs and
+        variables match finite differences."""
         rng = np.random.RandomState(15)
-        layer, poses, activations, _ = self._conv(
-            rng, FORMS["official"], padding, stride, iterations=2, height=4, out_types=2
-        )
+        form = FORMS[name]
+        layer, poses, activations, _ = self._conv(rng, form, padding, stride, iterations=2, height=4, out_types=2)
         poses_t, activations_t = tf.constant(poses[:1]), tf.constant(activations[:1])
         hidden = layer(poses_t, activations_t)
         class_layer = cl.ClassCaps(
             3,
             iterations=2,
             final_lambda=0.1,
-            form=_routing_form(FORMS["official"]),
+            form=_routing_form(form),
             dtype=tf.float64,
-            **_initializers(*_form_variables(rng, [2, 3, 4, 4], 3, FORMS["official"])),
+            **_initializers(*_form_variables(rng, [2, 3, 4, 4], 3, form)),
         )
         outputs = list(hidden) + list(class_layer(*hidden))
         with self.session():
@@ -621,6 +631,7 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
             dict(normalise_over="types"),
             dict(mean_momentum=1.0),
             dict(mass_epsilon=-1.0),
+            dict(cost_scale=-1.0),
         ):
             with self.assertRaises(ValueError):
                 cl.RoutingForm(**bad)

@@ -37,6 +37,7 @@ OPTIONS = {
     "mass_epsilon": dict(form=dict(mass_epsilon=em_routing.OFFICIAL_CONV_MASS_EPSILON)),
     "normalise_over_positions": dict(form=dict(normalise_over="positions")),
     "no_assignment_gradient": dict(form=dict(assignment_gradient=False)),
+    "cost_scale": dict(form=dict(cost_scale=em_routing.IBM_COST_SCALE)),
     "standardise_costs": dict(standardise_costs=True),
     "official": dict(
         form=dict(
