@@ -19,6 +19,7 @@ import os
 import sys
 
 import em_routing
+import hparams
 import main  # defines main.py's flags, which every cell uses; its train function trains the cells
 import plots
 import study_runs
@@ -28,25 +29,19 @@ flags, FLAGS = main.flags, main.FLAGS
 
 # Each variant: the routing form it starts from, then the HParams it changes. "official-X" is the released
 # code's routing with its piece X set back to the paper's; "official+X" adds a change neither has.
-PAPER_ACTIVATION = {
-    "activation_form": "paper",
-    "beta_v_init": 0.0,
-    "beta_a_init": 0.0,
-    "class_beta_v_init": 0.0,
-    "class_beta_a_init": 0.0,
-    "final_lambda": 0.01,
-    "class_final_lambda": 0.01,
-}
 VARIANTS = {
     "paper": ("paper", {}),
     "official": ("official", {}),
-    "official-activation": ("official", PAPER_ACTIVATION),  # with the paper's form, its inits and lambda
+    "official-activation": ("official", hparams.PAPER_ACTIVATION),  # with the paper's form, its inits and lambda
     "official-mean_momentum": ("official", {"mean_momentum": 0.0}),
     "official-mass_epsilon": ("official", {"conv_mass_epsilon": 0.0, "class_mass_epsilon": 0.0}),
     "official-normalise_over": ("official", {"normalise_over": "positions_and_types"}),
     "official-coordinate_addition": ("official", {"coordinate_addition": "paper"}),
     "official+stop_assignment_gradient": ("official", {"assignment_gradient": False}),  # a further variant
-    "official-activation+stop_assignment_gradient": ("official", dict(PAPER_ACTIVATION, assignment_gradient=False)),
+    "official-activation+stop_assignment_gradient": (
+        "official",
+        dict(hparams.PAPER_ACTIVATION, assignment_gradient=False),
+    ),
     "paper+cost_scale": ("paper", {"cost_scale": em_routing.IBM_COST_SCALE}),  # IBM's fix, on either form
     "official+cost_scale": ("official", {"cost_scale": em_routing.IBM_COST_SCALE}),
 }

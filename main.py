@@ -79,7 +79,7 @@ flags.DEFINE_string(
     "preset", "paper", "'paper' (A=B=C=D=32, 3 iterations), 'small' (A=64, B=8, C=D=16) or 'small_search'."
 )
 flags.DEFINE_string(
-    "routing", None, "Routing form: 'paper' or 'official' (the released code's); default: the preset's."
+    "routing", None, "Routing form: 'paper', 'official' or 'official-activation' (hparams.py); default: the preset's."
 )
 flags.DEFINE_string("hparams", "", "name=value,... overrides of any HParams field (hparams.py), applied last.")
 MODEL_HPARAMS = define_hparam_flags(

@@ -22,7 +22,8 @@ KINDS = ("log", "uniform", "int", "choice")
 
 # Paper-form ranges bracket both presets: the paper preset's β 0, λ 0.01, W std 0.5 and the small preset's centred
 # β_v 3.8 (hparams.CENTRED_BETA_V) and λ 0.1. Official-form ranges bracket the released code's own values
-# (hparams.ROUTING_FORMS: b_a 0.5, b_v 0.5 / 2.0 class, λ 0.01 / 0.0025 class, W std 0.3 / 0.01 class).
+# (hparams.ROUTING_FORMS: b_a 0.5, b_v 0.5 / 2.0 class, λ 0.01 / 0.0025 class, W std 0.3 / 0.01 class). The form
+# 'official-activation' has the paper's logit (the paper form's λ and β ranges) and the released W std ranges.
 DEFAULT_SPACE = {
     "routing": ["choice", *hparams.ROUTING_FORMS],
     "learning_rate": ["log", 1e-3, 3e-2],  # Adam: 3e-3 in the official code, 0.01 in the small preset
@@ -36,6 +37,10 @@ DEFAULT_SPACE = {
     "weight_stddev": {"paper": ["log", 0.1, 1.0], "official": ["log", 0.1, 1.0]},
     "class_weight_stddev": {"paper": ["log", 0.1, 1.0], "official": ["log", 1e-3, 0.1]},
 }
+for _name in ("final_lambda", "class_final_lambda", "beta_v_init", "class_beta_v_init", "beta_a_init"):
+    DEFAULT_SPACE[_name]["official-activation"] = DEFAULT_SPACE[_name]["paper"]
+for _name in ("weight_stddev", "class_weight_stddev"):
+    DEFAULT_SPACE[_name]["official-activation"] = DEFAULT_SPACE[_name]["official"]
 _FIELD_TYPES = {field.name: field.type for field in dataclasses.fields(hparams.HParams)}
 
 
