@@ -18,9 +18,11 @@ import csv
 import os
 import sys
 
+import main  # first: sets TensorFlow's log level before anything imports TensorFlow; defines the flags
+
+# isort: split
 import em_routing
 import hparams
-import main  # defines main.py's flags, which every cell uses; its train function trains the cells
 import plots
 import study_runs
 from run_dir import UsageError
