@@ -85,9 +85,12 @@ def read_flags(result_dir, defaults, validate):
 def read_hparams(result_dir, fallback):
     """The HParams saved in DIR/flags.json when the run started (schedule lengths included), so that later
     changes to a preset never change a saved run. A field the file lacks (the run predates it) takes its
-    value from `fallback`, the HParams its saved flags resolve to today."""
+    value from `fallback`, the HParams its saved flags resolve to today; a run saved without a routing form
+    predates the forms and routed with the paper's pieces (whatever its preset's form is today)."""
     saved = _read_section(result_dir, "hparams")
     fields = {field.name for field in dataclasses.fields(capsnet.HParams)}
+    if "routing" not in saved:
+        fallback = dataclasses.replace(fallback, routing="paper", **capsnet.ROUTING_FORMS["paper"])
     try:
         return dataclasses.replace(fallback, **{name: saved[name] for name in fields & set(saved)}).validate()
     except (ValueError, TypeError) as error:

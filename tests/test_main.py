@@ -253,3 +253,19 @@ def test_hparams_flag_parsing():
     ):
         with pytest.raises(main.UsageError, match=message):
             main.resolve_hparams(dict(values, hparams=text))
+
+
+def test_paper_run_saved_before_the_routing_forms(tmp_path):
+    """A paper-preset run whose flags.json predates the routing forms routed with the paper's pieces: reading it
+    back gives those, not the preset's form of today ('official-activation'); its saved fields stay."""
+    import hparams
+    import run_dir
+
+    saved = {"iterations": 3, "weight_stddev": 0.5, "learning_rate": 3e-3}  # no 'routing', no form pieces
+    with open(str(tmp_path / "flags.json"), "w") as f:
+        json.dump({"flags": {"preset": "paper"}, "hparams": saved}, f)
+    today = hparams.hparams_for("paper")
+    assert today.routing == "official-activation" and today.normalise_over == "positions"
+    old = run_dir.read_hparams(str(tmp_path), today)
+    for name, value in dict(hparams.ROUTING_FORMS["paper"], routing="paper", **saved).items():
+        assert getattr(old, name) == value, name
