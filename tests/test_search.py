@@ -212,7 +212,10 @@ def test_bad_storage_is_one_line(tmp_path, capsys, url, message):
         ({"nonsense": ["uniform", 0, 1]}, "unknown field 'nonsense'"),
         ({"learning_rate": ["log", 0, 1]}, "learning_rate: 'log' needs low > 0"),
         ({"iterations": ["uniform", 1, 3]}, "iterations: 'uniform' is not for int fields"),
-        ({"iterations": ["int", 0, 2]}, "iterations=0 with routing paper: --hparams: iterations must be > 0"),
+        (
+            {"iterations": ["int", 0, 2]},
+            "iterations=0 with routing official-activation: --hparams: iterations must be > 0",
+        ),
         ({"beta_v_init": {"capsule": ["uniform", 0, 1]}}, "beta_v_init: unknown routing form 'capsule'"),
         ({"routing": ["choice", "paper", "nonsense"]}, "routing: unknown form 'nonsense'"),
     ],
