@@ -32,7 +32,10 @@ TF_CONFIG = "TF_CONFIG"  # the environment variable of cluster managers (e.g. a 
 NO_GRPC_PROXY = "no_grpc_proxy"  # hosts that gRPC reaches directly, whatever $http_proxy says
 JOBS = ("ps", "worker")
 _POLL_S = 0.5  # between connection attempts to a parameter server, and between a parameter server's checks
-_LINGER_S = 2.0  # a parameter server's wait after the last worker finished, for the workers to close their sessions
+_LINGER_S = 5.0  # a parameter server's wait after the last worker finished, for the workers to close their sessions
+# At a worker's end, the wait for the chief's aggregation queue runner threads to return once their queue is closed.
+# A thread still inside the session when Python exits aborts the process ("FATAL: exception not rethrown", -6).
+_JOIN_S = 30.0
 
 # This process's place in the cluster: `hosts` {job: [host:port, ...]}, its job ('ps' or 'worker'), its index, and
 # its running `tf.train.Server` (None until `join` starts it).
@@ -346,10 +349,16 @@ class WorkerRun:
         return after, results[1], results[2]
 
     def finish(self, sess):
-        """Lets any worker waiting for this one's gradient go, and tells the parameter servers this worker is done."""
+        """Lets any worker waiting for this one's gradient go, stops the chief's queue runner, tells the parameter
+        servers this worker is done and closes the session."""
         sess.run(self.release)
-        sess.run(self.finished)
-        self.coordinator.request_stop()
+        self.coordinator.request_stop()  # the queue runner closes its queue, so its blocked threads return
+        try:
+            self.coordinator.join(stop_grace_period_secs=_JOIN_S, ignore_live_threads=True)
+        except tf.errors.OpError as error:  # a queue runner's error after training ended changes nothing saved
+            print("note: the aggregation queue runner ended with %s" % type(error).__name__, file=sys.stderr)
+        sess.run(self.finished)  # the parameter servers may leave from now on: close the session while they linger
+        sess.close()
 
 
 def train(role, parts, values, write_flags):

@@ -39,6 +39,7 @@ _MAX_STEPS = 4  # global steps of the clean run
 _ENDLESS_STEPS = 100000  # the run whose worker is killed: ended by SIGTERM once the restarted worker trains
 _STEPPED = r"training: .*loss="  # a progress line: the process has run a training step
 _STARTUP_TIMEOUT_S = 120  # main.py's wait for the ps and the chief (the three processes start on two busy cores)
+_LOG_TAIL = 2500  # characters of each process's output that a failure shows
 _PROCESS_TIMEOUT_S = 300  # the longest a cluster process may run before the test fails
 _UNREACHABLE_TIMEOUT_S = 2  # the worker's wait for a ps that is not there
 _POLL_S = 0.2
@@ -77,6 +78,10 @@ class LocalCluster:
         with open(self.logs[name]) as f:
             return f.read()
 
+    def outputs(self):
+        """The end of every process's output, each under its name."""
+        return "\n".join("%s: %s" % (name, self.output(name)[-_LOG_TAIL:]) for name in self.logs)
+
     def wait_for(self, name, pattern):
         """Waits until `name`'s output matches `pattern` (AssertionError after the process timeout)."""
         deadline = time.time() + _PROCESS_TIMEOUT_S
@@ -92,7 +97,7 @@ class LocalCluster:
             try:
                 codes[name] = process.wait(timeout=max(1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                raise AssertionError("%s did not exit:\n%s" % (name, self.output(name))) from None
+                raise AssertionError("%s did not exit; the logs:\n%s" % (name, self.outputs())) from None
         return codes
 
     def stop(self):
