@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 import tensorflow.compat.v1 as tf
@@ -33,8 +34,10 @@ NO_GRPC_PROXY = "no_grpc_proxy"  # hosts that gRPC reaches directly, whatever $h
 JOBS = ("ps", "worker")
 _POLL_S = 0.5  # between connection attempts to a parameter server, and between a parameter server's checks
 _LINGER_S = 5.0  # a parameter server's wait after the last worker finished, for the workers to close their sessions
-# At a worker's end, the wait for the chief's aggregation queue runner threads to return once their queue is closed.
-# A thread still inside the session when Python exits aborts the process ("FATAL: exception not rethrown", -6).
+# At a worker's end, the waits for the chief's aggregation queue runner threads: for them to return once their queue
+# is closed, and, for one still waiting for gradients, once the session's close cancelled its step. A thread still
+# inside the session when Python exits aborts the process ("FATAL: exception not rethrown", exit -6).
+_STOP_S = 2.0
 _JOIN_S = 30.0
 
 # This process's place in the cluster: `hosts` {job: [host:port, ...]}, its job ('ps' or 'worker'), its index, and
@@ -350,15 +353,30 @@ class WorkerRun:
 
     def finish(self, sess):
         """Lets any worker waiting for this one's gradient go, stops the chief's queue runner, tells the parameter
-        servers this worker is done and closes the session."""
-        sess.run(self.release)
-        self.coordinator.request_stop()  # the queue runner closes its queue, so its blocked threads return
+        servers this worker is done and closes the session, with no thread left inside it (see `_JOIN_S`)."""
         try:
-            self.coordinator.join(stop_grace_period_secs=_JOIN_S, ignore_live_threads=True)
-        except tf.errors.OpError as error:  # a queue runner's error after training ended changes nothing saved
-            print("note: the aggregation queue runner ended with %s" % type(error).__name__, file=sys.stderr)
+            sess.run(self.release)
+        except (tf.errors.CancelledError, tf.errors.OutOfRangeError):
+            pass  # the chief closed the token queue: it has finished, and no worker waits for a token any more
+        self.coordinator.request_stop()  # the queue runner closes its queue, so its blocked enqueues return
+        self._join(_STOP_S)
         sess.run(self.finished)  # the parameter servers may leave from now on: close the session while they linger
-        sess.close()
+        threading.excepthook = _quiet_when_cancelled
+        sess.close()  # cancels a queue runner's step that still waits for gradients no worker will send
+        self._join(_JOIN_S)
+
+    def _join(self, seconds):
+        """Waits up to `seconds` for the coordinator's threads to end; the errors they met end with them."""
+        try:
+            self.coordinator.join(stop_grace_period_secs=seconds, ignore_live_threads=True)
+        except tf.errors.OpError:
+            pass  # a queue runner cancelled or closed after training ended: nothing saved depends on it
+
+
+def _quiet_when_cancelled(args, default=threading.excepthook):
+    """threading.excepthook that stays silent for a queue runner's step cancelled by its session's close."""
+    if not issubclass(args.exc_type, tf.errors.CancelledError):
+        default(args)
 
 
 def train(role, parts, values, write_flags):

@@ -87,6 +87,12 @@ def test_iteration_sweep_and_routing_picture(trained):
     assert_png(os.path.join(str(workspace), run, "routing.png"))
 
 
+def _ctrl_c_as_in_a_terminal():
+    """In the child: SIGINT's default action, as a terminal's Ctrl-C finds it. A suite started in the background
+    of a non-interactive shell (`pytest ... &`) inherits SIGINT ignored, and Python keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_evaluation(tmp_path, trained):
     """Ctrl-C in the middle of an evaluation: exit 130, one line on stderr after the progress, and no
     test_results.json or picture written."""
@@ -119,6 +125,7 @@ def test_sigint_during_evaluation(tmp_path, trained):
             stdout=subprocess.DEVNULL,
             stderr=err,
             text=True,
+            preexec_fn=_ctrl_c_as_in_a_terminal,
         )
         try:
             wait_for(lambda: "test: " in open(stderr_path).read(), process, "evaluation progress")
