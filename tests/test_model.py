@@ -219,16 +219,16 @@ class HParamsTest(tf.test.TestCase):
         self.assertEqual(small.lr_decay_steps, capsnet.WHOLE_RUN)
         resolved = runtime.with_run_length(small, _RUN_STEPS)
         self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (_RUN_STEPS, small.margin_ramp_steps))
-        paper = capsnet.hparams_for("paper", margin_ramp_steps=capsnet.WHOLE_RUN)
-        resolved = runtime.with_run_length(paper, _RUN_STEPS)
-        self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (paper.lr_decay_steps, _RUN_STEPS))
+        official = capsnet.HParams(margin_ramp_steps=capsnet.WHOLE_RUN)  # the official schedules: lr decay fixed
+        resolved = runtime.with_run_length(official, _RUN_STEPS)
+        self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (official.lr_decay_steps, _RUN_STEPS))
         with tf.Graph().as_default():
             images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
             labels = tf.placeholder(tf.int64, [None])
             with self.assertRaisesRegex(ValueError, "lr_decay_steps"):
                 capsnet.CapsNetEMModel(small).train(images, labels)
             with self.assertRaisesRegex(ValueError, "margin_ramp_steps"):
-                capsnet.margin_schedule(tf.constant(0), paper)
+                capsnet.margin_schedule(tf.constant(0), official)
             graph = capsnet.CapsNetEMModel(runtime.with_run_length(small, _RUN_STEPS)).train(images, labels)
             with self.session() as sess:
                 sess.run(tf.global_variables_initializer())
