@@ -20,10 +20,12 @@ from run_dir import UsageError
 
 KINDS = ("log", "uniform", "int", "choice")
 
-# Paper-form ranges bracket both presets: the paper preset's β 0, λ 0.01, W std 0.5 and the small preset's centred
-# β_v 3.8 (hparams.CENTRED_BETA_V) and λ 0.1. Official-form ranges bracket the released code's own values
-# (hparams.ROUTING_FORMS: b_a 0.5, b_v 0.5 / 2.0 class, λ 0.01 / 0.0025 class, W std 0.3 / 0.01 class). The form
-# 'official-activation' has the paper's logit (the paper form's λ and β ranges) and the released W std ranges.
+# Paper-form ranges bracket the paper's defaults (β 0, λ 0.01, W std 0.5) and the small preset's centred β_v 3.8
+# (hparams.CENTRED_BETA_V) and λ 0.1; the paper preset's searched class λ 0.00457 (hparams.SEARCHED_THREE_ITERATIONS,
+# found with a space of its own: docs/experiments.md, tenth round) lies below them. Official-form ranges bracket the
+# released code's own values (hparams.ROUTING_FORMS: b_a 0.5, b_v 0.5 / 2.0 class, λ 0.01 / 0.0025 class, W std
+# 0.3 / 0.01 class). The form 'official-activation' has the paper's logit (the paper form's λ and β ranges) and the
+# released W std ranges.
 DEFAULT_SPACE = {
     "routing": ["choice", *hparams.ROUTING_FORMS],
     "learning_rate": ["log", 1e-3, 3e-2],  # Adam: 3e-3 in the official code, 0.01 in the small preset
