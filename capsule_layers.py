@@ -3,7 +3,8 @@
 Hinton, Sabour, Frosst, ICLR 2018 (https://openreview.net/forum?id=HJWLfGWRb). Section 2 (the
 capsule and its pose matrix), section 3 (the architecture: a ReLU convolution, primary, convolutional
 and class capsules, coordinate addition). EM routing (section 2.1) is in em_routing.py, the
-receptive-field geometry and the fold in receptive_field.py; this module re-exports their public names.
+receptive-field geometry, the fold and the E-step's reductions over a child's parents in receptive_field.py;
+this module re-exports their public names.
 
 The layers follow the `tf.layers` form: a class per layer whose `__init__` stores hyperparameters,
 whose `build()` checks shapes and creates variables under the layer's variable scope, and whose
@@ -37,7 +38,7 @@ import capsule_ops
 
 from em_routing import DEFAULT_FINAL_LAMBDA, PAPER_FORM, POSE_ENTRIES, POSE_SIZE, RoutingForm, _safe_log, em_routing
 from em_routing import inverse_temperatures
-from receptive_field import ReceptiveField, conv_geometry, receptive_field_centres
+from receptive_field import PatchLayout, ReceptiveField, conv_geometry, receptive_field_centres
 
 # Re-exported: a network is built from capsule_layers alone.
 __all__ = ["PAPER_FORM", "POSE_ENTRIES", "POSE_SIZE", "ReceptiveField", "conv_geometry", "receptive_field_centres"]
@@ -299,19 +300,20 @@ class ConvCaps(RoutedCapsuleLayer):
         _check_capsules(self.name, pose_shape, activation_shape)
         height, width, self.input_types = int(pose_shape[1]), int(pose_shape[2]), int(pose_shape[3])
         self.field = ReceptiveField(height, width, self.kernel_size, self.stride, self.padding)
+        self.patches = PatchLayout(self.field, self.input_types, self.types, self.dtype)
         k = self.kernel_size
-        self.patch_children = k * k * self.input_types  # KKI
+        self.patch_children = self.patches.children  # KKI
         self._build_routing_variables([k, k, self.input_types, self.types, POSE_SIZE, POSE_SIZE], self.types)
 
     def call(self, poses, activations):
         field, out_types = self.field, self.types
         batch = tf.shape(poses)[0]
         votes = self._votes(poses, batch)  # [NP, O, KKI, 16], or its factors (fused)
-        child_activations = self._extract(activations)  # [NP, 1, KKI]
+        child_activations = self.patches.extract(activations)  # [NP, 1, KKI]
         if self.form.normalise_over == "positions":
-            initial = self._per_patch_constant(field.valid / out_types, batch)  # 1/O, as the released code
+            initial = self.patches.constant(field.valid / out_types, batch)  # 1/O, as the released code
         else:
-            initial = self._per_patch_constant(field.inverse_count / out_types, batch)  # uniform over its parents
+            initial = self.patches.constant(field.inverse_count / out_types, batch)  # uniform over its parents
         pose_means, out_activations = self._route(votes, child_activations, initial, self._normalise)
         out_shape = [batch, field.out_height, field.out_width, out_types]
         out_poses = tf.reshape(pose_means, out_shape + [POSE_SIZE, POSE_SIZE])  # [N, OH, OW, O, 4, 4]
@@ -336,45 +338,6 @@ class ConvCaps(RoutedCapsuleLayer):
             votes = tf.transpose(votes, [1, 3, 0, 2, 4])  # [NP, O, KKI, 4, 4]
             return tf.reshape(votes, [-1, out_types, kki, POSE_ENTRIES])  # [NP, O, KKI, 16]
 
-    def _per_patch_constant(self, values, batch):
-        """A per-(position, kernel offset) constant `[P, K*K]`, repeated over types and batch: `[NP, 1, KKI]`."""
-        per_type = np.repeat(values, self.input_types, axis=1)  # [P, KKI]
-        ones = tf.ones([batch, 1, 1], self.dtype)
-        return tf.reshape(tf.constant(per_type, self.dtype) * ones, [-1, 1, self.patch_children])
-
-    def _to_patch_major(self, values, batch):
-        """`[NP, KKI]` -> `[N, OH, OW, K*K, I]` (a reshape: the layouts agree)."""
-        field = self.field
-        kk = self.kernel_size * self.kernel_size
-        return tf.reshape(values, [batch, field.out_height, field.out_width, kk, self.input_types])
-
-    def _extract(self, children):
-        """Child values `[N, H, W, I]` at every parent's patch: `[NP, 1, KKI]`."""
-        return tf.reshape(self.field.extract(children), [-1, 1, self.patch_children])
-
-    def _over_parents(self, values, reduce, batch):
-        """Each child's sum (or max) of `values` over the parents it is normalised over, at every patch entry.
-
-        Args:
-          values: `[NP, O, KKI]`.
-          reduce: 'sum' or 'max'.
-          batch: N.
-
-        Returns:
-          `[NP, 1, KKI]` over every parent that sees the child ('positions_and_types'), or `[NP, O, KKI]`
-          over the positions of each parent type separately ('positions').
-        """
-        field, kk, in_types, out_types = self.field, self.kernel_size**2, self.input_types, self.types
-        if self.form.normalise_over == "positions_and_types":
-            over_types = {"sum": tf.reduce_sum, "max": tf.reduce_max}[reduce](values, axis=1)  # [NP, KKI]
-            return self._extract(field.fold(self._to_patch_major(over_types, batch), reduce))  # [NP, 1, KKI]
-        per_type = tf.reshape(values, [-1, out_types, kk, in_types])  # [NP, O, KK, I]
-        per_type = tf.transpose(per_type, [0, 2, 1, 3])  # [NP, KK, O, I]: types become fold channels
-        per_type = tf.reshape(per_type, [batch, field.out_height, field.out_width, kk, out_types * in_types])
-        patches = field.extract(field.fold(per_type, reduce))  # [N, OH, OW, KK*O*I]
-        patches = tf.reshape(patches, [-1, kk, out_types, in_types])  # [NP, KK, O, I]
-        return tf.reshape(tf.transpose(patches, [0, 2, 1, 3]), [-1, out_types, self.patch_children])  # [NP, O, KKI]
-
     def _normalise(self, log_numerators):
         """E-step normalisation over the parents that see each child (see `RoutingForm.normalise_over`).
 
@@ -388,11 +351,13 @@ class ConvCaps(RoutedCapsuleLayer):
         with tf.name_scope("receptive_field_normalise"):
             batch = tf.shape(log_numerators)[0] // (self.field.out_height * self.field.out_width)
             # A per-child shift (its largest numerator) makes every child's denominator >= 1.
-            shift = tf.stop_gradient(self._over_parents(log_numerators, "max", batch))  # [NP, 1 or O, KKI]
-            valid = self._per_patch_constant(self.field.valid, batch)  # [NP, 1, KKI], 0 at padded offsets
+            per_type = self.form.normalise_over == "positions"
+            over_parents = self.patches.over_parents
+            shift = tf.stop_gradient(over_parents(log_numerators, "max", per_type, batch))  # [NP, 1 or O, KKI]
+            valid = self.patches.constant(self.field.valid, batch)  # [NP, 1, KKI], 0 at padded offsets
             # A padded offset holds no child and gets no shift: zero its exponent so exp cannot overflow there.
             shifted = tf.exp((log_numerators - shift) * valid)  # [NP, O, KKI]
-            log_denominator = _safe_log(self._over_parents(shifted, "sum", batch))  # [NP, 1 or O, KKI]
+            log_denominator = _safe_log(over_parents(shifted, "sum", per_type, batch))  # [NP, 1 or O, KKI]
             return shifted * tf.exp(-log_denominator) * valid
 
 

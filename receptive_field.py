@@ -142,4 +142,52 @@ class ReceptiveField:
         )
 
 
+class PatchLayout:
+    """A convolutional capsule layer's children in routing's parent-major layout, and the E-step's reductions.
+
+    Patch values are `[NP, 1 or O, KKI]`: parent positions ordered (n, oh, ow), KKI = kh*kw*I children ordered
+    (kh, kw, i). A child is seen by up to ceil(K/s)^2 positions times O parent types.
+    """
+
+    def __init__(self, field, input_types, output_types, dtype):
+        self.field, self.input_types, self.output_types, self.dtype = field, input_types, output_types, dtype
+        self.offsets = field.kernel_size[0] * field.kernel_size[1]  # KK
+        self.children = self.offsets * input_types  # KKI
+
+    def extract(self, children):
+        """Child values `[N, H, W, I]` at every parent's patch: `[NP, 1, KKI]`."""
+        return tf.reshape(self.field.extract(children), [-1, 1, self.children])
+
+    def constant(self, values, batch):
+        """A per-(position, kernel offset) constant `[P, KK]`, repeated over types and batch: `[NP, 1, KKI]`."""
+        per_type = np.repeat(values, self.input_types, axis=1)  # [P, KKI]
+        ones = tf.ones([batch, 1, 1], self.dtype)
+        return tf.reshape(tf.constant(per_type, self.dtype) * ones, [-1, 1, self.children])
+
+    def over_parents(self, values, reduce, per_type, batch):
+        """Each child's sum (or max) of `values` over the parents that see it, at every patch entry.
+
+        Args:
+          values: `[NP, O, KKI]`.
+          reduce: 'sum' or 'max'.
+          per_type: False: over every parent that sees the child (positions and types); True: over the
+            positions of each parent type separately.
+          batch: N.
+
+        Returns:
+          `[NP, 1, KKI]`, or `[NP, O, KKI]` when `per_type`.
+        """
+        field, kk, in_types, out_types = self.field, self.offsets, self.input_types, self.output_types
+        if not per_type:
+            over_types = {"sum": tf.reduce_sum, "max": tf.reduce_max}[reduce](values, axis=1)  # [NP, KKI]
+            patch_major = tf.reshape(over_types, [batch, field.out_height, field.out_width, kk, in_types])
+            return self.extract(field.fold(patch_major, reduce))  # [NP, 1, KKI]
+        per_type = tf.reshape(values, [-1, out_types, kk, in_types])  # [NP, O, KK, I]
+        per_type = tf.transpose(per_type, [0, 2, 1, 3])  # [NP, KK, O, I]: types become fold channels
+        per_type = tf.reshape(per_type, [batch, field.out_height, field.out_width, kk, out_types * in_types])
+        patches = field.extract(field.fold(per_type, reduce))  # [N, OH, OW, KK*O*I]
+        patches = tf.reshape(patches, [-1, kk, out_types, in_types])  # [NP, KK, O, I]
+        return tf.reshape(tf.transpose(patches, [0, 2, 1, 3]), [-1, out_types, self.children])  # [NP, O, KKI]
+
+
 # ----------------------------------------------------------------------------------------------
