@@ -4,7 +4,8 @@ In a convolutional capsule layer a child is seen by every parent whose receptive
 to ceil(K/s)^2 positions times O types). The E-step normalises each child over the parents that see it:
 the per-patch values are summed back onto child positions (the "fold", the transpose of patch extraction).
 1-D example: the size-2, stride-1 patches of [1, 2, 3, 4] are [[1, 2], [2, 3], [3, 4]]; folded back they
-give [1, 4, 6, 4]. Axis names as in capsule_layers.py. Imports only numpy and tensorflow.
+give [1, 4, 6, 4]. `PatchLayout` holds a layer's patch values in routing's parent-major layout and the E-step's
+sums and maxima over a child's parents. Axis names as in capsule_layers.py. Imports only numpy and tensorflow.
 """
 
 import numpy as np
@@ -182,10 +183,10 @@ class PatchLayout:
             over_types = {"sum": tf.reduce_sum, "max": tf.reduce_max}[reduce](values, axis=1)  # [NP, KKI]
             patch_major = tf.reshape(over_types, [batch, field.out_height, field.out_width, kk, in_types])
             return self.extract(field.fold(patch_major, reduce))  # [NP, 1, KKI]
-        per_type = tf.reshape(values, [-1, out_types, kk, in_types])  # [NP, O, KK, I]
-        per_type = tf.transpose(per_type, [0, 2, 1, 3])  # [NP, KK, O, I]: types become fold channels
-        per_type = tf.reshape(per_type, [batch, field.out_height, field.out_width, kk, out_types * in_types])
-        patches = field.extract(field.fold(per_type, reduce))  # [N, OH, OW, KK*O*I]
+        by_type = tf.reshape(values, [-1, out_types, kk, in_types])  # [NP, O, KK, I]
+        by_type = tf.transpose(by_type, [0, 2, 1, 3])  # [NP, KK, O, I]: types become fold channels
+        by_type = tf.reshape(by_type, [batch, field.out_height, field.out_width, kk, out_types * in_types])
+        patches = field.extract(field.fold(by_type, reduce))  # [N, OH, OW, KK*O*I]
         patches = tf.reshape(patches, [-1, kk, out_types, in_types])  # [NP, KK, O, I]
         return tf.reshape(tf.transpose(patches, [0, 2, 1, 3]), [-1, out_types, self.children])  # [NP, O, KKI]
 
