@@ -302,7 +302,6 @@ class ConvCaps(RoutedCapsuleLayer):
         self.field = ReceptiveField(height, width, self.kernel_size, self.stride, self.padding)
         self.patches = PatchLayout(self.field, self.input_types, self.types, self.dtype)
         k = self.kernel_size
-        self.patch_children = self.patches.children  # KKI
         self._build_routing_variables([k, k, self.input_types, self.types, POSE_SIZE, POSE_SIZE], self.types)
 
     def call(self, poses, activations):
@@ -322,7 +321,7 @@ class ConvCaps(RoutedCapsuleLayer):
     def _votes(self, poses, batch):
         """V_ij = M_i W_ij as one batched matmul per child capsule of the kernel: `[NP, O, KKI, 16]`; on the fused
         path its factors, `capsule_ops.VoteFactors` (poses `[NP, KKI, 16]`, weights `[O, KKI, 16]`)."""
-        field, out_types, kki = self.field, self.types, self.patch_children
+        field, out_types, kki = self.field, self.types, self.patches.children
         with tf.name_scope("votes"):
             flat = tf.reshape(poses, [batch, field.height, field.width, -1])  # [N, H, W, I*16]
             if self.routing_kernel == "fused":  # one kernel writes the parent-major votes
