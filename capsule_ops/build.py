@@ -32,7 +32,12 @@ MARCH_ENV = "CAPSNET_OPS_MARCH"
 DEFAULT_MARCH = "native"
 # -fopenmp-simd: the `#pragma omp simd` loops over the 16 pose entries, without the OpenMP runtime.
 BASE_FLAGS = ("-O3", "-fopenmp-simd", "-shared", "-fPIC", "-Wno-deprecated-declarations")
-BUILD_TIMEOUT_S = 600  # a build takes 10-30 s on the 2-core dev machine
+BUILD_TIMEOUT_S = 600  # a build takes 10-40 s on the 2-core dev machine
+# TensorFlow 2.21's Eigen does not compile its AVX512-FP16 half-precision packets with g++ 12 ("expected
+# initializer before '<' token" in PacketMathFP16.h), so a target with AVX512-FP16 (an Intel Xeon of the
+# Sapphire Rapids generation under -march=native) is built without it; the kernels use no half precision.
+NO_FP16_FLAG = "-mno-avx512fp16"
+FP16_MACRO = "__AVX512FP16__"  # defined by the compiler when the target has AVX512-FP16
 HASH_CHARS = 16
 
 
@@ -48,15 +53,32 @@ def _cpu_flags():
     return ""
 
 
+def _target_has_fp16(compiler, march_flag):
+    """Whether `compiler` with `march_flag` enables AVX512-FP16 (its predefined macros name FP16_MACRO)."""
+    try:
+        result = subprocess.run(
+            [compiler, march_flag, "-dM", "-E", "-x", "c++", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False  # the build itself will report the compiler's trouble
+    return FP16_MACRO in result.stdout
+
+
 def compile_command(output):
     """The compiler's argument list that builds `output` from SOURCES. BuildError when there is no compiler."""
     compiler = os.environ.get(COMPILER_ENV) or DEFAULT_COMPILER
     path = shutil.which(compiler)
     if path is None:
         raise BuildError("no C++ compiler %r on PATH (set %s)" % (compiler, COMPILER_ENV))
-    march = os.environ.get(MARCH_ENV) or DEFAULT_MARCH
+    target = ["-march=" + (os.environ.get(MARCH_ENV) or DEFAULT_MARCH)]
+    if _target_has_fp16(path, target[0]):
+        target.append(NO_FP16_FLAG)
     return (
-        [path, "-march=" + march, *BASE_FLAGS, *SOURCES, "-o", output]
+        [path, *target, *BASE_FLAGS, *SOURCES, "-o", output]
         + tf.sysconfig.get_compile_flags()
         + tf.sysconfig.get_link_flags()
     )

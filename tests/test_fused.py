@@ -321,6 +321,14 @@ class BuildTest(tf.test.TestCase):
         self.assertEqual(os.path.getmtime(path), built)
         self.assertEqual(capsule_ops.resolve("auto"), "fused")
 
+    def test_fp16_targets_are_built_without_it(self):
+        """A target with AVX512-FP16 is compiled with -mno-avx512fp16 (TF's Eigen FP16 packets break g++ 12)."""
+        for march, expected in (("sapphirerapids", True), ("x86-64-v3", False)):
+            with self.subTest(march=march), unittest.mock.patch.dict(os.environ, {ops_build.MARCH_ENV: march}):
+                command = ops_build.compile_command("out.so")
+                self.assertIn("-march=" + march, command)
+                self.assertEqual(ops_build.NO_FP16_FLAG in command, expected)
+
     def test_model_routes_on_the_fused_kernels_by_default(self):
         """With a compiler, the default HParams (routing_kernel 'auto') build the network on the fused ops."""
         net = model.CapsNetEMModel(hparams.hparams_for("small"))
