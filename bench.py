@@ -4,6 +4,7 @@
   python bench.py --preset paper --mode infer --batch_size 64 --profile
   python bench.py --preset small --mode train --batch_size 64 --compare   # fused vs tf routing kernel
   python bench.py --preset small --mode both --batch_size 64             # inference vs training, interleaved
+  python bench.py --preset paper --hparams assignment_gradient=false    # any HParams field, as main.py's
 
 Prints one human-readable row and one JSON line: preset, batch_size, mode, images_per_sec (median),
 step_ms (min/median/max), peak_rss_mb, flops_per_image (forward pass, see `forward_flops`), threads,
@@ -47,6 +48,7 @@ flags.DEFINE_integer("threads", 0, "CPU threads (0: every core); as main.py's --
 flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch (0: no split); as main.py's --micro_batch_size.")
 flags.DEFINE_integer("iterations", None, "Routing iterations (default: the preset's).")
 flags.DEFINE_string("routing", None, "Routing form: paper or official (default: the preset's); as main.py's.")
+flags.DEFINE_string("hparams", "", "name=value,... overrides of any HParams field, applied last; as main.py's.")
 flags.DEFINE_string("routing_kernel", "auto", "Routing kernel: auto, fused or tf (capsule_ops); as main.py's.")
 flags.DEFINE_bool(
     "compare", False, "Time the fused and the tf routing kernel in one run, interleaved; print the ratio."
@@ -228,6 +230,7 @@ def report(hp, net, key, times, peak_rss_mb, rates):
         "mode": mode,
         "iterations": hp.iterations,
         "routing": hp.routing,
+        "hparams": FLAGS.hparams,
         "routing_kernel": kernel,
         "images_per_sec": round(images_per_sec, 2),
         "step_ms": {
@@ -283,16 +286,23 @@ def _row(result, flops):
     )
 
 
+def benchmark_hparams():
+    """The preset, --routing, --iterations and --hparams as one validated HParams; SystemExit with one line."""
+    overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
+    try:
+        return capsnet.hparams_for(FLAGS.preset, FLAGS.routing, **overrides).parse(FLAGS.hparams).validate()
+    except ValueError as error:
+        raise SystemExit("error: %s" % error) from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise SystemExit("error: unexpected arguments %s" % argv[1:])
     if FLAGS.mode not in ("train", "infer", "both"):
         raise SystemExit("error: --mode must be train, infer or both")
     tf.disable_v2_behavior()
+    hp = runtime.with_run_length(benchmark_hparams(), FLAGS.warmup + FLAGS.steps)
     rates = measure_matmul_rate(FLAGS.threads), measure_bandwidth(FLAGS.threads)  # first, on an idle process
-    overrides = {"iterations": FLAGS.iterations} if FLAGS.iterations else {}
-    hp = capsnet.hparams_for(FLAGS.preset, FLAGS.routing, **overrides)
-    hp = runtime.with_run_length(hp, FLAGS.warmup + FLAGS.steps)
     config = runtime.session_config(FLAGS.threads, runtime.micro_batches_for(FLAGS.batch_size, FLAGS.micro_batch_size))
     if FLAGS.xla:
         config.graph_options.optimizer_options.global_jit_level = tf.OptimizerOptions.ON_1

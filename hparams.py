@@ -83,7 +83,7 @@ class HParams:
         for item in filter(None, (part.strip() for part in text.split(","))):
             name, _, value = (part.strip() for part in item.partition("="))
             if name not in types:
-                raise ValueError("unknown hyperparameter %r (see HParams in model.py)" % name)
+                raise ValueError("unknown hyperparameter %r (see HParams in hparams.py)" % name)
             try:
                 overrides[name] = (parse_bool if types[name] is bool else types[name])(value)
             except ValueError:

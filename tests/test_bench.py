@@ -28,15 +28,44 @@ _REQUIRED_KEYS = {
 }
 
 
-def _small_forward_flops():
+def _small_forward_flops(iterations=2):
     """Forward FLOPs of one `small` image counted by hand (bench.py's docstring formula).
 
     conv1 12x12 outputs * 25 taps * 64 filters; primary caps 12x12 * 64 inputs * 8 types * 17 outputs;
-    each routed layer's child-parent pairs * (2 * 64 vote FLOPs + 16 entries * (2 M-steps * 6 + 1 E-step * 2)).
+    each routed layer's child-parent pairs * (2 * 64 vote FLOPs + 16 entries * (M-steps * 6 + E-steps * 2)),
+    with M-steps = iterations and E-steps = iterations - 1.
     """
-    per_pair = 2 * 64 + 16 * (2 * 6 + 1 * 2)
+    per_pair = 2 * 64 + 16 * (iterations * 6 + (iterations - 1) * 2)
     pairs = 5 * 5 * 3 * 3 * 8 * 16 + 3 * 3 * 3 * 3 * 16 * 16 + 3 * 3 * 16 * 10  # conv_caps1, conv_caps2, class
     return 2 * 12 * 12 * 25 * 64 + 2 * 12 * 12 * 64 * 8 * 17 + pairs * per_pair
+
+
+def _bench(*arguments):
+    """bench.py run with `arguments` on a 2-image batch, 1 timed step: the finished process."""
+    command = [sys.executable, BENCH, "--preset", "small", "--batch_size", "2", "--steps", "1", "--warmup", "1"]
+    return subprocess.run(
+        command + list(arguments), capture_output=True, text=True, timeout=_SUBPROCESS_TIMEOUT_S, cwd=REPO_ROOT
+    )
+
+
+def test_hparams_reach_the_benchmarked_network():
+    """--hparams overrides an HParams field of the timed network (3 routing iterations: 3 M-steps' FLOPs)."""
+    result = _bench("--mode", "infer", "--hparams", "iterations=3,assignment_gradient=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["iterations"], report["hparams"]) == (3, "iterations=3,assignment_gradient=false")
+    assert report["flops_per_image"] == _small_forward_flops(iterations=3)
+
+
+def test_bad_hparams_is_one_line():
+    """An unknown --hparams field ends bench.py with one line naming it, no traceback."""
+    result = _bench("--hparams", "no_such_field=1")
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: unknown hyperparameter 'no_such_field' (see HParams in hparams.py)"
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_tiny_run_prints_a_row_and_json():
