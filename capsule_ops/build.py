@@ -39,6 +39,7 @@ BUILD_TIMEOUT_S = 600  # a build takes 10-40 s on the 2-core dev machine
 NO_FP16_FLAG = "-mno-avx512fp16"
 FP16_MACRO = "__AVX512FP16__"  # defined by the compiler when the target has AVX512-FP16
 HASH_CHARS = 16
+ERROR_CHARS = 300  # of a failed compile's output, when no line names an error
 
 
 def _cpu_flags():
@@ -98,6 +99,16 @@ def library_path():
     return os.path.join(cache, key.hexdigest()[:HASH_CHARS], LIBRARY_NAME)
 
 
+def _failure(stderr):
+    """One short line for a failed compile: the sources and the compiler's first error, its file by name only."""
+    sources = ", ".join(os.path.basename(name) for name in SOURCES)
+    errors = [line for line in stderr.splitlines() if "error" in line]
+    if not errors:
+        return "compiling %s failed: %s" % (sources, stderr[-ERROR_CHARS:].strip())
+    path, colon, rest = errors[0].partition(":")
+    return "compiling %s failed (%d errors), first: %s" % (sources, len(errors), os.path.basename(path) + colon + rest)
+
+
 def build():
     """The built library's path: from the cache, or compiled now (under a lock). BuildError on failure."""
     path = library_path()
@@ -117,10 +128,7 @@ def build():
         except (OSError, subprocess.TimeoutExpired) as error:
             raise BuildError("the compiler did not run: %s" % error) from None
         if result.returncode != 0:
-            errors = [line for line in result.stderr.splitlines() if "error" in line]
-            raise BuildError(
-                "compiling %s failed: %s" % (" ".join(SOURCES), "; ".join(errors[:3]) or result.stderr[-500:])
-            )
+            raise BuildError(_failure(result.stderr))
         os.replace(partial, path)  # atomic: a reader never sees a half-written library
     return path
 

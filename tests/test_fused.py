@@ -4,6 +4,7 @@ build cache and the fallback when no compiler is there."""
 
 import dataclasses
 import os
+import tempfile
 import unittest.mock
 
 from absl.testing import parameterized
@@ -320,6 +321,22 @@ class BuildTest(tf.test.TestCase):
         self.assertEqual(ops_build.build(), path)
         self.assertEqual(os.path.getmtime(path), built)
         self.assertEqual(capsule_ops.resolve("auto"), "fused")
+
+    def test_compile_error_is_one_short_line(self):
+        """A failing compiler gives a BuildError of one line: the sources, the error count, the first error."""
+        with tempfile.TemporaryDirectory() as folder:
+            compiler = os.path.join(folder, "g++")
+            with open(compiler, "w") as script:
+                script.write('#!/bin/sh\necho "/a/long/path/Header.h:7:3: error: boom" >&2\n')
+                script.write('echo "/a/long/path/Header.h:9:1: error: bang" >&2\nexit 1\n')
+            os.chmod(compiler, 0o755)
+            environment = {"CXX": compiler, ops_build.CACHE_ENV: folder}
+            with unittest.mock.patch.dict(os.environ, environment), self.assertRaises(capsule_ops.BuildError) as error:
+                ops_build.build()
+        self.assertEqual(
+            str(error.exception),
+            "compiling kernels.cc, votes_kernels.cc failed (2 errors), first: Header.h:7:3: error: boom",
+        )
 
     def test_fp16_targets_are_built_without_it(self):
         """A target with AVX512-FP16 is compiled with -mno-avx512fp16 (TF's Eigen FP16 packets break g++ 12)."""
