@@ -11,6 +11,7 @@ build shared between machines). A file lock keeps two processes from building th
 """
 
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -54,8 +55,12 @@ def _cpu_flags():
     return ""
 
 
+@functools.lru_cache(maxsize=None)
 def _target_has_fp16(compiler, march_flag):
-    """Whether `compiler` with `march_flag` enables AVX512-FP16 (its predefined macros name FP16_MACRO)."""
+    """Whether `compiler` with `march_flag` enables AVX512-FP16 (its predefined macros name FP16_MACRO).
+
+    Asked once per process and target: `library_path` (every start-up, even when the library is cached) and
+    `build` both make the compile command."""
     try:
         result = subprocess.run(
             [compiler, march_flag, "-dM", "-E", "-x", "c++", os.devnull],
