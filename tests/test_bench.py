@@ -70,21 +70,7 @@ def test_bad_hparams_is_one_line():
 
 def test_tiny_run_prints_a_row_and_json():
     """A 2-image, 1-step training benchmark in 2 micro-batches prints its row and a complete JSON line."""
-    command = [
-        sys.executable,
-        BENCH,
-        "--preset",
-        "small",
-        "--batch_size",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "1",
-        "--micro_batch_size",
-        "1",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=_SUBPROCESS_TIMEOUT_S, cwd=REPO_ROOT)
+    result = _bench("--micro_batch_size", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     row, json_line = result.stdout.strip().splitlines()[-2:]
     assert row.startswith("small train batch 2 in 2 micro-batches: ")
