@@ -36,7 +36,7 @@ import tensorflow.compat.v1 as tf
 
 import capsule_ops
 
-from em_routing import DEFAULT_FINAL_LAMBDA, PAPER_FORM, POSE_ENTRIES, POSE_SIZE, RoutingForm, _safe_log, em_routing
+from em_routing import DEFAULT_FINAL_LAMBDA, PAPER_FORM, POSE_ENTRIES, POSE_SIZE, RoutingForm, em_routing
 from em_routing import inverse_temperatures
 from receptive_field import PatchLayout, ReceptiveField, conv_geometry, receptive_field_centres
 
@@ -300,7 +300,7 @@ class ConvCaps(RoutedCapsuleLayer):
         _check_capsules(self.name, pose_shape, activation_shape)
         height, width, self.input_types = int(pose_shape[1]), int(pose_shape[2]), int(pose_shape[3])
         self.field = ReceptiveField(height, width, self.kernel_size, self.stride, self.padding)
-        self.patches = PatchLayout(self.field, self.input_types, self.types, self.dtype)
+        self.patches = PatchLayout(self.field, self.input_types, self.types, self.dtype, self.routing_kernel)
         k = self.kernel_size
         self._build_routing_variables([k, k, self.input_types, self.types, POSE_SIZE, POSE_SIZE], self.types)
 
@@ -349,15 +349,7 @@ class ConvCaps(RoutedCapsuleLayer):
         """
         with tf.name_scope("receptive_field_normalise"):
             batch = tf.shape(log_numerators)[0] // (self.field.out_height * self.field.out_width)
-            # A per-child shift (its largest numerator) makes every child's denominator >= 1.
-            per_type = self.form.normalise_over == "positions"
-            over_parents = self.patches.over_parents
-            shift = tf.stop_gradient(over_parents(log_numerators, "max", per_type, batch))  # [NP, 1 or O, KKI]
-            valid = self.patches.constant(self.field.valid, batch)  # [NP, 1, KKI], 0 at padded offsets
-            # A padded offset holds no child and gets no shift: zero its exponent so exp cannot overflow there.
-            shifted = tf.exp((log_numerators - shift) * valid)  # [NP, O, KKI]
-            log_denominator = _safe_log(over_parents(shifted, "sum", per_type, batch))  # [NP, 1 or O, KKI]
-            return shifted * tf.exp(-log_denominator) * valid
+            return self.patches.normalise(log_numerators, self.form.normalise_over == "positions", batch)
 
 
 def conv_caps(poses, activations, *args, reuse=None, **kwargs):

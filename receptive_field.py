@@ -5,11 +5,15 @@ to ceil(K/s)^2 positions times O types). The E-step normalises each child over t
 the per-patch values are summed back onto child positions (the "fold", the transpose of patch extraction).
 1-D example: the size-2, stride-1 patches of [1, 2, 3, 4] are [[1, 2], [2, 3], [3, 4]]; folded back they
 give [1, 4, 6, 4]. `PatchLayout` holds a layer's patch values in routing's parent-major layout and the E-step's
-sums and maxima over a child's parents. Axis names as in capsule_layers.py. Imports only numpy and tensorflow.
+sums and maxima over a child's parents (TensorFlow ops, or one fused kernel of capsule_ops). Axis names as in
+capsule_layers.py. Imports only numpy, tensorflow, capsule_ops and em_routing.
 """
 
 import numpy as np
 import tensorflow.compat.v1 as tf
+
+import capsule_ops
+from em_routing import _safe_log
 
 VALID_PADDINGS = ("VALID", "SAME")
 
@@ -150,8 +154,9 @@ class PatchLayout:
     (kh, kw, i). A child is seen by up to ceil(K/s)^2 positions times O parent types.
     """
 
-    def __init__(self, field, input_types, output_types, dtype):
+    def __init__(self, field, input_types, output_types, dtype, kernel="tf"):
         self.field, self.input_types, self.output_types, self.dtype = field, input_types, output_types, dtype
+        self.kernel = kernel  # 'fused': `over_parents` is one capsule_ops kernel; 'tf': TensorFlow ops
         self.offsets = field.kernel_size[0] * field.kernel_size[1]  # KK
         self.children = self.offsets * input_types  # KKI
 
@@ -179,6 +184,9 @@ class PatchLayout:
           `[NP, 1, KKI]`, or `[NP, O, KKI]` when `per_type`.
         """
         field, kk, in_types, out_types = self.field, self.offsets, self.input_types, self.output_types
+        if self.kernel == "fused":
+            ids = tf.constant(field.child_ids)  # [P*KK]
+            return capsule_ops.over_parents(values, ids, reduce, per_type, field.num_children, in_types)
         if not per_type:
             over_types = {"sum": tf.reduce_sum, "max": tf.reduce_max}[reduce](values, axis=1)  # [NP, KKI]
             patch_major = tf.reshape(over_types, [batch, field.out_height, field.out_width, kk, in_types])
@@ -189,6 +197,26 @@ class PatchLayout:
         patches = field.extract(field.fold(by_type, reduce))  # [N, OH, OW, KK*O*I]
         patches = tf.reshape(patches, [-1, kk, out_types, in_types])  # [NP, KK, O, I]
         return tf.reshape(tf.transpose(patches, [0, 2, 1, 3]), [-1, out_types, self.children])  # [NP, O, KKI]
+
+    def normalise(self, log_numerators, per_type, batch):
+        """The E-step's R `[NP, O, KKI]`: exp(log numerator - log of the child's sum over the parents that see it
+        (`over_parents`' per_type)), 0 at padded offsets.
+
+        Args:
+          log_numerators: log(a_j p_ij), `[NP, O, KKI]`.
+          per_type, batch: as `over_parents`.
+        """
+        if self.kernel == "fused":
+            ids = tf.constant(self.field.child_ids)  # [P*KK]
+            field, in_types = self.field, self.input_types
+            return capsule_ops.normalise_over_parents(log_numerators, ids, per_type, field.num_children, in_types)
+        # A per-child shift (its largest numerator) makes every child's denominator >= 1.
+        shift = tf.stop_gradient(self.over_parents(log_numerators, "max", per_type, batch))  # [NP, 1 or O, KKI]
+        valid = self.constant(self.field.valid, batch)  # [NP, 1, KKI], 0 at padded offsets
+        # A padded offset holds no child and gets no shift: zero its exponent so exp cannot overflow there.
+        shifted = tf.exp((log_numerators - shift) * valid)  # [NP, O, KKI]
+        log_denominator = _safe_log(self.over_parents(shifted, "sum", per_type, batch))  # [NP, 1 or O, KKI]
+        return shifted * tf.exp(-log_denominator) * valid  # [NP, O, KKI]
 
 
 # ----------------------------------------------------------------------------------------------

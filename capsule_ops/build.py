@@ -1,4 +1,5 @@
-"""Builds the fused kernels (kernels.cc, votes_kernels.cc) once per source, TensorFlow version, flags and CPU.
+"""Builds the fused kernels (kernels.cc, votes_kernels.cc, fold_kernels.cc) once per source, TensorFlow version,
+flags and CPU.
 
   python -m capsule_ops.build      # build ahead of time (otherwise the first fused routing builds it)
 
@@ -23,7 +24,7 @@ import tensorflow as tf
 from capsule_ops import BuildError
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(_HERE, name) for name in ("kernels.cc", "votes_kernels.cc"))
+SOURCES = tuple(os.path.join(_HERE, name) for name in ("kernels.cc", "votes_kernels.cc", "fold_kernels.cc"))
 LIBRARY_NAME = "capsule_ops.so"
 CACHE_ENV = "CAPSNET_OPS_CACHE"
 DEFAULT_CACHE = os.path.join("~", ".cache", "capsnet-em-ops")

@@ -181,6 +181,87 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
                 sess.run(capsule_ops.votes(np.zeros([2, 4, 16]), np.zeros([3, 5, 16])))
 
 
+def _over_parents_numpy(values, child_ids, num_children, input_types, reduce, per_type):
+    """Each patch entry's sum or max over the entries that hold the same child (loops; 0 at padded offsets)."""
+    kk = values.shape[2] // input_types
+    positions = len(child_ids) // kk
+    ids = child_ids.reshape(positions, kk)
+    by_offset = values.reshape(-1, positions, values.shape[1], kk, input_types).transpose(0, 1, 3, 2, 4)
+    out = np.zeros(by_offset.shape[:3] + ((by_offset.shape[3] if per_type else 1), input_types))  # [N, P, KK, O, I]
+    reducer = np.sum if reduce == "sum" else np.max
+    for p, k in zip(*np.nonzero(ids < num_children)):
+        same = by_offset[:, ids == ids[p, k]]  # [N, parents that see the child, O, I]
+        out[:, p, k] = reducer(same, axis=1) if per_type else reducer(same, axis=(1, 2))[:, None]
+    return out.transpose(0, 1, 3, 2, 4).reshape(values.shape[0], -1, values.shape[2])
+
+
+class OverParentsTest(parameterized.TestCase, tf.test.TestCase):
+    """over_parents (the conv E-step's reduction) against NumPy loops, its gradient, its errors."""
+
+    def _case(self, padding, stride, types=3, dtype=np.float64):
+        field = cl.ReceptiveField(5, 4, 3, stride, padding)
+        values = np.random.RandomState(5).normal(size=[2 * field.out_height * field.out_width, types, 9 * 2])
+        return field, values.astype(dtype)
+
+    @parameterized.named_parameters(
+        ("%s_stride%d_%s_%s" % (padding, stride, reduce, "per_type" if per_type else "all_types"),)
+        + (padding, stride, reduce, per_type)
+        for padding, stride in (("VALID", 1), ("SAME", 1), ("SAME", 2), ("VALID", 2))
+        for reduce in ("sum", "max")
+        for per_type in (True, False)
+    )
+    def test_matches_numpy(self, padding, stride, reduce, per_type):
+        """Sums and maxima over a child's parents, per type or over types, with and without padding."""
+        field, values = self._case(padding, stride)
+        expected = _over_parents_numpy(values, field.child_ids, field.num_children, 2, reduce, per_type)
+        reduced = capsule_ops.over_parents(values, field.child_ids, reduce, per_type, field.num_children, 2)
+        with self.session() as sess:
+            self.assertLess(_relative_error(sess.run(reduced), expected), 1e-12)
+
+    @parameterized.named_parameters(("per_type", True), ("all_types", False))
+    def test_sum_gradient_matches_finite_differences(self, per_type):
+        """The registered gradient of the sum (float64, SAME padding, stride 2)."""
+        field, values = self._case("SAME", 2)
+        values_t = tf.constant(values)
+        reduced = capsule_ops.over_parents(values_t, field.child_ids, "sum", per_type, field.num_children, 2)
+        loss = tf.reduce_sum(tf.sin(reduced))
+        with self.session():
+            error = tf.test.compute_gradient_error(values_t, values.shape, loss, [], delta=FINITE_DIFFERENCE_DELTA)
+            self.assertLess(error, GRADIENT_TOLERANCE)
+
+    @parameterized.named_parameters(
+        ("%s_stride%d_%s" % (padding, stride, "per_type" if per_type else "all_types"), padding, stride, per_type)
+        for padding, stride in (("VALID", 1), ("SAME", 2))
+        for per_type in (True, False)
+    )
+    def test_normalise_matches_numpy_and_finite_differences(self, padding, stride, per_type):
+        """R = exp(x) / (the child's sum of exp(x) over its parents), 0 in padding; its gradient (float64)."""
+        field, values = self._case(padding, stride)
+        numerators = np.exp(values)
+        denominators = _over_parents_numpy(numerators, field.child_ids, field.num_children, 2, "sum", per_type)
+        expected = np.where(denominators > 0, numerators / np.maximum(denominators, 1e-300), 0.0)
+        values_t = tf.constant(values)
+        ids = field.child_ids
+        assignments = capsule_ops.normalise_over_parents(values_t, ids, per_type, field.num_children, 2)
+        loss = tf.reduce_sum(tf.sin(3.0 * assignments))
+        with self.session() as sess:
+            self.assertLess(_relative_error(sess.run(assignments), expected), 1e-12)
+            error = tf.test.compute_gradient_error(values_t, values.shape, loss, [], delta=FINITE_DIFFERENCE_DELTA)
+            self.assertLess(error, GRADIENT_TOLERANCE)
+
+    def test_max_has_no_gradient_and_bad_ids_are_errors(self):
+        """The max is taken under a stop-gradient only; child ids out of range are an error naming them."""
+        field, values = self._case("VALID", 1)
+        values_t = tf.constant(values)
+        with self.assertRaisesRegex(LookupError, "stop_gradient"):
+            tf.gradients(
+                capsule_ops.over_parents(values_t, field.child_ids, "max", True, field.num_children, 2), values_t
+            )
+        bad_ids = field.child_ids + field.num_children + 1
+        with self.session() as sess, self.assertRaisesRegex(tf.errors.InvalidArgumentError, "child_ids must be in"):
+            sess.run(capsule_ops.over_parents(values, bad_ids, "sum", True, field.num_children, 2))
+
+
 class FusedLayersTest(parameterized.TestCase, tf.test.TestCase):
     """ConvCaps and ClassCaps on the fused path: the reference, the TF path, finite differences."""
 
@@ -335,7 +416,7 @@ class BuildTest(tf.test.TestCase):
                 ops_build.build()
         self.assertEqual(
             str(error.exception),
-            "compiling kernels.cc, votes_kernels.cc failed (2 errors), first: Header.h:7:3: error: boom",
+            "compiling kernels.cc, votes_kernels.cc, fold_kernels.cc failed (2 errors), first: Header.h:7:3: error: boom",
         )
 
     def test_fp16_targets_are_built_without_it(self):
