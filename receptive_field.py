@@ -156,7 +156,7 @@ class PatchLayout:
 
     def __init__(self, field, input_types, output_types, dtype, kernel="tf"):
         self.field, self.input_types, self.output_types, self.dtype = field, input_types, output_types, dtype
-        self.kernel = kernel  # 'fused': `over_parents` is one capsule_ops kernel; 'tf': TensorFlow ops
+        self.kernel = kernel  # 'fused': `normalise` is one capsule_ops kernel; 'tf': TensorFlow ops
         self.offsets = field.kernel_size[0] * field.kernel_size[1]  # KK
         self.children = self.offsets * input_types  # KKI
 
@@ -184,9 +184,6 @@ class PatchLayout:
           `[NP, 1, KKI]`, or `[NP, O, KKI]` when `per_type`.
         """
         field, kk, in_types, out_types = self.field, self.offsets, self.input_types, self.output_types
-        if self.kernel == "fused":
-            ids = tf.constant(field.child_ids)  # [P*KK]
-            return capsule_ops.over_parents(values, ids, reduce, per_type, field.num_children, in_types)
         if not per_type:
             over_types = {"sum": tf.reduce_sum, "max": tf.reduce_max}[reduce](values, axis=1)  # [NP, KKI]
             patch_major = tf.reshape(over_types, [batch, field.out_height, field.out_width, kk, in_types])

@@ -8,7 +8,7 @@ votes (kernels.cc):
   quadratic_forms(votes, a, b)                 -> sum_h V_ih a_h + V_ih^2 b_h        `[NP, O, C]`
   votes_gradient(votes, us, lin_rows, sq_rows) -> sum_k u_ki (lin_kh + 2 V_ih sq_kh) `[NP, O, C, 16]`
 and the conv E-step's reduction over the parents that see each child (fold_kernels.cc):
-  over_parents(values, child_ids, ...)         -> each patch entry's sum or max over its child's parents
+  over_parents(values, child_ids, ...)         -> each patch entry's sum over its child's parents
   normalise_over_parents(x, child_ids, ...)    -> R: exp(x) normalised over each child's parents
 The gradient of each of the first two with respect to its small inputs is the other one (d/dr of the sums is
 a quadratic form of their gradients; d/da, d/db of the forms are weighted sums), and with respect to the
@@ -98,15 +98,15 @@ def votes_gradient(votes, per_child, linear_rows, square_rows):
     return load().caps_votes_gradient(votes, per_child, linear_rows, square_rows)
 
 
-def over_parents(values, child_ids, reduce, per_type, num_children, input_types):
-    """Each patch entry's sum (or max) over the parents that see its child: values `[NP, O, KK*I]` -> `[NP, O, KK*I]`
+def over_parents(values, child_ids, per_type, num_children, input_types):
+    """Each patch entry's sum over the parents that see its child: values `[NP, O, KK*I]` -> `[NP, O, KK*I]`
     (`per_type`: over the positions of each parent type) or `[NP, 1, KK*I]` (over positions and types).
 
     child_ids `[P*KK]`: the child position (of `num_children` = H*W) that each (parent position, kernel offset)
     sees, `num_children` at an offset in padding (output 0 there): `receptive_field.ReceptiveField.child_ids`.
     """
     return load().caps_over_parents(
-        values, child_ids, reduce=reduce, per_type=per_type, num_children=num_children, input_types=input_types
+        values, child_ids, per_type=per_type, num_children=num_children, input_types=input_types
     )
 
 
@@ -138,15 +138,11 @@ def _votes_gradient(op, votes_grad):
 @tf.RegisterGradient("CapsOverParents")
 def _over_parents_gradient(op, reduced_grad):
     """The sum over a child's parents is a symmetric linear map of the patch entries (padding excluded), so its
-    gradient is the same sum of the output gradient (summed first over types when the types were summed, the
-    result then shared by every type). The max has none here: routing takes it under a stop-gradient."""
-    if tf.compat.as_str(op.get_attr("reduce")) != "sum":
-        raise LookupError("CapsOverParents with reduce='max' has no gradient; take it under tf.stop_gradient")
+    gradient is the same sum of the output gradient (over positions only, the result then shared by every
+    type, when the types were summed too)."""
     values, child_ids = op.inputs
     attrs = dict(num_children=op.get_attr("num_children"), input_types=op.get_attr("input_types"))
-    if op.get_attr("per_type"):
-        return over_parents(reduced_grad, child_ids, "sum", True, **attrs), None
-    per_child = over_parents(reduced_grad, child_ids, "sum", True, **attrs)  # [NP, 1, KK*I]
+    per_child = over_parents(reduced_grad, child_ids, True, **attrs)  # [NP, O or 1, KK*I]
     return tf.broadcast_to(per_child, tf.shape(values)), None  # [NP, O, KK*I]
 
 
@@ -156,7 +152,7 @@ def _normalise_over_parents_gradient(op, assignments_grad):
     _, child_ids = op.inputs
     attrs = dict(num_children=op.get_attr("num_children"), input_types=op.get_attr("input_types"))
     weighted = op.outputs[0] * assignments_grad  # [NP, O, KK*I]
-    per_child = over_parents(weighted, child_ids, "sum", op.get_attr("per_type"), **attrs)  # [NP, O or 1, KK*I]
+    per_child = over_parents(weighted, child_ids, op.get_attr("per_type"), **attrs)  # [NP, O or 1, KK*I]
     return op.outputs[0] * (assignments_grad - per_child), None
 
 

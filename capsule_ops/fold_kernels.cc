@@ -1,23 +1,23 @@
-// The conv E-step's reduction over the parents that see each child, CPU, float and double.
+// The conv E-step's normaliser over the parents that see each child, CPU, float and double.
 //
 // In a convolutional capsule layer a child (position, type i) is seen by every parent position whose
-// receptive field holds it. The E-step normalises each child over those parents (PatchLayout.over_parents
-// in receptive_field.py): in the patch layout [NP, O, KK*I] (NP = N * P parent positions ordered (n, oh, ow),
-// O parent types, KK kernel offsets ordered (kh, kw), I child types) every entry gets the sum (or max) of
-// the entries that hold the same child. With TensorFlow ops that is a transpose, a fold onto the child
-// grid (unsorted_segment_sum/max), a slice, a patch extraction and a transpose back, in the forward and
-// again in the backward pass; here each image is folded into a child-grid scratch buffer and read back at
-// every patch entry:
-//   CapsOverParents(values, child_ids; reduce, per_type, num_children, input_types)
-//     per_type = true:  [NP, O, KKI] -> [NP, O, KKI], over the positions of each parent type separately;
-//     per_type = false: [NP, O, KKI] -> [NP, 1, KKI], over positions and types.
+// receptive field holds it. The E-step normalises each child over those parents (PatchLayout.normalise in
+// receptive_field.py): in the patch layout [NP, O, KK*I] (NP = N * P parent positions ordered (n, oh, ow),
+// O parent types, KK kernel offsets ordered (kh, kw), I child types) every entry needs the max and the sum
+// over the entries that hold the same child. With TensorFlow ops each is a transpose, a fold onto the child
+// grid (unsorted_segment_max/sum), a slice, a patch extraction and a transpose back, in the forward and again
+// in the backward pass; here each image is folded into a child-grid scratch buffer and read back at every
+// patch entry:
 //   CapsNormaliseOverParents(log_numerators, child_ids; per_type, num_children, input_types)
 //     [NP, O, KKI] -> R [NP, O, KKI]: exp(x - shift) / (the child's sum of it over its parents), the shift
-//     the child's largest x over them (so every sum is >= 1): the whole E-step normaliser, three passes.
+//     the child's largest x over them (so every sum is >= 1): the whole E-step normaliser, three passes;
+//   CapsOverParents(values, child_ids; per_type, num_children, input_types): each entry's sum over them,
+//     per_type = true:  [NP, O, KKI] -> [NP, O, KKI], over the positions of each parent type separately;
+//     per_type = false: [NP, O, KKI] -> [NP, 1, KKI], over positions and types.
 // child_ids [P * KK] (ReceptiveField.child_ids) is the child position each (parent position, offset) sees,
-// num_children (H * W) at an offset in 'SAME' padding, whose output is 0. The sum is a symmetric linear map
-// of the valid entries, so its gradient is the same op; the normaliser's gradient is R (g - sum over the
-// child's parents of R g) (capsule_ops/__init__.py).
+// num_children (H * W) at an offset in 'SAME' padding, whose output is 0. The normaliser's gradient is
+// R (g - the sum over the child's parents of R g); the sum is a symmetric linear map of the valid entries,
+// so its gradient is itself (capsule_ops/__init__.py).
 
 #include <algorithm>
 #include <cmath>
@@ -138,16 +138,12 @@ class PatchFoldOp : public OpKernel {
   int num_children_ = 0, input_types_ = 0;
 };
 
-// ---- CapsOverParents: each patch entry's sum (or max) over the entries that hold its child ----
+// ---- CapsOverParents: each patch entry's sum over the entries that hold its child ----
 
 template <typename T>
 class OverParentsOp : public PatchFoldOp<T> {
  public:
-  explicit OverParentsOp(OpKernelConstruction* context) : PatchFoldOp<T>(context) {
-    std::string reduce;
-    OP_REQUIRES_OK(context, context->GetAttr("reduce", &reduce));
-    max_ = reduce == "max";
-  }
+  explicit OverParentsOp(OpKernelConstruction* context) : PatchFoldOp<T>(context) {}
 
   void Compute(OpKernelContext* context) override {
     PatchGeometry g;
@@ -157,18 +153,13 @@ class OverParentsOp : public PatchFoldOp<T> {
     T* out = reduced->flat<T>().data();
     const int64_t in_image = g.positions * g.types * g.Patch(), out_image = g.positions * g.out_types * g.Patch();
     std::fill(out, out + g.images * out_image, T(0));  // offsets in padding stay 0
-    const T empty = max_ ? std::numeric_limits<T>::lowest() : T(0);
     const int64_t I = g.input_types;
     this->ForEachImage(context, g, kFoldCostPerEntry, 1, [&](int64_t n, T* grid) {
-      std::fill(grid, grid + this->GridSize(g), empty);
+      std::fill(grid, grid + this->GridSize(g), T(0));
       const T* image = in + n * in_image;
       this->ForEachEntry(g, g.types, [&](int64_t entry, int64_t cell) {
-        if (max_) {
-          for (int64_t i = 0; i < I; ++i) grid[cell + i] = std::max(grid[cell + i], image[entry + i]);
-        } else {
 #pragma omp simd
-          for (int64_t i = 0; i < I; ++i) grid[cell + i] += image[entry + i];
-        }
+        for (int64_t i = 0; i < I; ++i) grid[cell + i] += image[entry + i];
       });
       T* result = out + n * out_image;
       this->ForEachEntry(g, g.out_types, [&](int64_t entry, int64_t cell) {
@@ -176,9 +167,6 @@ class OverParentsOp : public PatchFoldOp<T> {
       });
     });
   }
-
- private:
-  bool max_ = false;
 };
 
 // ---- CapsNormaliseOverParents: R = exp(x) / (each child's sum of exp(x) over its parents), 0 in padding ----
@@ -221,7 +209,6 @@ class NormaliseOverParentsOp : public PatchFoldOp<T> {
 
 REGISTER_OP("CapsOverParents")
     .Attr("T: {float, double}")
-    .Attr("reduce: {'sum', 'max'}")
     .Attr("per_type: bool")
     .Attr("num_children: int >= 1")  // H * W child positions of an image
     .Attr("input_types: int >= 1")   // I

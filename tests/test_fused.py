@@ -181,17 +181,16 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
                 sess.run(capsule_ops.votes(np.zeros([2, 4, 16]), np.zeros([3, 5, 16])))
 
 
-def _over_parents_numpy(values, child_ids, num_children, input_types, reduce, per_type):
-    """Each patch entry's sum or max over the entries that hold the same child (loops; 0 at padded offsets)."""
+def _over_parents_numpy(values, child_ids, num_children, input_types, per_type):
+    """Each patch entry's sum over the entries that hold the same child (loops; 0 at padded offsets)."""
     kk = values.shape[2] // input_types
     positions = len(child_ids) // kk
     ids = child_ids.reshape(positions, kk)
     by_offset = values.reshape(-1, positions, values.shape[1], kk, input_types).transpose(0, 1, 3, 2, 4)
     out = np.zeros(by_offset.shape[:3] + ((by_offset.shape[3] if per_type else 1), input_types))  # [N, P, KK, O, I]
-    reducer = np.sum if reduce == "sum" else np.max
     for p, k in zip(*np.nonzero(ids < num_children)):
         same = by_offset[:, ids == ids[p, k]]  # [N, parents that see the child, O, I]
-        out[:, p, k] = reducer(same, axis=1) if per_type else reducer(same, axis=(1, 2))[:, None]
+        out[:, p, k] = np.sum(same, axis=1) if per_type else np.sum(same, axis=(1, 2))[:, None]
     return out.transpose(0, 1, 3, 2, 4).reshape(values.shape[0], -1, values.shape[2])
 
 
@@ -204,17 +203,15 @@ class OverParentsTest(parameterized.TestCase, tf.test.TestCase):
         return field, values.astype(dtype)
 
     @parameterized.named_parameters(
-        ("%s_stride%d_%s_%s" % (padding, stride, reduce, "per_type" if per_type else "all_types"),)
-        + (padding, stride, reduce, per_type)
+        ("%s_stride%d_%s" % (padding, stride, "per_type" if per_type else "all_types"), padding, stride, per_type)
         for padding, stride in (("VALID", 1), ("SAME", 1), ("SAME", 2), ("VALID", 2))
-        for reduce in ("sum", "max")
         for per_type in (True, False)
     )
-    def test_matches_numpy(self, padding, stride, reduce, per_type):
-        """Sums and maxima over a child's parents, per type or over types, with and without padding."""
+    def test_sum_matches_numpy(self, padding, stride, per_type):
+        """Sums over a child's parents, per type or over types, with and without padding."""
         field, values = self._case(padding, stride)
-        expected = _over_parents_numpy(values, field.child_ids, field.num_children, 2, reduce, per_type)
-        reduced = capsule_ops.over_parents(values, field.child_ids, reduce, per_type, field.num_children, 2)
+        expected = _over_parents_numpy(values, field.child_ids, field.num_children, 2, per_type)
+        reduced = capsule_ops.over_parents(values, field.child_ids, per_type, field.num_children, 2)
         with self.session() as sess:
             self.assertLess(_relative_error(sess.run(reduced), expected), 1e-12)
 
@@ -223,7 +220,7 @@ class OverParentsTest(parameterized.TestCase, tf.test.TestCase):
         """The registered gradient of the sum (float64, SAME padding, stride 2)."""
         field, values = self._case("SAME", 2)
         values_t = tf.constant(values)
-        reduced = capsule_ops.over_parents(values_t, field.child_ids, "sum", per_type, field.num_children, 2)
+        reduced = capsule_ops.over_parents(values_t, field.child_ids, per_type, field.num_children, 2)
         loss = tf.reduce_sum(tf.sin(reduced))
         with self.session():
             error = tf.test.compute_gradient_error(values_t, values.shape, loss, [], delta=FINITE_DIFFERENCE_DELTA)
@@ -238,7 +235,7 @@ class OverParentsTest(parameterized.TestCase, tf.test.TestCase):
         """R = exp(x) / (the child's sum of exp(x) over its parents), 0 in padding; its gradient (float64)."""
         field, values = self._case(padding, stride)
         numerators = np.exp(values)
-        denominators = _over_parents_numpy(numerators, field.child_ids, field.num_children, 2, "sum", per_type)
+        denominators = _over_parents_numpy(numerators, field.child_ids, field.num_children, 2, per_type)
         expected = np.where(denominators > 0, numerators / np.maximum(denominators, 1e-300), 0.0)
         values_t = tf.constant(values)
         ids = field.child_ids
@@ -249,17 +246,15 @@ class OverParentsTest(parameterized.TestCase, tf.test.TestCase):
             error = tf.test.compute_gradient_error(values_t, values.shape, loss, [], delta=FINITE_DIFFERENCE_DELTA)
             self.assertLess(error, GRADIENT_TOLERANCE)
 
-    def test_max_has_no_gradient_and_bad_ids_are_errors(self):
-        """The max is taken under a stop-gradient only; child ids out of range are an error naming them."""
+    def test_bad_ids_and_shapes_are_errors(self):
+        """Child ids out of range, or values whose rows are not images x positions, are errors naming them."""
         field, values = self._case("VALID", 1)
-        values_t = tf.constant(values)
-        with self.assertRaisesRegex(LookupError, "stop_gradient"):
-            tf.gradients(
-                capsule_ops.over_parents(values_t, field.child_ids, "max", True, field.num_children, 2), values_t
-            )
         bad_ids = field.child_ids + field.num_children + 1
-        with self.session() as sess, self.assertRaisesRegex(tf.errors.InvalidArgumentError, "child_ids must be in"):
-            sess.run(capsule_ops.over_parents(values, bad_ids, "sum", True, field.num_children, 2))
+        with self.session() as sess:
+            with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "child_ids must be in"):
+                sess.run(capsule_ops.over_parents(values, bad_ids, True, field.num_children, 2))
+            with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "is not images x"):
+                sess.run(capsule_ops.normalise_over_parents(values[1:], field.child_ids, True, field.num_children, 2))
 
 
 class FusedLayersTest(parameterized.TestCase, tf.test.TestCase):
@@ -416,7 +411,8 @@ class BuildTest(tf.test.TestCase):
                 ops_build.build()
         self.assertEqual(
             str(error.exception),
-            "compiling kernels.cc, votes_kernels.cc, fold_kernels.cc failed (2 errors), first: Header.h:7:3: error: boom",
+            "compiling kernels.cc, votes_kernels.cc, fold_kernels.cc failed (2 errors), "
+            "first: Header.h:7:3: error: boom",
         )
 
     def test_fp16_targets_are_built_without_it(self):
