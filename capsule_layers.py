@@ -338,15 +338,8 @@ class ConvCaps(RoutedCapsuleLayer):
             return tf.reshape(votes, [-1, out_types, kki, POSE_ENTRIES])  # [NP, O, KKI, 16]
 
     def _normalise(self, log_numerators):
-        """E-step normalisation over the parents that see each child (see `RoutingForm.normalise_over`).
-
-        Args:
-          log_numerators: log(a_j p_ij), `[NP, O, KKI]`.
-
-        Returns:
-          R `[NP, O, KKI]`: exp(log numerator - log of the child's sum over those parents), 0 at padded
-          offsets.
-        """
+        """R `[NP, O, KKI]` from log(a_j p_ij) `[NP, O, KKI]`, normalised over the parents that see each child
+        (`RoutingForm.normalise_over`; `PatchLayout.normalise`)."""
         with tf.name_scope("receptive_field_normalise"):
             batch = tf.shape(log_numerators)[0] // (self.field.out_height * self.field.out_width)
             return self.patches.normalise(log_numerators, self.form.normalise_over == "positions", batch)
