@@ -7,9 +7,8 @@ votes (kernels.cc):
   weighted_sums(votes, r)                      -> sum_i r_i V_i, sum_i r_i V_i^2    `[NP, O, 16]` each
   quadratic_forms(votes, a, b)                 -> sum_h V_ih a_h + V_ih^2 b_h        `[NP, O, C]`
   votes_gradient(votes, us, lin_rows, sq_rows) -> sum_k u_ki (lin_kh + 2 V_ih sq_kh) `[NP, O, C, 16]`
-and the conv E-step's reduction over the parents that see each child (fold_kernels.cc):
-  over_parents(values, child_ids, ...)         -> each patch entry's sum over its child's parents
-  normalise_over_parents(x, child_ids, ...)    -> R: exp(x) normalised over each child's parents
+and the conv E-step's normaliser, with its gradient kernel (fold_kernels.cc):
+  normalise_over_parents(x, child_ids, ...)    -> R: exp(x) normalised over each child's parents `[NP, O, KKI]`
 The gradient of each of the first two with respect to its small inputs is the other one (d/dr of the sums is
 a quadratic form of their gradients; d/da, d/db of the forms are weighted sums), and with respect to the
 votes a `votes_gradient` of rank 1.
@@ -98,22 +97,13 @@ def votes_gradient(votes, per_child, linear_rows, square_rows):
     return load().caps_votes_gradient(votes, per_child, linear_rows, square_rows)
 
 
-def over_parents(values, child_ids, per_type, num_children, input_types):
-    """Each patch entry's sum over the parents that see its child: values `[NP, O, KK*I]` -> `[NP, O, KK*I]`
-    (`per_type`: over the positions of each parent type) or `[NP, 1, KK*I]` (over positions and types).
-
-    child_ids `[P*KK]`: the child position (of `num_children` = H*W) that each (parent position, kernel offset)
-    sees, `num_children` at an offset in padding (output 0 there): `receptive_field.ReceptiveField.child_ids`.
-    """
-    return load().caps_over_parents(
-        values, child_ids, per_type=per_type, num_children=num_children, input_types=input_types
-    )
-
-
 def normalise_over_parents(log_numerators, child_ids, per_type, num_children, input_types):
     """The conv E-step's R `[NP, O, KK*I]`: exp(x) over each child's sum of exp(x) over the parents that see it
     (`per_type`: the positions of its own parent type; else positions and types), 0 at offsets in padding.
-    Arguments as `over_parents`."""
+
+    child_ids `[P*KK]`: the child position (of `num_children` = H*W) that each (parent position, kernel offset)
+    sees, `num_children` at an offset in padding: `receptive_field.ReceptiveField.child_ids`; I = `input_types`.
+    """
     return load().caps_normalise_over_parents(
         log_numerators, child_ids, per_type=per_type, num_children=num_children, input_types=input_types
     )
@@ -135,25 +125,11 @@ def _votes_gradient(op, votes_grad):
     return load().caps_votes_backward(op.inputs[0], op.inputs[1], votes_grad)
 
 
-@tf.RegisterGradient("CapsOverParents")
-def _over_parents_gradient(op, reduced_grad):
-    """The sum over a child's parents is a symmetric linear map of the patch entries (padding excluded), so its
-    gradient is the same sum of the output gradient (over positions only, the result then shared by every
-    type, when the types were summed too)."""
-    values, child_ids = op.inputs
-    attrs = dict(num_children=op.get_attr("num_children"), input_types=op.get_attr("input_types"))
-    per_child = over_parents(reduced_grad, child_ids, True, **attrs)  # [NP, O or 1, KK*I]
-    return tf.broadcast_to(per_child, tf.shape(values)), None  # [NP, O, KK*I]
-
-
 @tf.RegisterGradient("CapsNormaliseOverParents")
 def _normalise_over_parents_gradient(op, assignments_grad):
-    """dL/dx_j = R_j (g_j - sum of R g over the entries of j's child and normaliser), a softmax's gradient."""
-    _, child_ids = op.inputs
-    attrs = dict(num_children=op.get_attr("num_children"), input_types=op.get_attr("input_types"))
-    weighted = op.outputs[0] * assignments_grad  # [NP, O, KK*I]
-    per_child = over_parents(weighted, child_ids, op.get_attr("per_type"), **attrs)  # [NP, O or 1, KK*I]
-    return op.outputs[0] * (assignments_grad - per_child), None
+    """dL/dx_j = R_j (g_j - the sum of R g over the entries of j's child), a softmax's gradient, in one kernel."""
+    attrs = {name: op.get_attr(name) for name in ("per_type", "num_children", "input_types")}
+    return load().caps_normalise_over_parents_grad(op.outputs[0], assignments_grad, op.inputs[1], **attrs), None
 
 
 @tf.RegisterGradient("CapsWeightedSums")

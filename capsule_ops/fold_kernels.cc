@@ -1,4 +1,4 @@
-// The conv E-step's normaliser over the parents that see each child, CPU, float and double.
+// The conv E-step's normaliser over the parents that see each child, and its gradient, CPU, float and double.
 //
 // In a convolutional capsule layer a child (position, type i) is seen by every parent position whose
 // receptive field holds it. The E-step normalises each child over those parents (PatchLayout.normalise in
@@ -9,15 +9,13 @@
 // in the backward pass; here each image is folded into a child-grid scratch buffer and read back at every
 // patch entry:
 //   CapsNormaliseOverParents(log_numerators, child_ids; per_type, num_children, input_types)
-//     [NP, O, KKI] -> R [NP, O, KKI]: exp(x - shift) / (the child's sum of it over its parents), the shift
-//     the child's largest x over them (so every sum is >= 1): the whole E-step normaliser, three passes;
-//   CapsOverParents(values, child_ids; per_type, num_children, input_types): each entry's sum over them,
-//     per_type = true:  [NP, O, KKI] -> [NP, O, KKI], over the positions of each parent type separately;
-//     per_type = false: [NP, O, KKI] -> [NP, 1, KKI], over positions and types.
-// child_ids [P * KK] (ReceptiveField.child_ids) is the child position each (parent position, offset) sees,
-// num_children (H * W) at an offset in 'SAME' padding, whose output is 0. The normaliser's gradient is
-// R (g - the sum over the child's parents of R g); the sum is a symmetric linear map of the valid entries,
-// so its gradient is itself (capsule_ops/__init__.py).
+//     x [NP, O, KKI] -> R [NP, O, KKI]: exp(x - shift) / (the child's sum of it over its parents), the shift
+//     the child's largest x over them (so every sum is >= 1); three passes;
+//   CapsNormaliseOverParentsGrad(R, dL/dR, child_ids; the same attributes)
+//     -> dL/dx = R (dL/dR - the child's sum of R dL/dR over its parents); two passes.
+// per_type = true: over the positions of each parent type separately (types do not compete); false: over
+// positions and types. child_ids [P * KK] (ReceptiveField.child_ids) is the child position each (parent
+// position, offset) sees, num_children (H * W) at an offset in 'SAME' padding, where R and dL/dx are 0.
 
 #include <algorithm>
 #include <cmath>
@@ -42,7 +40,7 @@ using tensorflow::errors::InvalidArgument;
 using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 
-constexpr int kFoldCostPerEntry = 3;  // sharder cost estimates per patch entry: a read, an add, a write
+constexpr int kGradientCostPerEntry = 6;  // sharder cost estimates per patch entry: two passes of reads and writes
 constexpr int kNormaliseCostPerEntry = 30;  // three passes and an exp
 
 // The patch layout of one call: NP = images * positions, KKI = offsets * input_types.
@@ -64,10 +62,11 @@ class PatchFoldOp : public OpKernel {
   }
 
  protected:
-  // Checks the inputs; fills `g` and allocates the output [NP, out_types, KKI]. False on a bad input.
-  bool Prepare(OpKernelContext* context, bool keep_types, PatchGeometry* g, Tensor** output) {
+  // Checks the inputs (values [NP, O, KKI] first, child_ids last, any other input values' shape); fills `g`
+  // and allocates the output, values' shape. False on a bad input.
+  bool Prepare(OpKernelContext* context, PatchGeometry* g, Tensor** output) {
     const Tensor& values = context->input(0);  // [NP, O, KKI]
-    const Tensor& child_ids = context->input(1);  // [P * KK]
+    const Tensor& child_ids = context->input(context->num_inputs() - 1);  // [P * KK]
     auto fail = [context](const absl::Status& status) {
       context->CtxFailure(status);
       return false;
@@ -89,15 +88,19 @@ class PatchFoldOp : public OpKernel {
                                   " positions"));
     }
     g->images = values.dim_size(0) / g->positions;
+    for (int input = 1; input < context->num_inputs() - 1; ++input) {
+      if (context->input(input).shape() != values.shape()) {
+        return fail(InvalidArgument("every patch input must be ", values.shape().DebugString(), ", got ",
+                                    context->input(input).shape().DebugString()));
+      }
+    }
     g->child_ids = child_ids.flat<int32_t>().data();
     for (int64_t j = 0; j < child_ids.dim_size(0); ++j) {
       if (g->child_ids[j] < 0 || g->child_ids[j] > num_children_) {
         return fail(InvalidArgument("child_ids must be in [0, ", num_children_, "], got ", g->child_ids[j]));
       }
     }
-    const int64_t out_types = keep_types ? g->types : g->out_types;
-    const absl::Status allocated =
-        context->allocate_output(0, TensorShape({values.dim_size(0), out_types, g->Patch()}), output);
+    const absl::Status allocated = context->allocate_output(0, values.shape(), output);
     return allocated.ok() || fail(allocated);
   }
 
@@ -138,37 +141,6 @@ class PatchFoldOp : public OpKernel {
   int num_children_ = 0, input_types_ = 0;
 };
 
-// ---- CapsOverParents: each patch entry's sum over the entries that hold its child ----
-
-template <typename T>
-class OverParentsOp : public PatchFoldOp<T> {
- public:
-  explicit OverParentsOp(OpKernelConstruction* context) : PatchFoldOp<T>(context) {}
-
-  void Compute(OpKernelContext* context) override {
-    PatchGeometry g;
-    Tensor* reduced;
-    if (!this->Prepare(context, false, &g, &reduced)) return;
-    const T* in = context->input(0).flat<T>().data();
-    T* out = reduced->flat<T>().data();
-    const int64_t in_image = g.positions * g.types * g.Patch(), out_image = g.positions * g.out_types * g.Patch();
-    std::fill(out, out + g.images * out_image, T(0));  // offsets in padding stay 0
-    const int64_t I = g.input_types;
-    this->ForEachImage(context, g, kFoldCostPerEntry, 1, [&](int64_t n, T* grid) {
-      std::fill(grid, grid + this->GridSize(g), T(0));
-      const T* image = in + n * in_image;
-      this->ForEachEntry(g, g.types, [&](int64_t entry, int64_t cell) {
-#pragma omp simd
-        for (int64_t i = 0; i < I; ++i) grid[cell + i] += image[entry + i];
-      });
-      T* result = out + n * out_image;
-      this->ForEachEntry(g, g.out_types, [&](int64_t entry, int64_t cell) {
-        std::copy(grid + cell, grid + cell + I, result + entry);
-      });
-    });
-  }
-};
-
 // ---- CapsNormaliseOverParents: R = exp(x) / (each child's sum of exp(x) over its parents), 0 in padding ----
 
 template <typename T>
@@ -179,7 +151,7 @@ class NormaliseOverParentsOp : public PatchFoldOp<T> {
   void Compute(OpKernelContext* context) override {
     PatchGeometry g;
     Tensor* normalised;
-    if (!this->Prepare(context, true, &g, &normalised)) return;
+    if (!this->Prepare(context, &g, &normalised)) return;
     const T* in = context->input(0).flat<T>().data();
     T* out = normalised->flat<T>().data();
     const int64_t image_entries = g.positions * g.types * g.Patch(), grid_size = this->GridSize(g);
@@ -207,24 +179,42 @@ class NormaliseOverParentsOp : public PatchFoldOp<T> {
   }
 };
 
-REGISTER_OP("CapsOverParents")
-    .Attr("T: {float, double}")
-    .Attr("per_type: bool")
-    .Attr("num_children: int >= 1")  // H * W child positions of an image
-    .Attr("input_types: int >= 1")   // I
-    .Input("values: T")              // [NP, O, KK * I]
-    .Input("child_ids: int32")       // [P * KK], num_children at offsets in padding
-    .Output("reduced: T")            // [NP, O or 1, KK * I]
-    .SetShapeFn([](InferenceContext* context) {
-      ShapeHandle values;
-      TF_RETURN_IF_ERROR(context->WithRank(context->input(0), 3, &values));
-      bool per_type;
-      TF_RETURN_IF_ERROR(context->GetAttr("per_type", &per_type));
-      context->set_output(0, context->MakeShape({context->Dim(values, 0),
-                                                 per_type ? context->Dim(values, 1) : context->MakeDim(1),
-                                                 context->Dim(values, 2)}));
-      return absl::OkStatus();
+// ---- CapsNormaliseOverParentsGrad: dL/dx = R (g - the sum of R g over the entries of the child) ----
+// The normaliser is a softmax over each child's parents: dR_j/dx_j' = R_j (delta_jj' - R_j') within a child.
+
+template <typename T>
+class NormaliseOverParentsGradOp : public PatchFoldOp<T> {
+ public:
+  explicit NormaliseOverParentsGradOp(OpKernelConstruction* context) : PatchFoldOp<T>(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    PatchGeometry g;
+    Tensor* gradient;
+    if (!this->Prepare(context, &g, &gradient)) return;
+    const T* r = context->input(0).flat<T>().data();
+    const T* grad = context->input(1).flat<T>().data();
+    T* out = gradient->flat<T>().data();
+    const int64_t image_entries = g.positions * g.types * g.Patch();
+    std::fill(out, out + g.images * image_entries, T(0));  // offsets in padding stay 0
+    const int64_t I = g.input_types;
+    this->ForEachImage(context, g, kGradientCostPerEntry, 1, [&](int64_t n, T* grid) {
+      std::fill(grid, grid + this->GridSize(g), T(0));
+      const T* image_r = r + n * image_entries;
+      const T* image_grad = grad + n * image_entries;
+      this->ForEachEntry(g, g.types, [&](int64_t entry, int64_t cell) {
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) grid[cell + i] += image_r[entry + i] * image_grad[entry + i];
+      });
+      T* result = out + n * image_entries;
+      this->ForEachEntry(g, g.types, [&](int64_t entry, int64_t cell) {
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) {
+          result[entry + i] = image_r[entry + i] * (image_grad[entry + i] - grid[cell + i]);
+        }
+      });
     });
+  }
+};
 
 REGISTER_OP("CapsNormaliseOverParents")
     .Attr("T: {float, double}")
@@ -239,10 +229,25 @@ REGISTER_OP("CapsNormaliseOverParents")
       return absl::OkStatus();
     });
 
-#define REGISTER_FOLD_KERNELS(T)                                                                              \
-  REGISTER_KERNEL_BUILDER(Name("CapsOverParents").Device(DEVICE_CPU).TypeConstraint<T>("T"), OverParentsOp<T>); \
-  REGISTER_KERNEL_BUILDER(Name("CapsNormaliseOverParents").Device(DEVICE_CPU).TypeConstraint<T>("T"),         \
-                          NormaliseOverParentsOp<T>);
+REGISTER_OP("CapsNormaliseOverParentsGrad")
+    .Attr("T: {float, double}")
+    .Attr("per_type: bool")
+    .Attr("num_children: int >= 1")
+    .Attr("input_types: int >= 1")
+    .Input("assignments: T")       // R [NP, O, KK * I]
+    .Input("assignments_grad: T")  // dL/dR [NP, O, KK * I]
+    .Input("child_ids: int32")     // [P * KK]
+    .Output("gradient: T")         // dL/d log_numerators [NP, O, KK * I]
+    .SetShapeFn([](InferenceContext* context) {
+      context->set_output(0, context->input(0));
+      return absl::OkStatus();
+    });
+
+#define REGISTER_FOLD_KERNELS(T)                                                                      \
+  REGISTER_KERNEL_BUILDER(Name("CapsNormaliseOverParents").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+                          NormaliseOverParentsOp<T>);                                                 \
+  REGISTER_KERNEL_BUILDER(Name("CapsNormaliseOverParentsGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+                          NormaliseOverParentsGradOp<T>);
 
 REGISTER_FOLD_KERNELS(float)
 REGISTER_FOLD_KERNELS(double)

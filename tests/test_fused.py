@@ -194,8 +194,8 @@ def _over_parents_numpy(values, child_ids, num_children, input_types, per_type):
     return out.transpose(0, 1, 3, 2, 4).reshape(values.shape[0], -1, values.shape[2])
 
 
-class OverParentsTest(parameterized.TestCase, tf.test.TestCase):
-    """over_parents (the conv E-step's reduction) against NumPy loops, its gradient, its errors."""
+class NormaliseOverParentsTest(parameterized.TestCase, tf.test.TestCase):
+    """normalise_over_parents (the conv E-step's normaliser) against NumPy loops, its gradient, its errors."""
 
     def _case(self, padding, stride, types=3, dtype=np.float64):
         field = cl.ReceptiveField(5, 4, 3, stride, padding)
@@ -205,30 +205,6 @@ class OverParentsTest(parameterized.TestCase, tf.test.TestCase):
     @parameterized.named_parameters(
         ("%s_stride%d_%s" % (padding, stride, "per_type" if per_type else "all_types"), padding, stride, per_type)
         for padding, stride in (("VALID", 1), ("SAME", 1), ("SAME", 2), ("VALID", 2))
-        for per_type in (True, False)
-    )
-    def test_sum_matches_numpy(self, padding, stride, per_type):
-        """Sums over a child's parents, per type or over types, with and without padding."""
-        field, values = self._case(padding, stride)
-        expected = _over_parents_numpy(values, field.child_ids, field.num_children, 2, per_type)
-        reduced = capsule_ops.over_parents(values, field.child_ids, per_type, field.num_children, 2)
-        with self.session() as sess:
-            self.assertLess(_relative_error(sess.run(reduced), expected), 1e-12)
-
-    @parameterized.named_parameters(("per_type", True), ("all_types", False))
-    def test_sum_gradient_matches_finite_differences(self, per_type):
-        """The registered gradient of the sum (float64, SAME padding, stride 2)."""
-        field, values = self._case("SAME", 2)
-        values_t = tf.constant(values)
-        reduced = capsule_ops.over_parents(values_t, field.child_ids, per_type, field.num_children, 2)
-        loss = tf.reduce_sum(tf.sin(reduced))
-        with self.session():
-            error = tf.test.compute_gradient_error(values_t, values.shape, loss, [], delta=FINITE_DIFFERENCE_DELTA)
-            self.assertLess(error, GRADIENT_TOLERANCE)
-
-    @parameterized.named_parameters(
-        ("%s_stride%d_%s" % (padding, stride, "per_type" if per_type else "all_types"), padding, stride, per_type)
-        for padding, stride in (("VALID", 1), ("SAME", 2))
         for per_type in (True, False)
     )
     def test_normalise_matches_numpy_and_finite_differences(self, padding, stride, per_type):
@@ -247,14 +223,20 @@ class OverParentsTest(parameterized.TestCase, tf.test.TestCase):
             self.assertLess(error, GRADIENT_TOLERANCE)
 
     def test_bad_ids_and_shapes_are_errors(self):
-        """Child ids out of range, or values whose rows are not images x positions, are errors naming them."""
+        """Child ids out of range, values whose rows are not images x positions, or a gradient of another shape
+        are errors naming them."""
         field, values = self._case("VALID", 1)
-        bad_ids = field.child_ids + field.num_children + 1
+        ops, ids, children = capsule_ops.load(), field.child_ids, field.num_children
         with self.session() as sess:
             with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "child_ids must be in"):
-                sess.run(capsule_ops.over_parents(values, bad_ids, True, field.num_children, 2))
+                sess.run(capsule_ops.normalise_over_parents(values, ids + children + 1, True, children, 2))
             with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "is not images x"):
-                sess.run(capsule_ops.normalise_over_parents(values[1:], field.child_ids, True, field.num_children, 2))
+                sess.run(capsule_ops.normalise_over_parents(values[1:], ids, True, children, 2))
+            with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "every patch input must be"):
+                gradient = ops.caps_normalise_over_parents_grad(
+                    values, values[:, :1], ids, per_type=True, num_children=children, input_types=2
+                )
+                sess.run(gradient)
 
 
 class FusedLayersTest(parameterized.TestCase, tf.test.TestCase):
