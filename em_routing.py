@@ -119,8 +119,9 @@ class _VoteContractions:
     """The routing's only uses of the votes, and their hand-written gradient.
 
     EM routing touches the votes V `[NP, O, children, 16]` in exactly two ways: the M-step sums
-    sum_i r_i V_i and sum_i r_i V_i^2 (`weighted_sums`), and the E-step's Mahalanobis term
-    V a + V^2 b per child (`quadratic_forms`, a and b per parent). Autodiff would write one
+    sum_i r_i V_i and sum_i r_i V_i^2 (`weighted_sums`, which also returns the mass sum_i r_i), and the
+    E-step's Mahalanobis term V a + V^2 b per child (`quadratic_forms`, a and b per parent, plus a per-parent
+    constant: the whole log numerator). Autodiff would write one
     vote-sized gradient per use and iteration (an outer product each) and add them up. Every one of
     these gradients is an outer product u (x) w of a per-child vector u `[NP, O, children]` and a
     per-parent vector w `[NP, O, 16]` (times 2V for the V^2 uses), so their total is
@@ -145,11 +146,13 @@ class _VoteContractions:
     def _contract_sums(self, weights):
         r = weights[:, :, None, :]  # [NP, O, 1, children]
         vote_sum = tf.matmul(r, self.votes)[:, :, 0, :]  # [NP, O, 16]
-        return vote_sum, tf.matmul(r, self.squared_votes)[:, :, 0, :]  # [NP, O, 16] each
+        squared_sum = tf.matmul(r, self.squared_votes)[:, :, 0, :]  # [NP, O, 16]
+        return vote_sum, squared_sum, tf.reduce_sum(weights, axis=-1, keepdims=True)  # mass [NP, O or 1, 1]
 
-    def _contract_forms(self, linear, quadratic):
+    def _contract_forms(self, linear, quadratic, constant):
         linear_part = tf.matmul(self.votes, linear[..., None])[..., 0]  # [NP, O, children]
-        return linear_part + tf.matmul(self.squared_votes, quadratic[..., None])[..., 0]  # [NP, O, children]
+        quadratic_part = tf.matmul(self.squared_votes, quadratic[..., None])[..., 0]  # [NP, O, children]
+        return linear_part + quadratic_part + constant[..., None]  # [NP, O, children]
 
     def _assemble(self, per_child, linear_rows, square_rows):
         """[dL/dV] with dL/dV = sum_k u_ki (L_kh + 2 V_ih S_kh), for lists of k: u_k broadcastable to
@@ -162,14 +165,15 @@ class _VoteContractions:
         return [lin + 2.0 * self.votes * sq]  # [dL/dV `[NP, O, children, 16]`]
 
     def weighted_sums(self, weights):
-        """sum_i r_i V_i and sum_i r_i V_i^2 for r `[NP, O, children]` (O may be 1): two `[NP, O, 16]`."""
-        vote_sum, squared_sum = self._contract_sums(weights)
+        """sum_i r_i V_i and sum_i r_i V_i^2 `[NP, O, 16]` each, and the mass sum_i r_i (broadcastable to
+        `[NP, O, 1]`), for r `[NP, O, children]` (O may be 1)."""
+        vote_sum, squared_sum, mass = self._contract_sums(weights)
         self._sums.append((weights, vote_sum, squared_sum))
-        return vote_sum, squared_sum
+        return vote_sum, squared_sum, mass
 
-    def quadratic_forms(self, linear, quadratic):
-        """sum_h V_ih a_h + V_ih^2 b_h for every child: a, b `[NP, O, 16]` -> `[NP, O, children]`."""
-        forms = self._contract_forms(linear, quadratic)  # [NP, O, children]
+    def quadratic_forms(self, linear, quadratic, constant):
+        """sum_h V_ih a_h + V_ih^2 b_h + c for every child: a, b `[NP, O, 16]`, c `[NP, O]` -> `[NP, O, children]`."""
+        forms = self._contract_forms(linear, quadratic, constant)  # [NP, O, children]
         self._forms.append((linear, quadratic, forms))
         return forms
 
@@ -209,10 +213,10 @@ class _FusedVoteContractions(_VoteContractions):
         super().__init__(votes if weights is None else capsule_ops.votes(*self.factors))
 
     def _contract_sums(self, weights):
-        return capsule_ops.weighted_sums(self.votes, weights)  # [NP, O, 16] each
+        return capsule_ops.weighted_sums(self.votes, weights)  # [NP, O, 16] x 2, [NP, O, 1]
 
-    def _contract_forms(self, linear, quadratic):
-        return capsule_ops.quadratic_forms(self.votes, linear, quadratic)  # [NP, O, children]
+    def _contract_forms(self, linear, quadratic, constant):
+        return capsule_ops.quadratic_forms(self.votes, linear, quadratic, constant)  # [NP, O, children]
 
     def _assemble(self, per_child, linear_rows, square_rows):
         if self.factors is None:
@@ -295,8 +299,8 @@ def _m_step(
     """
     with tf.name_scope("m_step"):
         weighted_assignments = assignments * child_activations  # [NP, O or 1, children], r_ij = R_ij a_i
-        raw_mass = tf.reduce_sum(weighted_assignments, axis=-1, keepdims=True)  # [NP, O, 1], sum_i r_ij
-        vote_sum, squared_sum = contractions.weighted_sums(weighted_assignments)  # [NP, O, 16] each
+        # [NP, O, 16] each, and sum_i r_ij `[NP, O or 1, 1]`
+        vote_sum, squared_sum, raw_mass = contractions.weighted_sums(weighted_assignments)
         if form.mass_epsilon:  # mass >= epsilon > 0: a plain divide, as the released code does
             mass = raw_mass + form.mass_epsilon  # [NP, O, 1]
             vote_mean, mean_square, mass_fraction = vote_sum / mass, squared_sum / mass, raw_mass / mass
@@ -333,9 +337,9 @@ def _e_step_log_numerators(contractions, mean, variance, log_activations):
       `[NP, O, children]`.
     """
     with tf.name_scope("e_step"):
-        votes_part = contractions.quadratic_forms(mean / variance, -0.5 / variance)  # [NP, O, children]
         parent_part = tf.reduce_sum(0.5 * tf.square(mean) / variance + 0.5 * (tf.log(variance) + _LOG_2PI), -1)
-        return (log_activations - parent_part)[..., None] + votes_part  # [NP, O, children]
+        # votes part + (log a_j - parent part), `[NP, O, children]`
+        return contractions.quadratic_forms(mean / variance, -0.5 / variance, log_activations - parent_part)
 
 
 # What EM routing returns: the last M-step's means (the parent poses) `[NP, O, 16]` and activations `[NP, O]`,

@@ -4,8 +4,9 @@ Votes are parent-major, `[NP, O, C, 16]` (em_routing.py). `votes(poses, weights)
 them in that layout, V_noi = M_ni W_oi, in one pass (TensorFlow ops need a transpose on either side of a
 batched matmul); its gradient reads dL/dV once for both dL/dM and dL/dW. Three ops, each one read of the
 votes (kernels.cc):
-  weighted_sums(votes, r)                      -> sum_i r_i V_i, sum_i r_i V_i^2    `[NP, O, 16]` each
-  quadratic_forms(votes, a, b)                 -> sum_h V_ih a_h + V_ih^2 b_h        `[NP, O, C]`
+  weighted_sums(votes, r)                      -> sum_i r_i V_i, sum_i r_i V_i^2    `[NP, O, 16]` each,
+                                                  and the mass sum_i r_i             `[NP, O, 1]`
+  quadratic_forms(votes, a, b, c)              -> sum_h V_ih a_h + V_ih^2 b_h + c    `[NP, O, C]`
   votes_gradient(votes, us, lin_rows, sq_rows) -> sum_k u_ki (lin_kh + 2 V_ih sq_kh) `[NP, O, C, 16]`
 and the conv E-step's normaliser, with its gradient kernel (fold_kernels.cc):
   normalise_over_parents(x, child_ids, ...)    -> R: exp(x) normalised over each child's parents `[NP, O, KKI]`
@@ -83,13 +84,14 @@ def votes(poses, weights):
 
 
 def weighted_sums(votes, weights):
-    """(sum_i r_i V_i, sum_i r_i V_i^2) `[NP, O, 16]` each, for votes `[NP, O, C, 16]`, r `[NP, O or 1, C]`."""
+    """(sum_i r_i V_i, sum_i r_i V_i^2) `[NP, O, 16]` each and the mass sum_i r_i `[NP, O, 1]`, for votes
+    `[NP, O, C, 16]`, r `[NP, O or 1, C]`."""
     return load().caps_weighted_sums(votes, weights)
 
 
-def quadratic_forms(votes, linear, quadratic):
-    """sum_h V_ih a_h + V_ih^2 b_h per child, `[NP, O, C]`, for a, b `[NP, O, 16]`."""
-    return load().caps_quadratic_forms(votes, linear, quadratic)
+def quadratic_forms(votes, linear, quadratic, constant):
+    """sum_h V_ih a_h + V_ih^2 b_h + c per child, `[NP, O, C]`, for a, b `[NP, O, 16]`, c `[NP, O]`."""
+    return load().caps_quadratic_forms(votes, linear, quadratic, constant)
 
 
 def votes_gradient(votes, per_child, linear_rows, square_rows):
@@ -133,11 +135,12 @@ def _normalise_over_parents_gradient(op, assignments_grad):
 
 
 @tf.RegisterGradient("CapsWeightedSums")
-def _weighted_sums_gradient(op, sum_grad, square_grad):
-    """d/dr_i = sum_h g_h V_ih + s_h V_ih^2 (a quadratic form); d/dV_ih = r_i (g_h + 2 V_ih s_h)."""
+def _weighted_sums_gradient(op, sum_grad, square_grad, mass_grad):
+    """d/dr_i = sum_h g_h V_ih + s_h V_ih^2 + m (a quadratic form); d/dV_ih = r_i (g_h + 2 V_ih s_h)."""
     votes, weights = op.inputs
     sum_grad, square_grad = _or_zeros(sum_grad, op.outputs[0]), _or_zeros(square_grad, op.outputs[1])
-    weights_grad = quadratic_forms(votes, sum_grad, square_grad)  # [NP, O, C]
+    mass_grad = _or_zeros(mass_grad, op.outputs[2])[..., 0]  # [NP, O]
+    weights_grad = quadratic_forms(votes, sum_grad, square_grad, mass_grad)  # [NP, O, C]
     if weights.shape[1] == 1 and votes.shape[1] != 1:  # r was shared by the O parent types
         weights_grad = tf.reduce_sum(weights_grad, axis=1, keepdims=True)  # [NP, 1, C]
     votes_grad = votes_gradient(votes, [weights], [sum_grad], [square_grad])
@@ -146,8 +149,9 @@ def _weighted_sums_gradient(op, sum_grad, square_grad):
 
 @tf.RegisterGradient("CapsQuadraticForms")
 def _quadratic_forms_gradient(op, forms_grad):
-    """d/da_h = sum_i g_i V_ih, d/db_h = sum_i g_i V_ih^2 (weighted sums); d/dV_ih = g_i (a_h + 2 V_ih b_h)."""
-    votes, linear, quadratic = op.inputs
-    linear_grad, quadratic_grad = weighted_sums(votes, forms_grad)  # [NP, O, 16] each
+    """d/da_h = sum_i g_i V_ih, d/db_h = sum_i g_i V_ih^2, d/dc = sum_i g_i (weighted sums); d/dV_ih = g_i (a_h +
+    2 V_ih b_h)."""
+    votes, linear, quadratic, _ = op.inputs
+    linear_grad, quadratic_grad, constant_grad = weighted_sums(votes, forms_grad)  # [NP, O, 16] x 2, [NP, O, 1]
     votes_grad = votes_gradient(votes, [forms_grad], [linear], [quadratic])
-    return votes_grad, linear_grad, quadratic_grad
+    return votes_grad, linear_grad, quadratic_grad, constant_grad[..., 0]

@@ -2,8 +2,10 @@
 //
 // EM routing touches the votes V [NP, O, C, 16] (parent-major: NP parent positions, O parent types,
 // C children, 16 pose entries) in three ways, each a memory-bound pass over V:
-//   CapsWeightedSums     sum_i r_i V_i and sum_i r_i V_i^2 (the M-step), V^2 computed on the fly;
-//   CapsQuadraticForms   sum_h V_ih a_h + V_ih^2 b_h per child (the E-step's Mahalanobis term);
+//   CapsWeightedSums     sum_i r_i V_i and sum_i r_i V_i^2 (the M-step), V^2 computed on the fly, and the
+//                        mass sum_i r_i;
+//   CapsQuadraticForms   sum_h V_ih a_h + V_ih^2 b_h + c per child (the E-step's log numerator: its
+//                        Mahalanobis term plus a per-parent constant c);
 //   CapsVotesGradient    dL/dV = sum_k u_ki (L_kh + 2 V_ih S_kh), the routing's rank-k votes gradient.
 // Each reads V once (TensorFlow ops need V^2 as its own tensor and one kernel per product). The work is
 // split over the NP * O (parent position, type) blocks with TensorFlow's CPU thread pool; within a block
@@ -50,7 +52,8 @@ bool CheckVotes(OpKernelContext* context, const Tensor& votes, int64_t* np, int6
   return true;
 }
 
-// ---- CapsWeightedSums: vote_sum[b, h] = sum_i r[b, i] V[b, i, h], squared_sum[b, h] = sum_i r V^2 ----
+// ---- CapsWeightedSums: vote_sum[b, h] = sum_i r[b, i] V[b, i, h], squared_sum[b, h] = sum_i r V^2,
+//      mass[b] = sum_i r[b, i] ----
 
 template <typename T>
 class WeightedSumsOp : public OpKernel {
@@ -68,28 +71,32 @@ class WeightedSumsOp : public OpKernel {
                 InvalidArgument("weights must be [NP, O or 1, C] for votes ", votes.shape().DebugString(),
                                 ", got ", weights.shape().DebugString()));
     const int64_t weight_types = weights.dim_size(1);
-    Tensor *vote_sum, *squared_sum;
+    Tensor *vote_sum, *squared_sum, *mass;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({np, types, kPoseEntries}), &vote_sum));
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({np, types, kPoseEntries}), &squared_sum));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({np, types, 1}), &mass));
     const T* v = votes.flat<T>().data();
     const T* r = weights.flat<T>().data();
     T* sums = vote_sum->flat<T>().data();
     T* squares = squared_sum->flat<T>().data();
+    T* masses = mass->flat<T>().data();
     ForEachBlock(context, np * types, children * kPoseEntries, [&](int64_t first, int64_t end) {
       for (int64_t block = first; block < end; ++block) {
         const int64_t weight_block = weight_types == 1 ? block / types : block;
         Accumulate(v + block * children * kPoseEntries, r + weight_block * children, children,
-                   sums + block * kPoseEntries, squares + block * kPoseEntries);
+                   sums + block * kPoseEntries, squares + block * kPoseEntries, masses + block);
       }
     });
   }
 
  private:
   static void Accumulate(const T* __restrict v, const T* __restrict r, int64_t children, T* __restrict sum_out,
-                         T* __restrict square_out) {
+                         T* __restrict square_out, T* __restrict mass_out) {
     T sum[kPoseEntries] = {}, square[kPoseEntries] = {};
+    T mass = 0;
     for (int64_t i = 0; i < children; ++i) {
       const T weight = r[i];
+      mass += weight;
       const T* __restrict vote = v + i * kPoseEntries;
 #pragma omp simd
       for (int h = 0; h < kPoseEntries; ++h) {
@@ -102,10 +109,11 @@ class WeightedSumsOp : public OpKernel {
       sum_out[h] = sum[h];
       square_out[h] = square[h];
     }
+    *mass_out = mass;
   }
 };
 
-// ---- CapsQuadraticForms: forms[b, i] = sum_h V[b, i, h] a[b, h] + V[b, i, h]^2 q[b, h] ----
+// ---- CapsQuadraticForms: forms[b, i] = sum_h V[b, i, h] a[b, h] + V[b, i, h]^2 q[b, h] + c[b] ----
 
 template <typename T>
 class QuadraticFormsOp : public OpKernel {
@@ -116,35 +124,39 @@ class QuadraticFormsOp : public OpKernel {
     const Tensor& votes = context->input(0);  // [NP, O, C, 16]
     const Tensor& linear = context->input(1);  // [NP, O, 16]
     const Tensor& quadratic = context->input(2);  // [NP, O, 16]
+    const Tensor& constant = context->input(3);  // [NP, O]
     int64_t np, types, children;
     if (!CheckVotes(context, votes, &np, &types, &children)) return;
     const TensorShape parent_shape({np, types, kPoseEntries});
     OP_REQUIRES(context, linear.shape() == parent_shape && quadratic.shape() == parent_shape,
                 InvalidArgument("linear and quadratic must be ", parent_shape.DebugString(), ", got ",
                                 linear.shape().DebugString(), " and ", quadratic.shape().DebugString()));
+    OP_REQUIRES(context, constant.shape() == TensorShape({np, types}),
+                InvalidArgument("constant must be [", np, ", ", types, "], got ", constant.shape().DebugString()));
     Tensor* forms;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({np, types, children}), &forms));
     const T* v = votes.flat<T>().data();
     const T* a = linear.flat<T>().data();
     const T* q = quadratic.flat<T>().data();
+    const T* c = constant.flat<T>().data();
     T* out = forms->flat<T>().data();
     ForEachBlock(context, np * types, children * kPoseEntries, [&](int64_t first, int64_t end) {
       for (int64_t block = first; block < end; ++block) {
-        Forms(v + block * children * kPoseEntries, a + block * kPoseEntries, q + block * kPoseEntries, children,
-              out + block * children);
+        Forms(v + block * children * kPoseEntries, a + block * kPoseEntries, q + block * kPoseEntries, c[block],
+              children, out + block * children);
       }
     });
   }
 
  private:
-  static void Forms(const T* __restrict v, const T* __restrict a, const T* __restrict q, int64_t children,
-                    T* __restrict out) {
+  static void Forms(const T* __restrict v, const T* __restrict a, const T* __restrict q, T constant,
+                    int64_t children, T* __restrict out) {
     for (int64_t i = 0; i < children; ++i) {
       const T* __restrict vote = v + i * kPoseEntries;
       T total = 0;
 #pragma omp simd reduction(+ : total)
       for (int h = 0; h < kPoseEntries; ++h) total += vote[h] * (a[h] + vote[h] * q[h]);
-      out[i] = total;
+      out[i] = total + constant;
     }
   }
 };
@@ -246,13 +258,20 @@ REGISTER_OP("CapsWeightedSums")
     .Input("weights: T")  // [NP, O or 1, C]
     .Output("vote_sum: T")     // [NP, O, 16]
     .Output("squared_sum: T")  // [NP, O, 16]
-    .SetShapeFn([](InferenceContext* context) { return ParentShape(context, 2); });
+    .Output("mass: T")         // [NP, O, 1]
+    .SetShapeFn([](InferenceContext* context) {
+      TF_RETURN_IF_ERROR(ParentShape(context, 2));
+      ShapeHandle votes = context->input(0);
+      context->set_output(2, context->MakeShape({context->Dim(votes, 0), context->Dim(votes, 1), 1}));
+      return absl::OkStatus();
+    });
 
 REGISTER_OP("CapsQuadraticForms")
     .Attr("T: {float, double}")
     .Input("votes: T")      // [NP, O, C, 16]
     .Input("linear: T")     // [NP, O, 16]
     .Input("quadratic: T")  // [NP, O, 16]
+    .Input("constant: T")   // [NP, O]
     .Output("forms: T")     // [NP, O, C]
     .SetShapeFn([](InferenceContext* context) {
       ShapeHandle votes;

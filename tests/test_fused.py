@@ -86,19 +86,23 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
         votes = rng.normal(size=[3, 4, 7, 16]).astype(dtype)  # [NP, O, C, 16]
         weights = rng.uniform(size=[3, weight_types, 7]).astype(dtype)  # [NP, O or 1, C]
         linear, quadratic = rng.normal(size=[2, 3, 4, 16]).astype(dtype)  # [NP, O, 16] each
+        constant = rng.normal(size=[3, 4]).astype(dtype)  # [NP, O]
         per_child = [rng.normal(size=[3, o, 7]).astype(dtype) for o in (4, 1, 4)]  # k = 3 x [NP, O or 1, C]
         rows = rng.normal(size=[2, 3, 3, 4, 16]).astype(dtype)  # L and S: k x [NP, O, 16] each
-        return votes, weights, linear, quadratic, per_child, rows
+        return votes, weights, linear, quadratic, constant, per_child, rows
 
     @parameterized.parameters((np.float64, 1e-12, 4), (np.float32, 1e-5, 4), (np.float64, 1e-12, 1))
     def test_ops_match_numpy(self, dtype, tolerance, weight_types):
-        """Weighted sums (r per type or shared), quadratic forms and the votes gradient equal their einsums."""
-        votes, weights, linear, quadratic, per_child, rows = self._inputs(dtype, weight_types)
+        """Weighted sums and masses (r per type or shared), quadratic forms and the votes gradient equal their
+        einsums."""
+        votes, weights, linear, quadratic, constant, per_child, rows = self._inputs(dtype, weight_types)
         r = np.broadcast_to(weights, votes.shape[:3])
+        forms = np.einsum("noch,noh->noc", votes, linear) + np.einsum("noch,noh->noc", votes**2, quadratic)
         expected = [
             np.einsum("noc,noch->noh", r, votes),
             np.einsum("noc,noch->noh", r, votes**2),
-            np.einsum("noch,noh->noc", votes, linear) + np.einsum("noch,noh->noc", votes**2, quadratic),
+            np.sum(r, axis=-1, keepdims=True),
+            forms + constant[..., None],
             sum(
                 np.broadcast_to(u, votes.shape[:3])[..., None] * (lin[:, :, None] + 2 * votes * sq[:, :, None])
                 for u, lin, sq in zip(per_child, *rows)
@@ -107,7 +111,7 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
         with self.session() as sess:
             actual = sess.run(
                 list(capsule_ops.weighted_sums(votes, weights))
-                + [capsule_ops.quadratic_forms(votes, linear, quadratic)]
+                + [capsule_ops.quadratic_forms(votes, linear, quadratic, constant)]
                 + [capsule_ops.votes_gradient(votes, per_child, list(rows[0]), list(rows[1]))]
             )
         for value, target in zip(actual, expected):
@@ -117,11 +121,12 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
     @parameterized.parameters(1, 4)
     def test_op_gradients_match_finite_differences(self, weight_types):
         """The registered gradients of weighted_sums and quadratic_forms w.r.t. every input (float64)."""
-        votes, weights, linear, quadratic, _, _ = self._inputs(np.float64, weight_types)
-        inputs = [tf.constant(x) for x in (votes, weights, linear, quadratic)]
-        vote_sum, squared_sum = capsule_ops.weighted_sums(inputs[0], inputs[1])
-        forms = capsule_ops.quadratic_forms(inputs[0], inputs[2], inputs[3])
+        votes, weights, linear, quadratic, constant, _, _ = self._inputs(np.float64, weight_types)
+        inputs = [tf.constant(x) for x in (votes, weights, linear, quadratic, constant)]
+        vote_sum, squared_sum, mass = capsule_ops.weighted_sums(inputs[0], inputs[1])
+        forms = capsule_ops.quadratic_forms(inputs[0], inputs[2], inputs[3], inputs[4])
         loss = tf.reduce_sum(tf.sin(vote_sum)) + tf.reduce_sum(tf.cos(squared_sum)) + tf.reduce_sum(tf.sin(forms))
+        loss += tf.reduce_sum(tf.sin(2.0 * mass))
         with self.session():
             for x in inputs:
                 error = tf.test.compute_gradient_error(x, x.shape.as_list(), loss, [], delta=FINITE_DIFFERENCE_DELTA)
