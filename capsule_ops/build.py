@@ -25,6 +25,7 @@ from capsule_ops import BuildError
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, name) for name in ("kernels.cc", "votes_kernels.cc", "fold_kernels.cc"))
+HEADERS = (os.path.join(_HERE, "op_common.h"),)  # included by the sources: part of the cache key
 LIBRARY_NAME = "capsule_ops.so"
 CACHE_ENV = "CAPSNET_OPS_CACHE"
 DEFAULT_CACHE = os.path.join("~", ".cache", "capsnet-em-ops")
@@ -95,7 +96,7 @@ def library_path():
     """Where the library for this source, TensorFlow, compiler, flags (and CPU, for -march=native) lives."""
     command = [os.path.basename(arg) if arg in SOURCES else arg for arg in compile_command(LIBRARY_NAME)]
     key = hashlib.sha256()  # the sources by content, not by where this checkout lies
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         with open(name, "rb") as source:
             key.update(source.read())
     key.update(("\0".join([tf.__version__, sys.version] + command)).encode())

@@ -385,6 +385,18 @@ class BuildTest(tf.test.TestCase):
         self.assertEqual(os.path.getmtime(path), built)
         self.assertEqual(capsule_ops.resolve("auto"), "fused")
 
+    def test_header_is_part_of_the_cache_key(self):
+        """A change to the shared header (not a compiled source itself) gives another library folder."""
+        with tempfile.TemporaryDirectory() as folder:
+            header = os.path.join(folder, "op_common.h")
+            paths = []
+            for text in ("// one\n", "// two\n"):
+                with open(header, "w") as stream:
+                    stream.write(text)
+                with unittest.mock.patch.object(ops_build, "HEADERS", (header,)):
+                    paths.append(ops_build.library_path())
+        self.assertNotEqual(paths[0], paths[1])
+
     def test_compile_error_is_one_short_line(self):
         """A failing compiler gives a BuildError of one line: the sources, the error count, the first error."""
         with tempfile.TemporaryDirectory() as folder:
