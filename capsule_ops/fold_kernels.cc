@@ -35,6 +35,7 @@ struct PatchGeometry {
   int64_t images = 0, positions = 0, types = 0, offsets = 0, input_types = 0, out_types = 0;
   const int32_t* child_ids = nullptr;  // [P * KK]
   int64_t Patch() const { return offsets * input_types; }  // KKI
+  int64_t ImageEntries() const { return positions * types * Patch(); }  // P * O * KKI
 };
 
 // What both ops share: the attributes, the checks of values [NP, O, KKI] and child_ids [P * KK], a per-image
@@ -48,9 +49,19 @@ class PatchFoldOp : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("input_types", &input_types_));
   }
 
+  // Checks the inputs, allocates the output [NP, O, KKI] zero-filled, and runs the op's Fold on it.
+  void Compute(OpKernelContext* context) final {
+    PatchGeometry g;
+    Tensor* output;
+    if (Prepare(context, &g, &output)) Fold(context, g, output->flat<T>().data());
+  }
+
  protected:
+  // Writes the op's output `out` [NP, O, KKI] (zero-filled) from its inputs, which Prepare checked.
+  virtual void Fold(OpKernelContext* context, const PatchGeometry& g, T* out) = 0;
+
   // Checks the inputs (values [NP, O, KKI] first, child_ids last, any other input values' shape); fills `g`
-  // and allocates the output, values' shape. False on a bad input.
+  // and allocates the output, values' shape, zero-filled (offsets in padding stay 0). False on a bad input.
   bool Prepare(OpKernelContext* context, PatchGeometry* g, Tensor** output) {
     const Tensor& values = context->input(0);  // [NP, O, KKI]
     const Tensor& child_ids = context->input(context->num_inputs() - 1);  // [P * KK]
@@ -88,7 +99,9 @@ class PatchFoldOp : public OpKernel {
       }
     }
     const absl::Status allocated = context->allocate_output(0, values.shape(), output);
-    return allocated.ok() || fail(allocated);
+    if (!allocated.ok()) return fail(allocated);
+    std::fill_n((*output)->flat<T>().data(), (*output)->NumElements(), T(0));
+    return true;
   }
 
   // Runs fn(n, grids) for every image n on the CPU pool, each shard with its own `count` grids, each
@@ -97,7 +110,7 @@ class PatchFoldOp : public OpKernel {
   template <typename Fn>
   void ForEachImage(OpKernelContext* context, const PatchGeometry& g, int64_t cost_per_entry, int count,
                     Fn fn) const {
-    const int64_t image_entries = g.positions * g.types * g.Patch();
+    const int64_t image_entries = g.ImageEntries();
     const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
     tensorflow::Shard(workers.num_threads, workers.workers, g.images, image_entries * cost_per_entry,
                       [&](int64_t first, int64_t end) {
@@ -135,14 +148,9 @@ class NormaliseOverParentsOp : public PatchFoldOp<T> {
  public:
   explicit NormaliseOverParentsOp(OpKernelConstruction* context) : PatchFoldOp<T>(context) {}
 
-  void Compute(OpKernelContext* context) override {
-    PatchGeometry g;
-    Tensor* normalised;
-    if (!this->Prepare(context, &g, &normalised)) return;
+  void Fold(OpKernelContext* context, const PatchGeometry& g, T* out) override {
     const T* in = context->input(0).flat<T>().data();
-    T* out = normalised->flat<T>().data();
-    const int64_t image_entries = g.positions * g.types * g.Patch(), grid_size = this->GridSize(g);
-    std::fill(out, out + g.images * image_entries, T(0));  // offsets in padding stay 0
+    const int64_t image_entries = g.ImageEntries(), grid_size = this->GridSize(g);
     const int64_t I = g.input_types;
     this->ForEachImage(context, g, kNormaliseCostPerEntry, 2, [&](int64_t n, T* grids) {
       T *shift = grids, *grid = grids + grid_size;  // each child's largest numerator, its sum of exp(x - shift)
@@ -174,15 +182,10 @@ class NormaliseOverParentsGradOp : public PatchFoldOp<T> {
  public:
   explicit NormaliseOverParentsGradOp(OpKernelConstruction* context) : PatchFoldOp<T>(context) {}
 
-  void Compute(OpKernelContext* context) override {
-    PatchGeometry g;
-    Tensor* gradient;
-    if (!this->Prepare(context, &g, &gradient)) return;
+  void Fold(OpKernelContext* context, const PatchGeometry& g, T* out) override {
     const T* r = context->input(0).flat<T>().data();
     const T* grad = context->input(1).flat<T>().data();
-    T* out = gradient->flat<T>().data();
-    const int64_t image_entries = g.positions * g.types * g.Patch();
-    std::fill(out, out + g.images * image_entries, T(0));  // offsets in padding stay 0
+    const int64_t image_entries = g.ImageEntries();
     const int64_t I = g.input_types;
     this->ForEachImage(context, g, kGradientCostPerEntry, 1, [&](int64_t n, T* grid) {
       std::fill(grid, grid + this->GridSize(g), T(0));
