@@ -322,24 +322,53 @@ def _m_step(
         return Parents(mean, variance, tf.sigmoid(logits), tf.log_sigmoid(logits), mass, assignments)
 
 
-def _e_step_log_numerators(contractions, mean, variance, log_activations):
-    """log(a_j p_ij), the E-step numerators, in log space.
+def _e_step(contractions, parents, normalise, form):
+    """E-step: R_ij = a_j p_ij / (the child's sum of it over its parents), from log(a_j p_ij).
 
     sum_h (V_h - mu_h)^2 / (2 sigma_h^2) = sum_h [V_h^2 / (2 sigma_h^2) - V_h mu_h / sigma_h^2]
     + sum_h mu_h^2 / (2 sigma_h^2): the votes part is one quadratic form per child.
 
     Args:
       contractions: the `_VoteContractions` of the votes `[NP, O, children, 16]`.
-      mean, variance: `[NP, O, 16]`.
-      log_activations: `[NP, O]`.
+      parents: the M-step's `Parents` (mean, variance `[NP, O, 16]`, log_activations `[NP, O]`).
+      normalise: maps the log numerators `[NP, O, children]` to R `[NP, O, children]`.
+      form: `RoutingForm`; without its assignment_gradient no gradient flows through R.
 
     Returns:
-      `[NP, O, children]`.
+      R, `[NP, O, children]`.
     """
     with tf.name_scope("e_step"):
+        mean, variance = parents.mean, parents.variance
         parent_part = tf.reduce_sum(0.5 * tf.square(mean) / variance + 0.5 * (tf.log(variance) + _LOG_2PI), -1)
         # votes part + (log a_j - parent part), `[NP, O, children]`
-        return contractions.quadratic_forms(mean / variance, -0.5 / variance, log_activations - parent_part)
+        log_numerators = contractions.quadratic_forms(
+            mean / variance, -0.5 / variance, parents.log_activations - parent_part
+        )
+        assignments = normalise(log_numerators)
+        return assignments if form.assignment_gradient else tf.stop_gradient(assignments)
+
+
+def _iterate(contractions, child_activations, initial_assignments, beta_v, beta_a, inverse_temps, normalise, options):
+    """Procedure 1's loop: an M-step in every iteration, an E-step between two M-steps.
+
+    Args: as `em_routing`'s; options: (standardise_costs, form).
+
+    Returns:
+      the R the last M-step used (broadcastable to `[NP, O, children]`) and one `Parents` per iteration.
+    """
+    standardise_costs, form = options
+    assignments = initial_assignments
+    previous_mean = tf.zeros_like(contractions.votes[:, :, 0, :]) if form.mean_momentum else None  # [NP, O, 16]
+    per_iteration = []
+    for iteration, inverse_temperature in enumerate(inverse_temps):
+        with tf.name_scope("iteration_%d" % iteration):
+            m_step_inputs = (assignments, child_activations, contractions, previous_mean, beta_v, beta_a)
+            parents = _m_step(*m_step_inputs, inverse_temperature, standardise_costs, form)
+            per_iteration.append(parents)
+            previous_mean = parents.mean if form.mean_momentum else None
+            if iteration < len(inverse_temps) - 1:
+                assignments = _e_step(contractions, parents, normalise, form)
+    return assignments, per_iteration
 
 
 # What EM routing returns: the last M-step's means (the parent poses) `[NP, O, 16]` and activations `[NP, O]`,
@@ -395,40 +424,17 @@ def em_routing(
     @tf.custom_gradient
     def route(*inputs):
         contractions = contract(*inputs[: len(vote_inputs)])
-        child_activations, initial_assignments, beta_v, beta_a = inputs[len(vote_inputs) :]
-        votes = contractions.votes  # [NP, O, children, 16]
-        assignments = initial_assignments
-        previous_mean = tf.zeros_like(votes[:, :, 0, :]) if form.mean_momentum else None  # [NP, O, 16]
-        per_iteration = []
-        for iteration, inverse_temperature in enumerate(inverse_temps):
-            with tf.name_scope("iteration_%d" % iteration):
-                parents = _m_step(
-                    assignments,
-                    child_activations,
-                    contractions,
-                    previous_mean,
-                    beta_v,
-                    beta_a,
-                    inverse_temperature,
-                    standardise_costs,
-                    form,
-                )
-                per_iteration.append(parents)
-                previous_mean = parents.mean if form.mean_momentum else None
-                if iteration < len(inverse_temps) - 1:
-                    log_numerators = _e_step_log_numerators(
-                        contractions, parents.mean, parents.variance, parents.log_activations
-                    )
-                    assignments = normalise(log_numerators)
-                    if not form.assignment_gradient:
-                        assignments = tf.stop_gradient(assignments)
+        routed_inputs = inputs[len(vote_inputs) :]  # child_activations, initial_assignments, beta_v, beta_a
+        assignments, per_iteration = _iterate(
+            contractions, *routed_inputs, inverse_temps, normalise, (standardise_costs, form)
+        )
+        parents = per_iteration[-1]
         outputs = [parents.mean, parents.activations, assignments] + [x for p in per_iteration for x in p]
 
         def gradient(*output_gradients):  # the votes output (last) is for diagnostics: no gradient flows back
-            other_inputs = [child_activations, initial_assignments, beta_v, beta_a]
-            return contractions.votes_gradient(outputs, output_gradients[: len(outputs)], other_inputs)
+            return contractions.votes_gradient(outputs, output_gradients[: len(outputs)], list(routed_inputs))
 
-        return outputs + [votes], gradient
+        return outputs + [contractions.votes], gradient
 
     mean, activations, assignments, *flat, routed = route(
         *vote_inputs, child_activations, initial_assignments, beta_v, beta_a
