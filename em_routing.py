@@ -348,15 +348,15 @@ def _e_step(contractions, parents, normalise, form):
         return assignments if form.assignment_gradient else tf.stop_gradient(assignments)
 
 
-def _iterate(contractions, child_activations, initial_assignments, beta_v, beta_a, inverse_temps, normalise, options):
+def _iterate(contractions, routed_inputs, inverse_temps, normalise, standardise_costs, form):
     """Procedure 1's loop: an M-step in every iteration, an E-step between two M-steps.
 
-    Args: as `em_routing`'s; options: (standardise_costs, form).
+    Args: as `em_routing`'s; routed_inputs: (child_activations, initial_assignments, beta_v, beta_a).
 
     Returns:
       the R the last M-step used (broadcastable to `[NP, O, children]`) and one `Parents` per iteration.
     """
-    standardise_costs, form = options
+    child_activations, initial_assignments, beta_v, beta_a = routed_inputs
     assignments = initial_assignments
     previous_mean = tf.zeros_like(contractions.votes[:, :, 0, :]) if form.mean_momentum else None  # [NP, O, 16]
     per_iteration = []
@@ -426,7 +426,7 @@ def em_routing(
         contractions = contract(*inputs[: len(vote_inputs)])
         routed_inputs = inputs[len(vote_inputs) :]  # child_activations, initial_assignments, beta_v, beta_a
         assignments, per_iteration = _iterate(
-            contractions, *routed_inputs, inverse_temps, normalise, (standardise_costs, form)
+            contractions, routed_inputs, inverse_temps, normalise, standardise_costs, form
         )
         parents = per_iteration[-1]
         outputs = [parents.mean, parents.activations, assignments] + [x for p in per_iteration for x in p]
