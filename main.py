@@ -18,12 +18,9 @@ import os
 
 @contextlib.contextmanager
 def quiet_native_stderr():
-    """Sends file descriptor 2 to /dev/null for a while.
-
-    TensorFlow's C++ start-up lines (CUDA probing, oneDNN notice) are written before its logging is
-    initialised and ignore TF_CPP_MIN_LOG_LEVEL; without this, every one-line error would come with
-    four lines of noise.
-    """
+    """Sends file descriptor 2 to /dev/null for a while: TensorFlow's C++ start-up lines (CUDA probing, oneDNN
+    notice) come before its logging is set up and ignore TF_CPP_MIN_LOG_LEVEL; without this, every one-line error
+    would come with four lines of noise."""
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -94,7 +91,7 @@ ROUTING_HPARAMS = define_hparam_flags(
     }
 )
 # ---- optimisation ----------------------------------------------------------------------------------
-flags.DEFINE_integer("batch_size", 64, "Images per training step, > 0.")
+flags.DEFINE_integer("batch_size", None, "Images per training step, > 0 (default: the preset's; paper 32, others 64).")
 OPTIMISATION_HPARAMS = define_hparam_flags(
     {
         "learning_rate": "Initial Adam learning rate, > 0",
@@ -411,6 +408,8 @@ def parse_command_line(argv):
     values = {name: FLAGS[name].value for name in PROGRAM_FLAGS}
     data_dir = values["data_dir"] or os.path.join(".", "data", values["dataset"])
     values["data_dir"] = os.path.abspath(data_dir)  # saved runs work from any folder
+    if values["batch_size"] is None:
+        values["batch_size"] = capsnet.batch_size_for(values["preset"])
     testing = parse_test_flag(values["test"])
     validate_flags(values)
     return values, {name for name in PROGRAM_FLAGS if FLAGS[name].present}, testing

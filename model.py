@@ -29,6 +29,7 @@ from hparams import (  # noqa: F401 (re-exported: callers build a model from mod
     ROUTING_FORMS,
     WHOLE_RUN,
     HParams,
+    batch_size_for,
     hparams_for,
     parse_bool,
 )

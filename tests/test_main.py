@@ -255,6 +255,25 @@ def test_hparams_flag_parsing():
             main.resolve_hparams(dict(values, hparams=text))
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [([], 32), (["--preset", "small"], 64), (["--preset", "small_search"], 64), (["--batch_size", "8"], 8)],
+    ids=["paper-default", "small-default", "small_search-default", "given"],
+)
+def test_batch_size_default_per_preset(argv, expected):
+    """Without --batch_size a run trains at its preset's batch (the paper network at 32, the small nets at 64);
+    a given --batch_size wins. The resolved value is what flags.json saves, so a resumed run keeps it."""
+    import main
+
+    main.FLAGS.unparse_flags()  # values an earlier in-process parse left behind would count as given
+    try:
+        values, given, testing = main.parse_command_line(["main.py"] + argv)
+    finally:
+        main.FLAGS.unparse_flags()  # later tests parse their own command lines
+    assert values["batch_size"] == expected and not testing
+    assert ("batch_size" in given) == ("--batch_size" in argv)
+
+
 def test_paper_run_saved_before_the_routing_forms(tmp_path):
     """A paper-preset run whose flags.json predates the routing forms routed with the paper's pieces: reading it
     back gives those, not the preset's form of today ('official-activation'); its saved fields stay."""
