@@ -25,6 +25,7 @@ from hparams import (  # noqa: F401 (re-exported: callers build a model from mod
     CENTRED_BETA_V,
     COORDINATE_FORMS,
     MARGIN_SCHEDULES,
+    PAPER_LR_DECAY_STEPS,
     PRESETS,
     ROUTING_FORMS,
     WHOLE_RUN,

@@ -219,6 +219,8 @@ class HParamsTest(tf.test.TestCase):
         self.assertEqual(small.lr_decay_steps, capsnet.WHOLE_RUN)
         resolved = runtime.with_run_length(small, _RUN_STEPS)
         self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (_RUN_STEPS, small.margin_ramp_steps))
+        paper = capsnet.hparams_for("paper")  # its rate falls a tenth every 2 epochs at batch 32, whatever the run
+        self.assertEqual(runtime.with_run_length(paper, 5 * _RUN_STEPS).lr_decay_steps, capsnet.PAPER_LR_DECAY_STEPS)
         official = capsnet.HParams(margin_ramp_steps=capsnet.WHOLE_RUN)  # the official schedules: lr decay fixed
         resolved = runtime.with_run_length(official, _RUN_STEPS)
         self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (official.lr_decay_steps, _RUN_STEPS))
