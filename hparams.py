@@ -206,9 +206,7 @@ PRESETS = {
     # whole 10-epoch run instead, it tested at 96.70% after 2 epochs (fifteenth round).
     "paper": HParams(
         routing="official-activation",
-        **dict(
-            ROUTING_FORMS["official-activation"], **dict(SEARCHED_THREE_ITERATIONS, lr_decay_steps=PAPER_LR_DECAY_STEPS)
-        ),
+        **{**ROUTING_FORMS["official-activation"], **SEARCHED_THREE_ITERATIONS, "lr_decay_steps": PAPER_LR_DECAY_STEPS},
     ),
     # The paper's small network of section 5 (68K parameters): A=64, B=8, C=D=16, with the CPU recipe that
     # the tuning runs of docs/experiments.md chose: centred costs, lambda 0.1, a constant margin of 0.2, and Adam at
