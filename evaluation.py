@@ -17,6 +17,7 @@ import runtime
 from data import pipeline as data_pipeline
 
 SAMPLE_IMAGES = 100  # images in the test-sample picture
+CHECK_IMAGES = 500  # test_results.json's `first_images`: the accuracy a quick check of a shipped network compares
 SWEEP_OFFSETS = (-1, 1, 2)  # test-time iteration sweep: the run's count plus these (0 is the main evaluation)
 
 # How an evaluation runs: the dataset, images per batch, the pipeline's seed, CPU threads, micro-batches,
@@ -133,7 +134,8 @@ def report(result_dir, checkpoint, global_step, predictions, labels, images, cla
     """Prints and writes test accuracy, error, per-class accuracy, the confusion matrix and `extra`.
 
     `extra` ({name: JSON-able}) joins test_results.json (e.g. the iteration sweep and routing statistics);
-    a 'routing' entry is also drawn as routing.png. Every file is written whole or not at all.
+    a 'routing' entry is also drawn as routing.png. `first_images` is the accuracy on the first CHECK_IMAGES
+    images (all of them when fewer). Every file is written whole or not at all; `result_dir` is made if needed.
     """
     matrix = plots.confusion_matrix(labels, predictions, len(class_names))
     per_class = (np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)).tolist()
@@ -147,7 +149,9 @@ def report(result_dir, checkpoint, global_step, predictions, labels, images, cla
         checkpoint=checkpoint,
         global_step=global_step,
         confusion_matrix=matrix.tolist(),
+        first_images=_first_images_accuracy(predictions, labels),
     )
+    os.makedirs(result_dir, exist_ok=True)
     _draw(result_dir, matrix, class_names, images, labels, predictions, extra)
     run_dir.write_json_atomically(os.path.join(result_dir, run_dir.RESULTS_FILE), results)
     print(
@@ -159,14 +163,20 @@ def report(result_dir, checkpoint, global_step, predictions, labels, images, cla
     return 0
 
 
+def _first_images_accuracy(predictions, labels):
+    """{"images": n, "accuracy": a} on the first n = min(CHECK_IMAGES, all) images."""
+    count = min(CHECK_IMAGES, len(labels))
+    return {"images": int(count), "accuracy": float(np.mean(predictions[:count] == labels[:count]))}
+
+
 def _draw(result_dir, matrix, class_names, images, labels, predictions, extra):
     """confusion_matrix.png, test_samples.png and, with routing statistics in `extra`, routing.png."""
-    plots.plot_confusion_matrix(matrix, os.path.join(result_dir, "confusion_matrix.png"), class_names)
+    plots.plot_confusion_matrix(matrix, os.path.join(result_dir, run_dir.CONFUSION_FILE), class_names)
     shown = slice(0, SAMPLE_IMAGES)
-    samples_path = os.path.join(result_dir, "test_samples.png")
+    samples_path = os.path.join(result_dir, run_dir.SAMPLES_FILE)
     plots.plot_sample_grid(images[shown], labels[shown], samples_path, predictions[shown])
     if extra.get("routing"):
-        plots.plot_routing(extra["routing"], os.path.join(result_dir, "routing.png"))
+        plots.plot_routing(extra["routing"], os.path.join(result_dir, run_dir.ROUTING_FILE))
 
 
 def _print_extra(extra):

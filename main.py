@@ -125,6 +125,10 @@ flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch, >= 0 (0: no
 flags.DEFINE_integer("eval_batch_size", 100, "Images per evaluation batch (validation and test mode), > 0.")
 flags.DEFINE_integer("sweep_images", 1000, "Test mode: images of the -1/+1/+2 iteration sweep, >= 0 (0: none).")
 flags.DEFINE_integer("multi_crop", 1, "Test mode: class activations averaged over N views (centre, shifts), 1..13.")
+flags.DEFINE_string(
+    "output_dir", None, "Test mode: folder of its report (default: the run's; ./results/<name> if shipped)."
+)
+flags.DEFINE_integer("test_images", 0, "Test mode: evaluate the first N test images, >= 0 (0: all).")
 flags.DEFINE_bool("quiet", False, "Plain progress lines instead of bars (also when stderr is not a terminal).")
 # ---- adversarial attacks (test mode, paper section 6; attacks.py) ----------------------------------------
 flags.DEFINE_string("attack", "none", "Test mode: 'fgsm' or 'bim' from the network's own loss, or 'none'.")
@@ -152,18 +156,18 @@ HPARAM_FLAGS = MODEL_HPARAMS + ROUTING_HPARAMS + OPTIMISATION_HPARAMS
 RUN_DEFINING_FLAGS = (
     ("preset", "routing", "hparams")
     + HPARAM_FLAGS
-    + ("batch_size", "dataset", "data_dir", "norb_channels", "viewpoint_split", "validation_size", "max_shift", "seed")
-)
+    + ("batch_size", "dataset", "norb_channels", "viewpoint_split", "validation_size", "max_shift", "seed")
+)  # not --data_dir: where the files lie (checked against their SHA-256) may differ from machine to machine
 ATTACK_FLAGS = ("attack", "epsilons", "attack_target", "bim_steps", "bim_step_size", "attack_images")
 ATTACK_FLAGS += ("attack_transfer_from", "attack_margin")  # every test-mode flag of the attacks group
 # Flags that test mode takes from its command line (with --test and --result_dir); the rest come from flags.json.
 TEST_FLAGS = ("test", "result_dir", "data_dir", "threads", "routing_kernel", "micro_batch_size", "eval_batch_size")
-TEST_FLAGS += ("sweep_images", "multi_crop", "quiet") + ATTACK_FLAGS
+TEST_FLAGS += ("sweep_images", "multi_crop", "quiet", "output_dir", "test_images") + ATTACK_FLAGS
 # Flags that set where a run ends (--max_steps, when given, wins over --epochs).
 RUN_LENGTH_FLAGS = ("epochs", "max_steps")
 POSITIVE_FLAGS = ("batch_size", "save_every_steps", "summary_every_steps", "epochs", "max_steps", "eval_batch_size")
 POSITIVE_FLAGS += ("num_devices", "startup_timeout_s")
-NON_NEGATIVE_FLAGS = ("validation_size", "threads", "micro_batch_size", "sweep_images")
+NON_NEGATIVE_FLAGS = ("validation_size", "threads", "micro_batch_size", "sweep_images", "test_images")
 HELP_ARGUMENTS = ("-h", "--help", "--helpshort", "--helpfull")
 EXIT_USAGE = 2
 EXIT_NON_FINITE = training.EXIT_NON_FINITE
@@ -367,18 +371,27 @@ def training_run_flags(values, given):
     merged = run_dir.merge_resumed_flags(
         saved, dict(values, result_dir=result_dir), given, RUN_DEFINING_FLAGS, RUN_LENGTH_FLAGS
     )
-    return result_dir, dict(merged, result_dir=result_dir), True
+    data_dir = run_dir.data_dir_for(saved["data_dir"], values["data_dir"], "data_dir" in given)
+    return result_dir, dict(merged, result_dir=result_dir, data_dir=data_dir), True
 
 
 # ---- test -----------------------------------------------------------------------------------------------
 
 
-def test(result_dir, overrides):
+def tested_run_flags(result_dir, overrides, data_dir):
+    """The flag values test mode evaluates `result_dir` with: the run's, `overrides`, the data found here."""
+    saved = run_dir.read_flags(result_dir, flag_defaults(), validate_flags)
+    found = run_dir.data_dir_for(saved["data_dir"], data_dir, "data_dir" in overrides)
+    return dict(saved, **overrides, data_dir=found)
+
+
+def test(result_dir, overrides, data_dir):
     """Evaluates DIR's latest checkpoint on the test set (test_run.py); writes JSON and pictures.
 
-    `overrides` maps TEST_FLAGS given on the command line to their values; every other flag is the run's.
+    `overrides` maps TEST_FLAGS given on the command line to their values; every other flag is the run's but
+    the data folder, `data_dir` (this command's) where the run's own is not on this machine.
     """
-    values = dict(run_dir.read_flags(result_dir, flag_defaults(), validate_flags), **overrides)
+    values = tested_run_flags(result_dir, overrides, data_dir)
     test_run.latest_checkpoint(result_dir)  # a run without a checkpoint is refused before the data is read
     hparams = run_hparams(result_dir, values)
     source = None
@@ -386,11 +399,13 @@ def test(result_dir, overrides):
         source_dir = values["attack_transfer_from"]
         if not os.path.isdir(source_dir):
             raise UsageError("--attack_transfer_from %s does not exist" % source_dir)
-        source_values = dict(run_dir.read_flags(source_dir, flag_defaults(), validate_flags), **overrides)
+        source_values = tested_run_flags(source_dir, overrides, data_dir)
         source = test_run.attack_source(
             source_dir, source_values, run_hparams(source_dir, source_values), values, hparams
         )
     images, labels = load_split(values, "test")
+    if values["test_images"]:
+        images, labels = images[: values["test_images"]], labels[: values["test_images"]]
     return test_run.evaluate(result_dir, values, hparams, images, labels, describe(hparams, values), source)
 
 
@@ -427,7 +442,8 @@ def main(argv):
         tf.disable_v2_behavior()
         if testing:
             run_dir.check_test_flags(values["result_dir"], given, TEST_FLAGS)
-            return test(values["result_dir"], {name: values[name] for name in TEST_FLAGS if name in given})
+            overrides = {name: values[name] for name in TEST_FLAGS if name in given}
+            return test(values["result_dir"], overrides, values["data_dir"])
         role = cluster.join(values, os.environ.get(cluster.TF_CONFIG))  # with its server started
         if role and role.job_name == "ps":
             return cluster.run_ps(role)

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import sys
 import time
 
 import tensorflow.compat.v1 as tf
@@ -22,7 +24,13 @@ HISTORY_FILE = "history.json"
 RESULTS_FILE = "test_results.json"
 CHECKPOINT_PREFIX = "model.ckpt"
 RESULTS_ROOT = os.path.join(".", "results")
+# Marks a network shipped in the repository (pretrained/<name>/): its files stay as committed, so test mode
+# writes its report under RESULTS_ROOT instead; it also records where the network came from.
+SHIPPED_FILE = "pretrained.json"
 _CHECKPOINT_STEP = re.compile(r"-(\d+)$")  # model.ckpt-STEP
+CURVES_FILE = "training_curves.png"
+CONFUSION_FILE, SAMPLES_FILE, ROUTING_FILE = "confusion_matrix.png", "test_samples.png", "routing.png"
+TEST_PICTURES = (CONFUSION_FILE, SAMPLES_FILE, ROUTING_FILE)  # test mode's, beside RESULTS_FILE
 
 
 class UsageError(Exception):
@@ -166,6 +174,23 @@ def check_test_flags(result_dir, given, allowed):
         raise UsageError("--result_dir %s does not exist" % result_dir)
 
 
+def test_output_dir(result_dir, output_dir):
+    """Where test mode writes test_results.json and its pictures: `output_dir` (--output_dir) when given, else
+    the run directory, except for a shipped network (SHIPPED_FILE in it): ./results/<its folder's name>."""
+    if output_dir:
+        return output_dir
+    if os.path.exists(os.path.join(result_dir, SHIPPED_FILE)):
+        return os.path.join(RESULTS_ROOT, os.path.basename(os.path.normpath(result_dir)))
+    return result_dir
+
+
+def data_dir_for(saved_dir, command_dir, given):
+    """The data folder of a resumed or tested run: this command's --data_dir when given, else the run's saved
+    folder when it exists here, else this command's default (./data/<dataset>), so that a run copied to another
+    machine (a shipped network, a resumed checkpoint) finds its data there."""
+    return saved_dir if not given and os.path.isdir(saved_dir) else command_dir
+
+
 def latest_checkpoint(result_dir):
     """(path, step) of DIR's latest checkpoint, or (None, 0) when it has none."""
     path = tf.train.latest_checkpoint(result_dir)
@@ -197,3 +222,52 @@ def read_history(result_dir):
         with open(path) as f:
             return json.load(f)
     return {"step": [], "loss": [], "train_accuracy": [], "val_step": [], "val_accuracy": []}
+
+
+def ship(result_dir, destination):
+    """Copies DIR's latest checkpoint (its variables, no meta graph) with flags.json, history.json and the curves
+    into `destination` (e.g. pretrained/<name>/), replacing what was there, and writes SHIPPED_FILE: the source
+    folder, the step and DIR's test figures (test_results.json and its pictures, copied too) when they are of
+    that step. Returns the step. Resume a copy elsewhere: `cp -r destination DIR2; python main.py --result_dir DIR2`.
+    """
+    checkpoint, step = latest_checkpoint(result_dir)
+    if checkpoint is None:
+        raise UsageError("%s holds no checkpoint" % result_dir)
+    results = _results_of_step(result_dir, step)
+    staging = destination.rstrip(os.sep) + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    prefix = os.path.basename(checkpoint)
+    for name in os.listdir(result_dir):
+        if name.startswith(prefix + ".") or name in (FLAGS_FILE, HISTORY_FILE, CURVES_FILE):
+            shutil.copy2(os.path.join(result_dir, name), staging)
+    for name in (RESULTS_FILE,) + TEST_PICTURES if results else ():
+        if os.path.exists(os.path.join(result_dir, name)):
+            shutil.copy2(os.path.join(result_dir, name), staging)
+    with open(os.path.join(staging, "checkpoint"), "w") as f:  # the state file, relative: the folder may move
+        f.write('model_checkpoint_path: "%s"\nall_model_checkpoint_paths: "%s"\n' % (prefix, prefix))
+    shipped = {"source": os.path.abspath(result_dir), "global_step": step}
+    shipped.update({key: results.get(key) for key in ("accuracy", "n", "first_images")} if results else {})
+    write_json_atomically(os.path.join(staging, SHIPPED_FILE), shipped)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(staging, destination)
+    return step
+
+
+def _results_of_step(result_dir, step):
+    """DIR's test_results.json when it describes the checkpoint of `step`, else None."""
+    try:
+        with open(os.path.join(result_dir, RESULTS_FILE)) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("global_step") == step else None
+
+
+if __name__ == "__main__":  # python run_dir.py RUN_DIR pretrained/NAME
+    if len(sys.argv) != 3:
+        sys.exit("usage: python run_dir.py RUN_DIR DESTINATION (copies RUN_DIR's latest checkpoint there)")
+    try:
+        print("shipped step %d of %s into %s" % (ship(sys.argv[1], sys.argv[2]), sys.argv[1], sys.argv[2]))
+    except UsageError as error:
+        sys.exit("error: %s" % error)

@@ -66,6 +66,7 @@ def _extras(result_dir, values, hparams, run_settings, views, labels, outcome):
         extra["multi_crop"] = {"views": len(views), "accuracy": float(np.mean(averaged == truth))}
     masks = data.viewpoint_masks(values["dataset"], values["data_dir"], "test", values["viewpoint_split"])
     if masks is not None:
+        masks = [mask[: len(labels)] for mask in masks]  # --test_images: the first images only
         extra["viewpoints"] = {
             name: {"images": int(mask.sum()), "accuracy": float(np.mean(predictions[mask] == truth[mask]))}
             for name, mask in zip(("familiar", "novel"), masks)
@@ -82,6 +83,9 @@ def _extras(result_dir, values, hparams, run_settings, views, labels, outcome):
 def evaluate(result_dir, values, hparams, loaded, labels, network, source=None):
     """Test mode on the test split `loaded`, `labels`; returns the exit code (0).
 
+    The report (test_results.json and its pictures) goes to `run_dir.test_output_dir`: --output_dir, else the
+    run directory, or ./results/<name> for a shipped network, whose folder stays as committed.
+
     Args:
       result_dir: the run directory.
       values: the run's flag values with test mode's own.
@@ -97,15 +101,16 @@ def evaluate(result_dir, values, hparams, loaded, labels, network, source=None):
         result_dir, hparams, run_settings, views, labels, "test", statistics=True
     )
     extra = _extras(result_dir, values, hparams, run_settings, views, labels, (predictions, truth, routing, averaged))
+    output_dir = run_dir.test_output_dir(result_dir, values["output_dir"])
     if values["attack"] != "none":
         victim = attacks.Source(result_dir, hparams, run_settings)
         key, entry, samples = attacks.run(
             victim, source, values["dataset"], views[0], labels, attacks.options_from(values)
         )
-        extra["attacks"] = _attacks_section(result_dir, key, entry)
-        _draw_attacks(result_dir, extra["attacks"], key, samples)
+        extra["attacks"] = _attacks_section(output_dir, key, entry)
+        _draw_attacks(output_dir, extra["attacks"], key, samples)
     class_names = data.get(values["dataset"]).class_names
-    return evaluation.report(result_dir, checkpoint, step, predictions, truth, views[0], class_names, extra)
+    return evaluation.report(output_dir, checkpoint, step, predictions, truth, views[0], class_names, extra)
 
 
 def _attacks_section(result_dir, key, entry):
@@ -129,6 +134,7 @@ def _attacks_section(result_dir, key, entry):
 
 def _draw_attacks(result_dir, section, key, samples):
     """attacks.png (success rate against epsilon, a line per entry) and attack_samples.png (`samples`)."""
+    os.makedirs(result_dir, exist_ok=True)  # --output_dir: made once there is something to write
     plots.plot_attack_curves(plots.attack_curves(section), os.path.join(result_dir, attacks.CURVES_FILE))
     largest = max(row["epsilon"] for row in section[key]["per_epsilon"])
     title = "%s, eps %g: clean (top), adversarial (bottom)" % (key, largest)

@@ -66,7 +66,7 @@ class TrainingRun:
             self._checkpoint_step = step
         run_dir.write_json_atomically(os.path.join(self.result_dir, run_dir.HISTORY_FILE), self.history)
         if self.history["step"]:
-            plots.plot_training_curves(self.history, os.path.join(self.result_dir, "training_curves.png"))
+            plots.plot_training_curves(self.history, os.path.join(self.result_dir, run_dir.CURVES_FILE))
 
     def _on_signal(self, signum, frame):
         self.stop_signals.append(signum)
