@@ -109,6 +109,8 @@ flags.DEFINE_string("viewpoint_split", "none", "smallNORB novel viewpoints: 'azi
 flags.DEFINE_integer("norb_channels", 1, "smallNORB: 1 (the first image of each stereo pair) or 2 (both).")
 flags.DEFINE_integer("validation_size", 5000, "Training images held out for per-epoch validation, >= 0.")
 flags.DEFINE_integer("max_shift", 0, "Augmentation: training images moved by up to N pixels per axis (0: none).")
+flags.DEFINE_integer("crop", 0, "Augmentation: train on random N x N crops, test on the centre one (0: none).")
+flags.DEFINE_float("max_rotation", 0.0, "Augmentation: training images turned by up to N degrees (0: none).")
 flags.DEFINE_integer("seed", 1, "Random seed for initialisation, the validation split and shuffling.")
 # ---- run -------------------------------------------------------------------------------------------
 flags.DEFINE_string("result_dir", None, "Run folder; default when training: new under ./results; a run is resumed.")
@@ -157,6 +159,7 @@ RUN_DEFINING_FLAGS = (
     ("preset", "routing", "hparams")
     + HPARAM_FLAGS
     + ("batch_size", "dataset", "norb_channels", "viewpoint_split", "validation_size", "max_shift", "seed")
+    + ("crop", "max_rotation")
 )  # not --data_dir: where the files lie (checked against their SHA-256) may differ from machine to machine
 ATTACK_FLAGS = ("attack", "epsilons", "attack_target", "bim_steps", "bim_step_size", "attack_images")
 ATTACK_FLAGS += ("attack_transfer_from", "attack_margin")  # every test-mode flag of the attacks group
@@ -175,6 +178,8 @@ EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-ended command
 NORB_CHANNELS = (1, 2)  # --norb_channels: one image of each stereo pair, or both
 VIEWPOINT_SPLITS = ("none", "azimuth", "elevation")
 MAX_CROPS = 13  # the authors' multi-crop test: the centre view and 12 diagonal shifts
+MIN_CROP = 17  # --crop: VALID padding needs 17 (conv1 5x5/2 -> 7, conv_caps1 3x3/2 -> 3, conv_caps2 3x3/1 -> 1)
+MAX_ROTATION = 180.0  # --max_rotation, degrees: every orientation
 
 
 # ---- flags -------------------------------------------------------------------------------------------
@@ -196,7 +201,8 @@ def resolve_hparams(values):
             raise UsageError("--%s must be one of %s, got %r" % (name, "/".join(choices), values[name]))
     spec = data.get(values["dataset"])  # the dataset sets what the network sees and tells apart
     channels = values["norb_channels"] if values["dataset"] in data.PREPROCESSED else spec.channels
-    overrides = dict(image_size=spec.image_size, image_channels=channels, num_classes=spec.num_classes)
+    size = values.get("crop") or spec.image_size  # --crop: the network sees the crops
+    overrides = dict(image_size=size, image_channels=channels, num_classes=spec.num_classes)
     overrides.update({name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None})
     overrides["routing_kernel"] = values.get("routing_kernel") or capsnet.HParams.routing_kernel
     try:
@@ -230,8 +236,19 @@ def validate_flags(values):
     image_size = data.get(values["dataset"]).image_size
     if not 0 <= values["max_shift"] < image_size:
         raise UsageError("--max_shift must be in 0..%d, got %r" % (image_size - 1, values["max_shift"]))
+    check_crop_and_rotation(values, image_size)
     attacks.check_flags(values)
     runtime.check_towers(values["batch_size"], values["num_devices"], resolve_hparams(values).model)
+
+
+def check_crop_and_rotation(values, image_size):
+    """UsageError unless --crop is 0 or MIN_CROP..image_size - 1 (an IDX dataset) and --max_rotation 0..180."""
+    if values["crop"] and (values["dataset"] in data.PREPROCESSED or not MIN_CROP <= values["crop"] < image_size):
+        raise UsageError(
+            "--crop must be 0 or in %d..%d (not smallNORB), got %r" % (MIN_CROP, image_size - 1, values["crop"])
+        )
+    if not 0 <= values["max_rotation"] <= MAX_ROTATION:
+        raise UsageError("--max_rotation must be in 0..%g degrees, got %r" % (MAX_ROTATION, values["max_rotation"]))
 
 
 def flag_defaults():
@@ -284,7 +301,7 @@ def training_data(values):
     train_x, train_y, val_x, val_y = data_pipeline.split_train_validation(
         images, labels, values["validation_size"], values["seed"]
     )
-    return train_x, train_y, data.for_evaluation(values["dataset"], val_x), val_y
+    return train_x, train_y, data.for_evaluation(values["dataset"], val_x, values["crop"]), val_y
 
 
 def build_training(values, hparams, role):
@@ -292,7 +309,8 @@ def build_training(values, hparams, role):
     sync = cluster.synchronizer(role, values["async"]) if role else None
     with cluster.placement(role) if role else contextlib.nullcontext():
         sizes = [values[name] for name in ("batch_size", "eval_batch_size", "seed", "max_shift")]
-        pipeline = data_pipeline.build_for(values["dataset"], hparams, *sizes)
+        crop_from = data.get(values["dataset"]).image_size if values["crop"] else 0  # the fed training images
+        pipeline = data_pipeline.build_for(values["dataset"], hparams, *sizes, crop_from, values["max_rotation"])
         model = runtime.new_model(hparams, runtime.micro_batches_for(values["batch_size"], values["micro_batch_size"]))
         distribution = capsnet.Distribution(runtime.tower_devices(values["num_devices"]), sync)
         graph = model.train(pipeline.train_images, pipeline.train_labels, distribution)

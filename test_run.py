@@ -94,7 +94,7 @@ def evaluate(result_dir, values, hparams, loaded, labels, network, source=None):
       network: the network in a few words, for the header line.
       source: `attacks.Source` of a transfer attack's run, or None.
     """
-    views = data.evaluation_views(values["dataset"], loaded, values["multi_crop"])
+    views = data.evaluation_views(values["dataset"], loaded, values["multi_crop"], values["crop"])
     _header(result_dir, values, labels, network)
     run_settings = settings(values)
     predictions, truth, routing, checkpoint, step, averaged = evaluation.evaluate_checkpoint(

@@ -61,13 +61,24 @@ def load_arrays(name, data_dir, split, channels=smallnorb.CHANNELS):
     return smallnorb_preprocess.preprocess(images), labels
 
 
-def for_evaluation(name, images):
-    """Images as evaluation feeds them: smallNORB's centre 32x32 crop of `load_arrays` output; others as they are."""
+def for_evaluation(name, images, crop=0):
+    """Images as evaluation feeds them: smallNORB's centre 32x32 crop of `load_arrays` output; the others' centre
+    `crop` x `crop` window (a run trained on random crops, --crop) or the images as they are (crop 0)."""
     if name not in PREPROCESSED:
-        return images
+        return _window(images, crop, (0, 0)) if crop else images
     from data import smallnorb_preprocess  # needs TensorFlow
 
     return smallnorb_preprocess.centre_crop(images)
+
+
+def _window(images, size, offset):
+    """The `size` x `size` window of every image of `images` [N, H, W] `offset` = (dy, dx) pixels from the centre
+    one (top-left corner ((H - size) // 2, (W - size) // 2)), zeros beyond the image's edge: [N, size, size]."""
+    (dy, dx), (height, width) = offset, images.shape[1:3]
+    margin = max(abs(dy), abs(dx))
+    padded = np.pad(images, ((0, 0), (margin, margin), (margin, margin)))  # [N, H + 2m, W + 2m]
+    top, left = (height - size) // 2 + margin + dy, (width - size) // 2 + margin + dx
+    return padded[:, top : top + size, left : left + size]  # [N, size, size]
 
 
 def _shifted(images, offset):
@@ -80,12 +91,13 @@ def _shifted(images, offset):
     return out
 
 
-def evaluation_views(name, images, count):
+def evaluation_views(name, images, count, crop=0):
     """The `count` views of the multi-crop test: the centre view (`for_evaluation`) first, then the authors'
     offsets (+-1, +-2, +-3 pixels on the diagonals; at most 13 views in all).
 
-    smallNORB: 32x32 crops of the preprocessed 48x48 images at those offsets. The IDX datasets, whose images
-    are the network's size: the images moved by the opposite offsets, zeros filling in (the same view change).
+    smallNORB: 32x32 crops of the preprocessed 48x48 images at those offsets. The IDX datasets with `crop`
+    (--crop): the `crop` x `crop` windows at those offsets; without, the images, which are the network's size,
+    moved by the opposite offsets, zeros filling in (the same view change).
     """
     from data import smallnorb_preprocess  # needs TensorFlow
 
@@ -94,6 +106,8 @@ def evaluation_views(name, images, count):
         raise ValueError("multi_crop must be in 1..%d, got %r" % (len(offsets), count))
     if name in PREPROCESSED:
         return [smallnorb_preprocess.crop_at(images, offset) for offset in offsets[:count]]
+    if crop:
+        return [_window(images, crop, offset) for offset in offsets[:count]]
     return [_shifted(images, (-dy, -dx)) for dy, dx in offsets[:count]]
 
 
