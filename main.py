@@ -48,6 +48,7 @@ with quiet_native_stderr():
 from absl import flags  # noqa: E402
 
 import attacks  # noqa: E402
+import capsule_ops  # noqa: E402
 import cluster  # noqa: E402
 import data  # noqa: E402
 import model as capsnet  # noqa: E402
@@ -196,6 +197,10 @@ def resolve_hparams(values):
     overrides.update({name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None})
     overrides["routing_kernel"] = values.get("routing_kernel") or capsnet.HParams.routing_kernel
     try:
+        capsule_ops.check_choice(overrides["routing_kernel"])
+    except capsule_ops.KernelChoiceError as error:
+        raise UsageError("--routing_kernel: %s" % error) from None
+    try:
         hparams = capsnet.hparams_for(values["preset"], values.get("routing"), **overrides)
     except ValueError as error:  # a flag's value: HParams names the field, which is the flag's name
         raise UsageError("--%s" % error) from None
@@ -260,7 +265,13 @@ def describe(hparams, values):
     """The network in a few words, for header lines."""
     if hparams.model == "cnn":
         return "the baseline CNN (paper section 5)"
-    return "preset %s, routing %s, %d iterations" % (values["preset"], hparams.routing, hparams.iterations)
+    kernel = capsule_ops.resolve(hparams.routing_kernel)
+    return "preset %s, routing %s, %d iterations, %s routing kernel" % (
+        values["preset"],
+        hparams.routing,
+        hparams.iterations,
+        kernel,
+    )
 
 
 # ---- training -------------------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ rank-1 `votes_gradient` (or `routing_votes_backward`).
 
 `resolve(kernel)` turns a routing-kernel choice ('auto', 'fused', 'tf') into the path to use: 'fused' builds
 (or fails loudly), 'auto' falls back to 'tf' -- TensorFlow ops, the same numerics -- with one line on stderr
-when the build fails (e.g. no compiler). Imports only tensorflow.
+when the build fails (e.g. no compiler). The kernels are CPU kernels only: with a GPU visible a graph would
+copy the routing's tensors across the bus, and towers pinned to `/device:GPU:i` could not place them at all
+(no session sets soft placement), so there 'auto' is 'tf' and 'fused' is a `KernelChoiceError`.
+Imports only tensorflow.
 """
 
 import collections
@@ -32,6 +35,26 @@ KERNELS = ("auto", "fused", "tf")
 
 class BuildError(RuntimeError):
     """The kernels could not be built (no compiler, a compile error) or loaded."""
+
+
+class KernelChoiceError(ValueError):
+    """'fused' asked for where the kernels cannot run: a GPU is visible (CPU kernels only)."""
+
+
+def gpu_count():
+    """How many GPUs TensorFlow sees."""
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def check_choice(kernel):
+    """KernelChoiceError (one line) for 'fused' while a GPU is visible; ValueError for a kernel not in KERNELS."""
+    if kernel not in KERNELS:
+        raise ValueError("routing kernel must be one of %s, got %r" % (KERNELS, kernel))
+    gpus = gpu_count() if kernel == "fused" else 0
+    if gpus:
+        raise KernelChoiceError(
+            "routing kernel 'fused' has CPU kernels only and %d GPU(s) are visible: use 'auto' or 'tf'" % gpus
+        )
 
 
 _state = {"library": None, "failure": None, "reported": False}
@@ -53,10 +76,10 @@ def load():
 
 
 def resolve(kernel):
-    """'fused' or 'tf' for a routing-kernel choice in KERNELS. BuildError for 'fused' when the op does not build."""
-    if kernel not in KERNELS:
-        raise ValueError("routing kernel must be one of %s, got %r" % (KERNELS, kernel))
-    if kernel == "tf":
+    """'fused' or 'tf' for a routing-kernel choice in KERNELS: 'auto' is 'tf' while a GPU is visible. BuildError
+    for 'fused' when the op does not build, KernelChoiceError for it while a GPU is visible."""
+    check_choice(kernel)
+    if kernel == "tf" or (kernel == "auto" and gpu_count()):
         return "tf"
     if kernel == "fused":
         load()

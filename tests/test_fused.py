@@ -470,6 +470,30 @@ class BuildTest(tf.test.TestCase):
         recomputing = {"CapsCentredSumsFromFactors", "CapsQuadraticFormsFromFactors"}
         self.assertTrue(recomputing <= op_types)
 
+    def test_gpu_visible_picks_tf_ops(self):
+        """With a GPU visible (its count mocked): 'auto' resolves to 'tf' and builds nothing, the layers and the
+        model route on TF ops, 'fused' is a KernelChoiceError and, through main.py, a one-line usage error."""
+        import main  # here: main.py parses flags at import time only when run
+
+        with unittest.mock.patch.object(capsule_ops, "gpu_count", return_value=1):
+            with unittest.mock.patch.object(capsule_ops, "load", side_effect=AssertionError("built")):
+                self.assertEqual(capsule_ops.resolve("auto"), "tf")
+                self.assertEqual(cl.ConvCaps(3, routing_kernel="auto").routing_kernel, "tf")
+                net = model.CapsNetEMModel(hparams.hparams_for("small"))
+                net.inference(tf.zeros([2, 28, 28, 1]))
+            op_types = {op.type for op in tf.get_default_graph().get_operations()}
+            self.assertFalse({name for name in op_types if name.startswith("Caps")})
+            with self.assertRaisesRegex(capsule_ops.KernelChoiceError, "CPU kernels only and 1 GPU"):
+                capsule_ops.resolve("fused")
+            values = dict(preset="small", dataset="mnist", norb_channels=1, routing_kernel="fused")
+            with self.assertRaises(main.UsageError) as raised:
+                main.resolve_hparams(values)
+            self.assertEqual(len(str(raised.exception).splitlines()), 1)
+            self.assertTrue(str(raised.exception).startswith("--routing_kernel: "))
+            self.assertEqual(main.resolve_hparams(dict(values, routing_kernel="auto")).routing_kernel, "auto")
+        with unittest.mock.patch.object(capsule_ops, "gpu_count", return_value=0):
+            self.assertEqual(capsule_ops.resolve("fused"), "fused")
+
     def test_hparams_choice(self):
         """routing_kernel is an HParams field: 'auto' by default, one of auto/fused/tf."""
         self.assertEqual(hparams.HParams().routing_kernel, "auto")
