@@ -252,7 +252,16 @@ class QuadraticFormsOp : public OpKernel {
         const Vec<T> a_block = Load(a + block * kEntries), q_block = Load(q + block * kEntries);
         const Vec<T> z_block = Load(z + block * kEntries);
         T* out_block = out + block * children;
-        for (int64_t i = 0; i < children; ++i) {
+        Vec<T> terms[kEntries];
+        int64_t i = 0;
+        for (; i + kEntries <= children; i += kEntries) {  // 16 children at a time: one butterfly of sums
+          for (int j = 0; j < kEntries; ++j) {
+            const Vec<T> centred = votes(i + j) - z_block;
+            terms[j] = centred * (a_block + centred * q_block);
+          }
+          Store(out_block + i, SumEach<T>(terms) + c[block]);
+        }
+        for (; i < children; ++i) {
           const Vec<T> centred = votes(i) - z_block;
           out_block[i] = HorizontalSum<T>(centred * (a_block + centred * q_block)) + c[block];
         }

@@ -22,7 +22,8 @@ namespace capsule_ops {
 namespace {
 
 constexpr int kCostPerVote = 64;  // multiply-adds of a 4x4 product, for the sharder
-constexpr int kChunksPerThread = 4;  // weight-gradient partial sums per thread: load balance vs. memory
+constexpr int kChunksPerThread = 4;
+constexpr int kTileChildren = 16;  // children whose pose permutations are reused across the O parent types  // weight-gradient partial sums per thread: load balance vs. memory
 
 bool CheckPosesAndWeights(OpKernelContext* context, const Tensor& poses, const Tensor& weights) {
   if (poses.dims() != 3 || poses.dim_size(2) != kEntries || weights.dims() != 3 ||
@@ -95,19 +96,24 @@ void PoseAndWeightGradients(OpKernelContext* context, const Tensor& poses, const
       for (int64_t n = chunk * np / chunks; n < (chunk + 1) * np / chunks; ++n) {
         local.Prepare(n);
         T* dm_n = dm + n * children * kEntries;
-        std::fill(dm_n, dm_n + children * kEntries, T(0));
-        for (int64_t o = 0; o < types; ++o) {
-          for (int64_t i = 0; i < children; ++i) {
-            const int64_t entry = (o * children + i) * kEntries;
-            const Vec<T> wv = Load(w + entry), mv = Load(m + (n * children + i) * kEntries);
-            const Vec<T> gv = local(o, i, mv, wv);
-            const Vec<T> pose_term = TransposedRightTerm<T, 0>(gv, wv) + TransposedRightTerm<T, 1>(gv, wv) +
-                                     TransposedRightTerm<T, 2>(gv, wv) + TransposedRightTerm<T, 3>(gv, wv);
-            const Vec<T> weight_term = TransposedLeftTerm<T, 0>(mv, gv) + TransposedLeftTerm<T, 1>(mv, gv) +
-                                       TransposedLeftTerm<T, 2>(mv, gv) + TransposedLeftTerm<T, 3>(mv, gv);
-            Store(dm_n + i * kEntries, Load(dm_n + i * kEntries) + pose_term);
-            Store(dw + entry, Load(dw + entry) + weight_term);
+        // A tile of children at a time: their poses' permutations, made once, meet the O weight matrices (the
+        // tile's u_k, L_k, S_k, dL/dM and dL/dW stay in L1).
+        for (int64_t tile = 0; tile < children; tile += kTileChildren) {
+          const int64_t count = std::min<int64_t>(kTileChildren, children - tile);
+          LeftPose<T> pose[kTileChildren];
+          Vec<T> pose_grad[kTileChildren] = {};
+          for (int64_t j = 0; j < count; ++j) pose[j] = LeftPose<T>(Load(m + (n * children + tile + j) * kEntries));
+          for (int64_t o = 0; o < types; ++o) {
+            for (int64_t j = 0; j < count; ++j) {
+              const int64_t i = tile + j, entry = (o * children + i) * kEntries;
+              const Vec<T> wv = Load(w + entry);
+              const Vec<T> gv = Source::kUsesVote ? local(o, i, Product<T>(pose[j], wv)) : local(o, i, wv);
+              pose_grad[j] += TransposedRightTerm<T, 0>(gv, wv) + TransposedRightTerm<T, 1>(gv, wv) +
+                              TransposedRightTerm<T, 2>(gv, wv) + TransposedRightTerm<T, 3>(gv, wv);
+              Store(dw + entry, Load(dw + entry) + TransposedLeftProduct<T>(pose[j], gv));
+            }
           }
+          for (int64_t j = 0; j < count; ++j) Store(dm_n + (tile + j) * kEntries, pose_grad[j]);
         }
       }
     }
@@ -129,9 +135,8 @@ struct StoredGradient {
   int64_t types, children;
   const T* position = nullptr;
   void Prepare(int64_t n) { position = g + n * types * children * kEntries; }
-  Vec<T> operator()(int64_t o, int64_t i, const Vec<T>&, const Vec<T>&) const {
-    return Load(position + (o * children + i) * kEntries);
-  }
+  static constexpr bool kUsesVote = false;
+  Vec<T> operator()(int64_t o, int64_t i, const Vec<T>&) { return Load(position + (o * children + i) * kEntries); }
 };
 
 // dL/dV of EM routing made on the fly: sum_k u_k[n, o, i] (L_k[n, o] + 2 V[n, o, i] S_k[n, o]) (kernels.cc's
@@ -141,17 +146,34 @@ struct RoutingGradient {
   int64_t types, children;
   std::vector<const T*> per_child, linear, square;  // u_k [NP, O or 1, C]; L_k, S_k [NP, O, 16]
   std::vector<bool> shared;                          // u_k is [NP, 1, C]
-  int64_t n = 0;
-  void Prepare(int64_t position) { n = position; }
-  Vec<T> operator()(int64_t o, int64_t i, const Vec<T>& pose, const Vec<T>& weight) const {
+  // The current (position, type)'s factors, gathered by SetType: u_k's row, L_k and S_k.
+  std::vector<const T*> rows;
+  std::vector<Vec<T>> lin, sq;
+  int64_t n = 0, type = -1;
+
+  void Prepare(int64_t position) {
+    n = position, type = -1;
+    rows.resize(per_child.size()), lin.resize(per_child.size()), sq.resize(per_child.size());
+  }
+  void SetType(int64_t o) {
     const int64_t block = n * types + o;
-    Vec<T> lin = {}, sq = {};
     for (size_t k = 0; k < per_child.size(); ++k) {
-      const T u = per_child[k][(shared[k] ? n : block) * children + i];
-      lin += u * Load(linear[k] + block * kEntries);
-      sq += u * Load(square[k] + block * kEntries);
+      rows[k] = per_child[k] + (shared[k] ? n : block) * children;
+      lin[k] = Load(linear[k] + block * kEntries), sq[k] = Load(square[k] + block * kEntries);
     }
-    return lin + T(2) * Product<T>(pose, weight) * sq;
+    type = o;
+  }
+  static constexpr bool kUsesVote = true;
+  Vec<T> operator()(int64_t o, int64_t i, const Vec<T>& vote) {
+    if (o != type) SetType(o);
+    Vec<T> linear_sum = {}, square_sum = {};
+    const size_t rank = rows.size();
+    for (size_t k = 0; k < rank; ++k) {
+      const T u = rows[k][i];
+      linear_sum += u * lin[k];
+      square_sum += u * sq[k];
+    }
+    return linear_sum + T(2) * vote * square_sum;
   }
 };
 
