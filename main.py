@@ -120,7 +120,10 @@ flags.DEFINE_integer("save_every_steps", 500, "Checkpoint interval in steps, > 0
 flags.DEFINE_integer("summary_every_steps", 50, "TensorBoard summary and curve interval in steps, > 0.")
 flags.DEFINE_integer("threads", 0, "CPU threads, >= 0 (0: every core).")
 flags.DEFINE_string(
-    "routing_kernel", "auto", "Routing's vote passes: 'auto' (the fused C++ op when it builds), 'fused' or 'tf'."
+    "routing_kernel",
+    "auto",
+    "Routing's vote passes: 'auto' (the fused C++ op when it builds and no GPU is visible, else TF ops), "
+    "'fused' (CPU only: a usage error with a GPU visible) or 'tf'.",
 )
 flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch, >= 0 (0: no split; docs/performance.md).")
 flags.DEFINE_integer("eval_batch_size", 100, "Images per evaluation batch (validation and test mode), > 0.")
