@@ -56,7 +56,10 @@ struct StoredVotes {
     const T* v;
     Vec<T> operator()(int64_t i) const { return Load(v + i * kEntries); }
   };
-  Block At(int64_t block) const { return {votes + block * children * kEntries}; }
+  struct Scratch {
+    explicit Scratch(const StoredVotes&) {}
+  };
+  Block At(int64_t block, Scratch*) const { return {votes + block * children * kEntries}; }
 };
 
 // Votes recomputed from their factors: poses (input 0) [NP, C, 16] and weights (input 1) [O, C, 16].
@@ -83,12 +86,32 @@ struct RecomputedVotes {
     return true;
   }
   struct Block {
-    const T* m;
+    const Vec<T>* rows;  // the position's child poses, permuted: 4 per child (LeftPose's rows)
     const T* w;
-    Vec<T> operator()(int64_t i) const { return Product<T>(Load(m + i * kEntries), Load(w + i * kEntries)); }
+    Vec<T> operator()(int64_t i) const {
+      const Vec<T>* a = rows + kSide * i;
+      const Vec<T> b = Load(w + i * kEntries);
+      return a[0] * SpreadRow<T, 0>(b) + a[1] * SpreadRow<T, 1>(b) + a[2] * SpreadRow<T, 2>(b) +
+             a[3] * SpreadRow<T, 3>(b);
+    }
   };
-  Block At(int64_t block) const {
-    return {poses + (block / types) * children * kEntries, weights + (block % types) * children * kEntries};
+  // Per shard: the current parent position's child poses with their lane permutations made once, for all O
+  // types (blocks are position-major), instead of once per vote.
+  struct Scratch {
+    explicit Scratch(const RecomputedVotes& source) : rows(source.children * kSide) {}
+    std::vector<Vec<T>> rows;
+    int64_t position = -1;
+  };
+  Block At(int64_t block, Scratch* scratch) const {
+    const int64_t n = block / types;
+    if (scratch->position != n) {
+      for (int64_t i = 0; i < children; ++i) {
+        const LeftPose<T> pose(Load(poses + (n * children + i) * kEntries));
+        for (int k = 0; k < kSide; ++k) scratch->rows[kSide * i + k] = pose.rows[k];
+      }
+      scratch->position = n;
+    }
+    return {scratch->rows.data(), weights + (block % types) * children * kEntries};
   }
 };
 
@@ -139,9 +162,10 @@ class CentredSumsOp : public OpKernel {
     const int64_t cost = 2 * children * kEntries * Source::kCostPerEntry;
     ForEachBlock(context, np * types, cost, [&](int64_t first, int64_t end) {
       std::vector<T> scratch(children * kEntries);  // the block's votes between the two passes
+      typename Source::Scratch vote_scratch(source);
       for (int64_t block = first; block < end; ++block) {
         const T* r_block = r + (shared ? block / types : block) * children;
-        Centre(source.At(block), r_block, children, scratch.data(), means + block * kEntries,
+        Centre(source.At(block, &vote_scratch), r_block, children, scratch.data(), means + block * kEntries,
                sums + block * kEntries, masses + block);
       }
     });
@@ -198,8 +222,9 @@ class WeightedSumsOp : public OpKernel {
     const T *r = weights.flat<T>().data(), *z = centre.flat<T>().data();
     T *sums = sum->flat<T>().data(), *square_sums = squares->flat<T>().data(), *masses = mass->flat<T>().data();
     ForEachBlock(context, np * types, children * kEntries * Source::kCostPerEntry, [&](int64_t first, int64_t end) {
+      typename Source::Scratch vote_scratch(source);
       for (int64_t block = first; block < end; ++block) {
-        const auto votes = source.At(block);
+        const auto votes = source.At(block, &vote_scratch);
         const T* r_block = r + (shared ? block / types : block) * children;
         const Vec<T> z_block = Load(z + block * kEntries);
         Vec<T> total = {}, square = {};
@@ -247,8 +272,9 @@ class QuadraticFormsOp : public OpKernel {
     const T *c = constant.flat<T>().data(), *z = centre.flat<T>().data();
     T* out = forms->flat<T>().data();
     ForEachBlock(context, np * types, children * kEntries * Source::kCostPerEntry, [&](int64_t first, int64_t end) {
+      typename Source::Scratch vote_scratch(source);
       for (int64_t block = first; block < end; ++block) {
-        const auto votes = source.At(block);
+        const auto votes = source.At(block, &vote_scratch);
         const Vec<T> a_block = Load(a + block * kEntries), q_block = Load(q + block * kEntries);
         const Vec<T> z_block = Load(z + block * kEntries);
         T* out_block = out + block * children;
