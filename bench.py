@@ -8,11 +8,14 @@
 
 Prints one human-readable row and one JSON line: preset, batch_size, mode, images_per_sec (median),
 step_ms (min/median/max), peak_rss_mb, flops_per_image (forward pass, see `forward_flops`), threads,
-the machine's measured fp32 matmul rate and the achieved fraction of it. `--compare` builds the network twice,
-with the fused and the TF-ops routing kernel (capsule_ops), times their steps interleaved (so load on the
-machine hits both alike), prints a row for each, the ratio of their median steps, and a JSON line for each;
-peak RSS is then the process's, for both graphs together. `--mode both` does the same for a training and an
-inference graph (with `--compare`, four graphs) and prints inference's rate over training's.
+the machine's measured fp32 matmul rate and the achieved fraction of it; for the fused kernels their roofline
+(`fused_kernel_work`: FLOPs and bytes per image, their rates over the step and, with --profile, within the
+fused ops' own traced time against the measured matmul rate and `reduce_sum` bandwidth).
+`--compare` builds the network twice, with the fused and the TF-ops routing kernel (capsule_ops), times their
+steps interleaved (so load on the machine hits both alike), prints a row for each, the ratio of their median
+steps, and a JSON line for each; peak RSS is then the process's, for both graphs together. `--mode both` does
+the same for a training and an inference graph (with `--compare`, four graphs) and prints inference's rate
+over training's.
 """
 
 import os
@@ -69,6 +72,10 @@ FLOPS_PER_MAC = 2
 M_STEP_FLOPS_PER_ENTRY = 6
 E_STEP_FLOPS_PER_ENTRY = 2
 TRAIN_FLOP_FACTOR = 3  # backward ~ 2x forward
+KERNEL_FLOPS_PER_ENTRY = 5  # a fused pass per vote entry: centre, multiply, two multiply-adds (kernels.cc)
+TRANSPOSED_PRODUCTS = 2  # the routing backward's dL/dM = g W^T and dL/dW = M^T g per pair
+# The op types that `fused_kernel_work` counts (each also in its FromFactors form); not the normaliser.
+FUSED_VOTE_OPS = ("CapsCentredSums", "CapsWeightedSums", "CapsQuadraticForms", "CapsRoutingVotesBackward")
 VOTE_MACS = cl.POSE_SIZE**3  # a 4x4 by 4x4 product: 64 multiply-adds
 PRIMARY_OUTPUTS_PER_TYPE = cl.POSE_ENTRIES + 1  # a primary capsule: 16 pose entries and 1 activation
 
@@ -111,16 +118,26 @@ def forward_flops(hp):
     return flops + sum(routed_pairs(hp)) * per_pair
 
 
-def fused_vote_passes(iterations, mode):
-    """Vote-sized memory passes of one fused step per routed layer (capsule_ops).
+def fused_kernel_work(hp, mode):
+    """(FLOPs, bytes) per image of the fused routing kernels (capsule_ops), which recompute every vote.
 
-    Forward: the votes written once, `iterations` weighted sums and `iterations - 1` quadratic forms, one read
-    each. Training adds as many reads again: each op's gradient is the other op, and the votes' gradient is
-    made on the fly inside the one kernel that reads the votes for dL/dM and dL/dW. (The class layer, whose
-    votes are small, stores its votes gradient: two passes more, not counted.)
+    Per child-parent pair and pass: the vote M W (VOTE_MACS multiply-adds), then the pass's arithmetic over its
+    16 entries (KERNEL_FLOPS_PER_ENTRY), reading or writing one per-child value (r, a gradient, or a log
+    numerator: FLOAT_BYTES); poses and weights stay in cache. Forward: `iterations` centred sums and
+    `iterations - 1` quadratic forms. Training adds one pass more per forward pass (the sums' gradient is a
+    quadratic form, the forms' a weighted sum) and the routing backward: the vote, the k = 2 iterations - 1
+    rank-k gradient factors (2 multiply-adds of 16 lanes each, one per-child read each) and the two transposed
+    4x4 products for dL/dM and dL/dW.
     """
-    forward = 1 + iterations + (iterations - 1)
-    return forward if mode == "infer" else 2 * forward
+    pairs = sum(routed_pairs(hp))
+    forward_passes = hp.iterations + (hp.iterations - 1)
+    per_pass = FLOPS_PER_MAC * VOTE_MACS + cl.POSE_ENTRIES * KERNEL_FLOPS_PER_ENTRY
+    flops, passes = forward_passes * per_pass, forward_passes
+    if mode == "train":
+        uses = forward_passes  # k of the rank-k votes gradient
+        backward = FLOPS_PER_MAC * VOTE_MACS * (1 + TRANSPOSED_PRODUCTS) + cl.POSE_ENTRIES * FLOPS_PER_MAC * 2 * uses
+        flops, passes = 2 * flops + backward, 2 * passes + uses
+    return pairs * flops, pairs * passes * FLOAT_BYTES
 
 
 def measure_bandwidth(threads):
@@ -215,13 +232,13 @@ def time_steps(runners):
     return times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB, metadata
 
 
-def report(hp, net, key, times, peak_rss_mb, rates):
+def report(hp, net, key, times, peak_rss_mb, rates, kernel_ms=None):
     """The benchmark's row and its JSON fields for `key` (kernel, mode); `rates`: the machine's (matmul FLOP/s,
-    memory bytes/s)."""
+    memory bytes/s); `kernel_ms`: the fused ops' time in a traced step (--profile), or None."""
     (kernel, mode), (matmul_rate, bandwidth) = key, rates
     median = float(np.median(times))
     images_per_sec = FLAGS.batch_size / median
-    vote_bytes = sum(routed_pairs(hp)) * cl.POSE_ENTRIES * FLOAT_BYTES * fused_vote_passes(hp.iterations, mode)
+    kernel_flops, kernel_bytes = fused_kernel_work(hp, mode)
     flops = forward_flops(hp)
     factor = TRAIN_FLOP_FACTOR if mode == "train" else 1
     result = {
@@ -247,9 +264,16 @@ def report(hp, net, key, times, peak_rss_mb, rates):
         "fraction_of_matmul_rate": round(flops * factor * images_per_sec / matmul_rate, 4),
         "memory_gbps": round(bandwidth / 1e9, 1),
     }
-    if kernel == "fused":  # the vote-sized traffic of the fused kernels, against the reduce_sum rate
-        result["vote_traffic_gbps"] = round(vote_bytes * images_per_sec / 1e9, 1)
-        result["fraction_of_bandwidth"] = round(vote_bytes * images_per_sec / bandwidth, 3)
+    if kernel == "fused":  # the roofline of the fused kernels: their FLOPs and bytes at the step's rate
+        result["kernel_flops_per_image"] = kernel_flops
+        result["kernel_bytes_per_image"] = kernel_bytes
+        result["kernel_gflops"] = round(kernel_flops * images_per_sec / 1e9, 2)
+        result["kernel_gbps"] = round(kernel_bytes * images_per_sec / 1e9, 2)
+    if kernel_ms:  # the same within the fused ops' own traced time: is a kernel compute- or memory-bound?
+        seconds = kernel_ms / MS_PER_S
+        result["kernel_ms"] = round(kernel_ms, 1)
+        result["kernel_fraction_of_matmul_rate"] = round(kernel_flops * FLAGS.batch_size / seconds / matmul_rate, 3)
+        result["kernel_fraction_of_bandwidth"] = round(kernel_bytes * FLAGS.batch_size / seconds / bandwidth, 4)
     print(_row(result, flops))
     return result
 
@@ -257,11 +281,17 @@ def report(hp, net, key, times, peak_rss_mb, rates):
 def _row(result, flops):
     """The human-readable line of one `report` result."""
     traffic = ""
-    if "vote_traffic_gbps" in result:
-        traffic = ", vote-sized traffic %.1f GB/s = %.1f%% of a reduce_sum's %.1f GB/s" % (
-            result["vote_traffic_gbps"],
-            100 * result["fraction_of_bandwidth"],
+    if "kernel_gflops" in result:
+        traffic = ", fused kernels %.1f GFLOP/s and %.2f GB/s over the step (reduce_sum %.1f GB/s)" % (
+            result["kernel_gflops"],
+            result["kernel_gbps"],
             result["memory_gbps"],
+        )
+    if "kernel_ms" in result:
+        traffic += "; in their own %.0f ms: %.1f%% of the matmul rate, %.2f%% of the bandwidth" % (
+            result["kernel_ms"],
+            100 * result["kernel_fraction_of_matmul_rate"],
+            100 * result["kernel_fraction_of_bandwidth"],
         )
     step = result["step_ms"]
     return (
@@ -312,8 +342,10 @@ def main(argv):
     times, peak_rss_mb, metadata = time_steps(runners)
     results = []
     for runner in runners:
-        results.append(report(hp, runner.net, runner.key, times[runner.key], peak_rss_mb, rates))
-        for op_type, ms in top_ops(metadata[runner.key]) if metadata else ():
+        ops = top_ops(metadata[runner.key], count=None) if metadata else []
+        kernel_ms = sum(ms for op_type, ms in ops if op_type.startswith(FUSED_VOTE_OPS)) or None
+        results.append(report(hp, runner.net, runner.key, times[runner.key], peak_rss_mb, rates, kernel_ms))
+        for op_type, ms in ops[:TOP_OPS]:
             print("  %-28s %8.1f ms" % (op_type, ms))
     median = {key: float(np.median(value)) for key, value in times.items()}
     for mode, result in zip(modes, results) if FLAGS.compare else ():  # the fused runners come first

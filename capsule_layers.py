@@ -260,7 +260,8 @@ class RoutedCapsuleLayer(_CapsuleLayer):
             )
         self.end_points = {
             "votes": routing.votes,
-            "assignments": tf.broadcast_to(routing.assignments, tf.shape(routing.votes)[:3]),
+            "votes_shape": routing.votes_shape,
+            "assignments": tf.broadcast_to(routing.assignments, routing.votes_shape[:3]),
             "activations_per_iteration": [parents.activations for parents in routing.per_iteration],
             "parents_per_iteration": routing.per_iteration,
         }
@@ -324,7 +325,7 @@ class ConvCaps(RoutedCapsuleLayer):
         field, out_types, kki = self.field, self.types, self.patches.children
         with tf.name_scope("votes"):
             flat = tf.reshape(poses, [batch, field.height, field.width, -1])  # [N, H, W, I*16]
-            if self.routing_kernel == "fused":  # one kernel writes the parent-major votes
+            if self.routing_kernel == "fused":  # the kernels recompute the parent-major votes from these factors
                 patches = tf.reshape(field.extract(flat), [-1, kki, POSE_ENTRIES])  # [NP, KKI, 16]
                 weights = tf.reshape(self.weights, [kki, out_types, POSE_ENTRIES])  # [KKI, O, 16]
                 return capsule_ops.VoteFactors(patches, tf.transpose(weights, [1, 0, 2]))  # V: [NP, O, KKI, 16]
@@ -407,12 +408,13 @@ class ClassCaps(RoutedCapsuleLayer):
         return tf.constant(offsets.reshape(1, 1, -1, POSE_ENTRIES), self.dtype)  # [1, 1, H*W*I, 16]
 
     def _votes(self, poses, batch):
-        """V_ic = M_i W[i, c] for every child (h, w, i) and class: `[N, L, H*W*I, 16]`."""
+        """V_ic = M_i W[i, c] for every child (h, w, i) and class: `[N, L, H*W*I, 16]`; on the fused path its
+        factors, `capsule_ops.VoteFactors` (poses `[N, H*W*I, 16]`, weights `[L, H*W*I, 16]`)."""
         in_types, classes, cells = self.input_types, self.classes, self.height * self.width
-        if self.routing_kernel == "fused":  # one kernel writes the parent-major votes
+        if self.routing_kernel == "fused":  # the kernels recompute the parent-major votes from these factors
             weights = tf.transpose(tf.reshape(self.weights, [in_types, classes, POSE_ENTRIES]), [1, 0, 2])  # [L, I, 16]
             children = tf.reshape(poses, [batch, cells * in_types, POSE_ENTRIES])  # [N, H*W*I, 16]
-            return capsule_ops.votes(children, tf.tile(weights, [1, cells, 1]))  # W tiled: [L, H*W*I, 16]
+            return capsule_ops.VoteFactors(children, tf.tile(weights, [1, cells, 1]))  # W tiled: [L, H*W*I, 16]
         type_major = tf.transpose(poses, [3, 0, 1, 2, 4, 5])  # [I, N, H, W, 4, 4]
         rows = tf.reshape(type_major, [in_types, -1, POSE_SIZE])  # [I, N*H*W*4, 4]
         weights = tf.transpose(self.weights, [0, 2, 1, 3])  # [I, 4, L, 4]
@@ -427,8 +429,10 @@ class ClassCaps(RoutedCapsuleLayer):
         children = self.height * self.width * in_types
         batch = tf.shape(poses)[0]
         with tf.name_scope("votes"):
-            votes = self._votes(poses, batch)  # [N, L, H*W*I, 16]
-            if self.coordinate_addition:
+            votes = self._votes(poses, batch)  # [N, L, H*W*I, 16], or its factors (fused)
+            if self.coordinate_addition:  # V + offsets has no factors: stored (1/80 of conv_caps1's votes, paper)
+                if isinstance(votes, capsule_ops.VoteFactors):
+                    votes = capsule_ops.votes(*votes)  # [N, L, H*W*I, 16]
                 votes = votes + self._coordinates()
         child_activations = tf.reshape(activations, [-1, 1, children])  # [N, 1, H*W*I]
         initial = tf.constant(1.0 / classes, self.dtype)  # every child sees every class

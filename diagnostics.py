@@ -8,7 +8,10 @@ For every routed layer (conv_caps1, conv_caps2, class_caps) and every EM iterati
   activation_p10/p50/p90 percentiles of the parents' activations
   assignment_entropy     mean entropy of R over the parent types at each receptive-field entry, as a
                          fraction of log O (1: a child splits evenly over the types, 0: it picks one)
-The percentiles are of one batch; test mode averages them over its batches. Graph code only.
+  vote_magnitude_p50/p99 percentiles of |V| over the layer's vote entries (the same in every iteration: the
+                         votes do not change; how far float32's centred routing sums are from cancelling)
+The percentiles are of one batch (the vote magnitudes of an evenly strided sample of at most
+VOTE_SAMPLE entries); test mode averages them over its batches. Graph code only.
 """
 
 import math
@@ -27,7 +30,11 @@ STATISTICS = (
     "activation_p50",
     "activation_p90",
     "assignment_entropy",
+    "vote_magnitude_p50",
+    "vote_magnitude_p99",
 )
+VOTE_PERCENTILES = {"p50": 0.5, "p99": 0.99}
+VOTE_SAMPLE = 2**20  # vote entries sorted for their percentiles: conv_caps1 holds 3.7M per image (paper)
 _ENTROPY_FLOOR = 1e-30  # p log p at p = 0 is 0; the floor keeps log finite
 
 
@@ -49,17 +56,28 @@ def _assignment_entropy(assignments, votes_shape):
     return tf.reduce_sum(entropy * seen) / tf.maximum(tf.reduce_sum(seen), 1.0) / math.log(max(types, 2))
 
 
+def _vote_magnitudes(votes):
+    """|V| of an evenly strided sample of at most VOTE_SAMPLE of the votes' entries: `[n]`."""
+    flat = tf.reshape(votes, [-1])  # [NP * O * children * 16]
+    stride = tf.maximum(tf.size(flat) // VOTE_SAMPLE, 1)
+    return tf.abs(flat[::stride])  # [n]
+
+
 def layer_statistics(layer):
     """{(statistic, iteration): scalar tensor} of one routed layer after its call."""
-    votes = layer.end_points["votes"]  # [NP, O, children, 16]
-    children = tf.cast(tf.shape(votes)[2], tf.float32)
+    votes_shape = layer.end_points["votes_shape"]  # [NP, O, children, 16]
+    children = tf.cast(votes_shape[2], tf.float32)
     statistics = {}
+    magnitudes = _vote_magnitudes(layer.end_points["votes"])  # [n]
+    vote_percentiles = {name: percentile(magnitudes, fraction) for name, fraction in VOTE_PERCENTILES.items()}
     for t, parents in enumerate(layer.end_points["parents_per_iteration"]):
         for name, fraction in PERCENTILES.items():
             statistics[("variance_" + name, t)] = percentile(parents.variance, fraction)
             statistics[("activation_" + name, t)] = percentile(parents.activations, fraction)
         statistics[("mass_fraction_p50", t)] = percentile(parents.mass, 0.5) / children
-        statistics[("assignment_entropy", t)] = _assignment_entropy(parents.assignments, tf.shape(votes))
+        statistics[("assignment_entropy", t)] = _assignment_entropy(parents.assignments, votes_shape)
+        for name, value in vote_percentiles.items():
+            statistics[("vote_magnitude_" + name, t)] = value
     return statistics
 
 

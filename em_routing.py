@@ -3,15 +3,17 @@
 Hinton, Sabour, Frosst, ICLR 2018 (https://openreview.net/forum?id=HJWLfGWRb). The M-step fits a
 Gaussian to each parent's weighted votes and sets its activation; the E-step reassigns each child's vote
 to the parents in proportion to a_j N(V_ij; mu_j, sigma_j^2). `RoutingForm` selects the paper's equations
-or pieces of the authors' released code (google-research `capsule_em`). Imports only tensorflow and capsule_ops.
+or pieces of the authors' released code (google-research `capsule_em`). Imports only tensorflow, capsule_ops and
+vote_contractions (the votes' contractions and their gradient).
 
 Layout. Votes are parent-major, `[NP, O, children, 16]`: NP parent positions (N * P of a conv layer, or
 N for the class layer), O parent types, children = K*K*I patch entries ordered (kh, kw, i) (the channel
-order of `tf.image.extract_patches`), 16 = the flattened 4x4 pose. The M-step sums (sum_i r V and
-sum_i r V^2) are batched matmuls over the votes and their squares, so is the E-step's Mahalanobis term.
-The routing's gradient with respect to the votes is assembled by hand (`_VoteContractions`): one batched
-matmul instead of one vote-sized gradient per use of the votes. With `kernel='fused'` the same three
-contractions run as the fused C++ kernels of `capsule_ops` (one read of the votes each, V^2 never stored).
+order of `tf.image.extract_patches`), 16 = the flattened 4x4 pose. The M-step sums (sum_i r V, then
+sum_i r (V - c)^2 about their mean c) are batched matmuls, so is the E-step's Mahalanobis term (V - mu)^2: both
+centred, float32-safe for large votes and sigma^2 at its floor.
+The routing's gradient with respect to the votes is assembled by hand (`VoteContractions`): one batched
+matmul instead of one vote-sized gradient per use of the votes. With `kernel='fused'` the same
+contractions run as the fused C++ kernels of `capsule_ops`, which recompute the votes from their factors.
 """
 
 import collections
@@ -21,6 +23,7 @@ import math
 import tensorflow.compat.v1 as tf
 
 import capsule_ops
+from vote_contractions import FusedVoteContractions, VoteContractions
 
 POSE_SIZE = 4  # a pose is a 4x4 matrix (paper section 2)
 POSE_ENTRIES = POSE_SIZE * POSE_SIZE
@@ -115,116 +118,6 @@ def _safe_log(x):
     return tf.log(tf.maximum(x, _LOG_FLOOR))
 
 
-class _VoteContractions:
-    """The routing's only uses of the votes, and their hand-written gradient.
-
-    EM routing touches the votes V `[NP, O, children, 16]` in exactly two ways: the M-step sums
-    sum_i r_i V_i and sum_i r_i V_i^2 (`weighted_sums`, which also returns the mass sum_i r_i), and the
-    E-step's Mahalanobis term V a + V^2 b per child (`quadratic_forms`, a and b per parent, plus a per-parent
-    constant: the whole log numerator). Autodiff would write one
-    vote-sized gradient per use and iteration (an outer product each) and add them up. Every one of
-    these gradients is an outer product u (x) w of a per-child vector u `[NP, O, children]` and a
-    per-parent vector w `[NP, O, 16]` (times 2V for the V^2 uses), so their total is
-        dL/dV = U W_lin + 2 V * (U W_sq),   U `[NP, O, children, k]`, W `[NP, O, k, 16]`,
-    one batched matmul with k = (M-steps + E-steps) columns. The routing sees the votes through
-    `tf.stop_gradient`, autodiff gives the per-use gradients (dL/d sum, dL/d form), and
-    `votes_gradient` assembles dL/dV from them.
-    """
-
-    def __init__(self, votes):
-        self.votes = tf.stop_gradient(votes)  # [NP, O, children, 16]
-        self._squared_votes = None  # V^2 `[NP, O, children, 16]`, made on first use
-        self._sums = []  # (r `[NP, O, children]`, sum r V `[NP, O, 16]`, sum r V^2 `[NP, O, 16]`)
-        self._forms = []  # (a `[NP, O, 16]`, b `[NP, O, 16]`, V a + V^2 b `[NP, O, children]`)
-
-    @property
-    def squared_votes(self):
-        if self._squared_votes is None:
-            self._squared_votes = tf.square(self.votes)  # [NP, O, children, 16]
-        return self._squared_votes
-
-    def _contract_sums(self, weights):
-        r = weights[:, :, None, :]  # [NP, O, 1, children]
-        vote_sum = tf.matmul(r, self.votes)[:, :, 0, :]  # [NP, O, 16]
-        squared_sum = tf.matmul(r, self.squared_votes)[:, :, 0, :]  # [NP, O, 16]
-        return vote_sum, squared_sum, tf.reduce_sum(weights, axis=-1, keepdims=True)  # mass [NP, O or 1, 1]
-
-    def _contract_forms(self, linear, quadratic, constant):
-        linear_part = tf.matmul(self.votes, linear[..., None])[..., 0]  # [NP, O, children]
-        quadratic_part = tf.matmul(self.squared_votes, quadratic[..., None])[..., 0]  # [NP, O, children]
-        return linear_part + quadratic_part + constant[..., None]  # [NP, O, children]
-
-    def _assemble(self, per_child, linear_rows, square_rows):
-        """[dL/dV] with dL/dV = sum_k u_ki (L_kh + 2 V_ih S_kh), for lists of k: u_k broadcastable to
-        `[NP, O, children]`, L_k and S_k `[NP, O, 16]`."""
-        shape = tf.shape(self.votes)[:3]
-        per_child = tf.stack([tf.broadcast_to(u, shape) for u in per_child], axis=2)  # [NP, O, k, children]
-        linear_rows, square_rows = tf.stack(linear_rows, axis=2), tf.stack(square_rows, axis=2)  # [NP, O, k, 16]
-        lin = tf.matmul(per_child, linear_rows, transpose_a=True)  # [NP, O, children, 16]
-        sq = tf.matmul(per_child, square_rows, transpose_a=True)  # [NP, O, children, 16]
-        return [lin + 2.0 * self.votes * sq]  # [dL/dV `[NP, O, children, 16]`]
-
-    def weighted_sums(self, weights):
-        """sum_i r_i V_i and sum_i r_i V_i^2 `[NP, O, 16]` each, and the mass sum_i r_i (broadcastable to
-        `[NP, O, 1]`), for r `[NP, O, children]` (O may be 1)."""
-        vote_sum, squared_sum, mass = self._contract_sums(weights)
-        self._sums.append((weights, vote_sum, squared_sum))
-        return vote_sum, squared_sum, mass
-
-    def quadratic_forms(self, linear, quadratic, constant):
-        """sum_h V_ih a_h + V_ih^2 b_h + c for every child: a, b `[NP, O, 16]`, c `[NP, O]` -> `[NP, O, children]`."""
-        forms = self._contract_forms(linear, quadratic, constant)  # [NP, O, children]
-        self._forms.append((linear, quadratic, forms))
-        return forms
-
-    def votes_gradient(self, outputs, output_gradients, inputs):
-        """dL/dV and dL/d inputs, given dL/d outputs (None where an output is unused).
-
-        Returns a list: the votes gradient `[NP, O, children, 16]`, then one gradient per tensor of
-        `inputs` (None where it does not reach the outputs).
-        """
-        used = [(y, dy) for y, dy in zip(outputs, output_gradients) if dy is not None]
-        num_sums = len(self._sums)
-        contractions = (
-            [vote_sum for _, vote_sum, _ in self._sums]
-            + [squared for _, _, squared in self._sums]
-            + [form for _, _, form in self._forms]
-        )
-        grads = tf.gradients([y for y, _ in used], contractions + list(inputs), [dy for _, dy in used])
-        input_grads = grads[len(contractions) :]
-        # A contraction that does not reach the used outputs contributes nothing to dL/dV.
-        grads = [tf.zeros_like(x) if g is None else g for x, g in zip(contractions, grads[: len(contractions)])]
-        vote_sum_grads, squared_sum_grads = grads[:num_sums], grads[num_sums : 2 * num_sums]  # [NP, O, 16] each
-        form_grads = grads[2 * num_sums :]  # [NP, O, children] each
-        # Column k of U is the per-child factor of use k; row k of W_lin / W_sq its per-parent factor.
-        per_child = [r for r, _, _ in self._sums] + form_grads  # k x [NP, O or 1, children]
-        lin_rows = vote_sum_grads + [a for a, _, _ in self._forms]  # k x [NP, O, 16]
-        sq_rows = squared_sum_grads + [b for _, b, _ in self._forms]  # k x [NP, O, 16]
-        return self._assemble(per_child, lin_rows, sq_rows) + input_grads  # dL/dV (or dL/dM, dL/dW), then inputs
-
-
-class _FusedVoteContractions(_VoteContractions):
-    """The same contractions and gradient through the fused kernels of `capsule_ops`: one read of the votes
-    per use, V^2 computed on the fly, never stored. Given the votes' factors (poses M `[NP, children, 16]`,
-    weights W `[O, children, 16]`), it makes V = M W and returns dL/dM, dL/dW without storing dL/dV."""
-
-    def __init__(self, votes, weights=None):
-        self.factors = None if weights is None else (tf.stop_gradient(votes), tf.stop_gradient(weights))
-        super().__init__(votes if weights is None else capsule_ops.votes(*self.factors))
-
-    def _contract_sums(self, weights):
-        return capsule_ops.weighted_sums(self.votes, weights)  # [NP, O, 16] x 2, [NP, O, 1]
-
-    def _contract_forms(self, linear, quadratic, constant):
-        return capsule_ops.quadratic_forms(self.votes, linear, quadratic, constant)  # [NP, O, children]
-
-    def _assemble(self, per_child, linear_rows, square_rows):
-        if self.factors is None:
-            return [capsule_ops.votes_gradient(self.votes, per_child, linear_rows, square_rows)]  # [dL/dV]
-        poses, weights = self.factors
-        return capsule_ops.routing_votes_backward(poses, weights, self.votes, per_child, linear_rows, square_rows)
-
-
 def _activation_logits(mass, variance, beta_v, beta_a, inverse_temperature, standardise_costs, form):
     """The M-step's activation logit of every parent: `[NP, O]`.
 
@@ -280,13 +173,14 @@ def _m_step(
 ):
     """M-step: every parent's Gaussian from its weighted votes, then its activation.
 
-    sigma^2 = sum_i r_i (V_i - mu)^2 / mass = E[V^2] - 2 mu E[V] + mu^2 sum_i r_i / mass, clamped at 0
-    against float rounding; with mu = E[V] (no momentum, no mass epsilon) that is E[V^2] - mu^2.
+    sigma^2 = sum_i r_i (V_i - mu)^2 / mass, from the centred squares about the weighted mean c:
+    sum_i r_i (V_i - mu)^2 = sum_i r_i (V_i - c)^2 + sum_i r_i (c - mu)^2 (the cross term vanishes), never
+    the one-pass E[V^2] - mu^2, which float32 loses to cancellation when |V| >> sigma.
 
     Args:
       assignments: R, broadcastable to `[NP, O, children]`.
       child_activations: a_i, `[NP, 1, children]`.
-      contractions: the `_VoteContractions` of the votes.
+      contractions: the `VoteContractions` of the votes.
       previous_mean: mu of the previous iteration `[NP, O, 16]` (zeros before the first), or None when the
         form has no momentum.
       beta_v, beta_a: `[O]`.
@@ -299,22 +193,19 @@ def _m_step(
     """
     with tf.name_scope("m_step"):
         weighted_assignments = assignments * child_activations  # [NP, O or 1, children], r_ij = R_ij a_i
-        # [NP, O, 16] each, and sum_i r_ij `[NP, O or 1, 1]`
-        vote_sum, squared_sum, raw_mass = contractions.weighted_sums(weighted_assignments)
+        # c = sum r V / (sum r + eps) and sum r (V - c)^2 `[NP, O, 16]` each, sum_i r_ij `[NP, O or 1, 1]`
+        centre, centred_squares, raw_mass = contractions.centred_sums(weighted_assignments, _SAFE_DIVIDE_EPSILON)
         if form.mass_epsilon:  # mass >= epsilon > 0: a plain divide, as the released code does
             mass = raw_mass + form.mass_epsilon  # [NP, O, 1]
-            vote_mean, mean_square, mass_fraction = vote_sum / mass, squared_sum / mass, raw_mass / mass
+            vote_mean, divisor = centre * ((raw_mass + _SAFE_DIVIDE_EPSILON) / mass), mass  # sum r V / mass
         else:
-            mass, mass_fraction = raw_mass, 1.0
-            vote_mean, mean_square = _safe_divide(vote_sum, mass), _safe_divide(squared_sum, mass)  # E[V], E[V^2]
-        if previous_mean is None and not form.mass_epsilon:
-            mean = vote_mean
-            spread = mean_square - tf.square(mean)  # [NP, O, 16]
-        else:
-            momentum = form.mean_momentum
-            mean = (1.0 - momentum) * vote_mean + momentum * previous_mean if momentum else vote_mean
-            spread = mean_square - 2.0 * mean * vote_mean + tf.square(mean) * mass_fraction  # [NP, O, 16]
-        variance = tf.nn.relu(spread) + _VARIANCE_FLOOR  # [NP, O, 16]
+            mass = raw_mass
+            vote_mean, divisor = centre, raw_mass + _SAFE_DIVIDE_EPSILON
+        momentum = form.mean_momentum
+        mean = (1.0 - momentum) * vote_mean + momentum * previous_mean if momentum else vote_mean  # [NP, O, 16]
+        if momentum or form.mass_epsilon:  # mu is not c: add sum_i r_i (c - mu)^2
+            centred_squares += raw_mass * tf.square(centre - mean)  # [NP, O, 16]
+        variance = centred_squares / divisor + _VARIANCE_FLOOR  # [NP, O, 16]
         logit_mass = _logit_mass(mass, int(child_activations.shape[-1]), int(beta_v.shape[0]), form)  # [NP, O, 1]
         logits = _activation_logits(
             logit_mass, variance, beta_v, beta_a, inverse_temperature, standardise_costs, form
@@ -325,11 +216,12 @@ def _m_step(
 def _e_step(contractions, parents, normalise, form):
     """E-step: R_ij = a_j p_ij / (the child's sum of it over its parents), from log(a_j p_ij).
 
-    sum_h (V_h - mu_h)^2 / (2 sigma_h^2) = sum_h [V_h^2 / (2 sigma_h^2) - V_h mu_h / sigma_h^2]
-    + sum_h mu_h^2 / (2 sigma_h^2): the votes part is one quadratic form per child.
+    log(a_j p_ij) = -sum_h (V_h - mu_h)^2 / (2 sigma_h^2) + log a_j - sum_h log(2 pi sigma_h^2) / 2: one
+    quadratic form per child centred on mu (not expanded into V^2 / (2 sigma^2) - V mu / sigma^2 + ..., whose
+    terms cancel to float32's loss when |V| >> sigma).
 
     Args:
-      contractions: the `_VoteContractions` of the votes `[NP, O, children, 16]`.
+      contractions: the `VoteContractions` of the votes `[NP, O, children, 16]`.
       parents: the M-step's `Parents` (mean, variance `[NP, O, 16]`, log_activations `[NP, O]`).
       normalise: maps the log numerators `[NP, O, children]` to R `[NP, O, children]`.
       form: `RoutingForm`; without its assignment_gradient no gradient flows through R.
@@ -339,10 +231,10 @@ def _e_step(contractions, parents, normalise, form):
     """
     with tf.name_scope("e_step"):
         mean, variance = parents.mean, parents.variance
-        parent_part = tf.reduce_sum(0.5 * tf.square(mean) / variance + 0.5 * (tf.log(variance) + _LOG_2PI), -1)
-        # votes part + (log a_j - parent part), `[NP, O, children]`
+        parent_part = tf.reduce_sum(0.5 * (tf.log(variance) + _LOG_2PI), -1)  # [NP, O]
+        # -sum_h (V - mu)^2 / (2 sigma^2) + (log a_j - parent part), `[NP, O, children]`
         log_numerators = contractions.quadratic_forms(
-            mean / variance, -0.5 / variance, parents.log_activations - parent_part
+            None, -0.5 / variance, parents.log_activations - parent_part, mean
         )
         assignments = normalise(log_numerators)
         return assignments if form.assignment_gradient else tf.stop_gradient(assignments)
@@ -358,7 +250,7 @@ def _iterate(contractions, routed_inputs, inverse_temps, normalise, standardise_
     """
     child_activations, initial_assignments, beta_v, beta_a = routed_inputs
     assignments = initial_assignments
-    previous_mean = tf.zeros_like(contractions.votes[:, :, 0, :]) if form.mean_momentum else None  # [NP, O, 16]
+    previous_mean = contractions.parent_zeros() if form.mean_momentum else None  # [NP, O, 16]
     per_iteration = []
     for iteration, inverse_temperature in enumerate(inverse_temps):
         with tf.name_scope("iteration_%d" % iteration):
@@ -372,9 +264,21 @@ def _iterate(contractions, routed_inputs, inverse_temps, normalise, standardise_
 
 
 # What EM routing returns: the last M-step's means (the parent poses) `[NP, O, 16]` and activations `[NP, O]`,
-# the assignments R it used (broadcastable to `[NP, O, children]`), one `Parents` per iteration, and the votes
-# `[NP, O, children, 16]` (made inside when given as factors).
-Routing = collections.namedtuple("Routing", ["poses", "activations", "assignments", "per_iteration", "votes"])
+# the assignments R it used (broadcastable to `[NP, O, children]`), one `Parents` per iteration, the votes
+# `[NP, O, children, 16]` (for diagnostics, without gradient; given as factors, they are made only when fetched:
+# the routing itself never stores them) and their shape `[4]` (known without making them).
+Routing = collections.namedtuple(
+    "Routing", ["poses", "activations", "assignments", "per_iteration", "votes", "votes_shape"]
+)
+
+
+def _votes_and_shape(votes):
+    """(votes `[NP, O, children, 16]` without gradient, their shape `[4]`) of votes or their `VoteFactors`."""
+    if not isinstance(votes, capsule_ops.VoteFactors):
+        return tf.stop_gradient(votes), tf.shape(votes)
+    poses, weights = (tf.stop_gradient(x) for x in votes)
+    shape = tf.stack([tf.shape(poses)[0], tf.shape(weights)[0], tf.shape(poses)[1], POSE_ENTRIES])
+    return capsule_ops.votes(poses, weights), shape  # an op of its own: run only when a fetch needs it
 
 
 def em_routing(
@@ -391,14 +295,14 @@ def em_routing(
 ):
     """EM routing (paper Procedure 1) in the parent-major layout.
 
-    The votes gradient is assembled by `_VoteContractions` (one batched matmul), the gradients of
+    The votes gradient is assembled by `VoteContractions` (one batched matmul), the gradients of
     all other inputs by autodiff.
 
     Args:
       votes: `[NP, O, children, 16]`, NP parent positions (N * P of a conv layer, or N for the class layer); with
         kernel='fused' also `capsule_ops.VoteFactors` (poses `[NP, children, 16]`, weights `[O, children, 16]`):
-        the votes M W are then made inside, and their gradient taken on to M and W by one kernel that never
-        stores a vote-sized gradient.
+        every kernel then recomputes the votes M W where it uses them (no vote tensor, forward or backward), and
+        their gradient goes on to M and W in one kernel.
       child_activations: `[NP, 1, children]`, zero for padded children.
       initial_assignments: R before the first M-step, broadcastable to `[NP, O, children]`.
       beta_v, beta_a: `[O]`.
@@ -419,7 +323,7 @@ def em_routing(
     if factored and kernel != "fused":
         raise ValueError("votes given as capsule_ops.VoteFactors need kernel='fused'")
     vote_inputs = list(votes) if factored else [votes]
-    contract = _FusedVoteContractions if kernel == "fused" else _VoteContractions
+    contract = FusedVoteContractions if kernel == "fused" else VoteContractions
 
     @tf.custom_gradient
     def route(*inputs):
@@ -431,16 +335,16 @@ def em_routing(
         parents = per_iteration[-1]
         outputs = [parents.mean, parents.activations, assignments] + [x for p in per_iteration for x in p]
 
-        def gradient(*output_gradients):  # the votes output (last) is for diagnostics: no gradient flows back
-            return contractions.votes_gradient(outputs, output_gradients[: len(outputs)], list(routed_inputs))
+        def gradient(*output_gradients):
+            return contractions.votes_gradient(outputs, output_gradients, list(routed_inputs))
 
-        return outputs + [contractions.votes], gradient
+        return outputs, gradient
 
-    mean, activations, assignments, *flat, routed = route(
-        *vote_inputs, child_activations, initial_assignments, beta_v, beta_a
-    )
+    # Not an output of `route`: its outputs pass through one IdentityN, which would make the votes every step.
+    routed, votes_shape = _votes_and_shape(votes)
+    mean, activations, assignments, *flat = route(*vote_inputs, child_activations, initial_assignments, beta_v, beta_a)
     per_iteration = [Parents(*flat[i : i + fields]) for i in range(0, len(flat), fields)]
-    return Routing(mean, activations, assignments, per_iteration, routed)
+    return Routing(mean, activations, assignments, per_iteration, routed, votes_shape)
 
 
 # ----------------------------------------------------------------------------------------------

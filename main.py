@@ -48,6 +48,7 @@ with quiet_native_stderr():
 from absl import flags  # noqa: E402
 
 import attacks  # noqa: E402
+import capsule_ops  # noqa: E402
 import cluster  # noqa: E402
 import data  # noqa: E402
 import model as capsnet  # noqa: E402
@@ -121,7 +122,10 @@ flags.DEFINE_integer("save_every_steps", 500, "Checkpoint interval in steps, > 0
 flags.DEFINE_integer("summary_every_steps", 50, "TensorBoard summary and curve interval in steps, > 0.")
 flags.DEFINE_integer("threads", 0, "CPU threads, >= 0 (0: every core).")
 flags.DEFINE_string(
-    "routing_kernel", "auto", "Routing's vote passes: 'auto' (the fused C++ op when it builds), 'fused' or 'tf'."
+    "routing_kernel",
+    "auto",
+    "Routing's vote passes: 'auto' (the fused C++ op when it builds and no GPU is visible, else TF ops), "
+    "'fused' (CPU only: a usage error with a GPU visible) or 'tf'.",
 )
 flags.DEFINE_integer("micro_batch_size", 0, "Images per micro-batch, >= 0 (0: no split; docs/performance.md).")
 flags.DEFINE_integer("eval_batch_size", 100, "Images per evaluation batch (validation and test mode), > 0.")
@@ -206,6 +210,10 @@ def resolve_hparams(values):
     overrides.update({name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None})
     overrides["routing_kernel"] = values.get("routing_kernel") or capsnet.HParams.routing_kernel
     try:
+        capsule_ops.check_choice(overrides["routing_kernel"])
+    except capsule_ops.KernelChoiceError as error:
+        raise UsageError("--routing_kernel: %s" % error) from None
+    try:
         hparams = capsnet.hparams_for(values["preset"], values.get("routing"), **overrides)
     except ValueError as error:  # a flag's value: HParams names the field, which is the flag's name
         raise UsageError("--%s" % error) from None
@@ -281,7 +289,13 @@ def describe(hparams, values):
     """The network in a few words, for header lines."""
     if hparams.model == "cnn":
         return "the baseline CNN (paper section 5)"
-    return "preset %s, routing %s, %d iterations" % (values["preset"], hparams.routing, hparams.iterations)
+    kernel = capsule_ops.resolve(hparams.routing_kernel)
+    return "preset %s, routing %s, %d iterations, %s routing kernel" % (
+        values["preset"],
+        hparams.routing,
+        hparams.iterations,
+        kernel,
+    )
 
 
 # ---- training -------------------------------------------------------------------------------------------

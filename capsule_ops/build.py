@@ -25,7 +25,8 @@ from capsule_ops import BuildError
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, name) for name in ("kernels.cc", "votes_kernels.cc", "fold_kernels.cc"))
-HEADERS = (os.path.join(_HERE, "op_common.h"),)  # included by the sources: part of the cache key
+# included by the sources: part of the cache key
+HEADERS = tuple(os.path.join(_HERE, name) for name in ("op_common.h", "pose_math.h"))
 LIBRARY_NAME = "capsule_ops.so"
 CACHE_ENV = "CAPSNET_OPS_CACHE"
 DEFAULT_CACHE = os.path.join("~", ".cache", "capsnet-em-ops")

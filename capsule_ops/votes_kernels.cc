@@ -4,86 +4,26 @@
 //   CapsVotesBackward  poses_grad[n, i] = sum_o g[n, o, i] @ weights[o, i]^T,
 //                      weights_grad[o, i] = sum_n poses[n, i]^T @ g[n, o, i]
 //   CapsRoutingVotesBackward  the same, with g = EM routing's rank-k votes gradient (kernels.cc's
-//                      CapsVotesGradient) made on the fly from the votes: no vote-sized gradient is stored
+//                      CapsVotesGradient) made on the fly, V = M W recomputed beside it: neither the votes nor
+//                      a vote-sized gradient is stored
 // poses [NP, C, 16] (each child's pose at each parent position: the layer's patches), weights [O, C, 16],
 // votes and g [NP, O, C, 16]. TensorFlow ops need a transpose before and after a batched matmul for this
 // (and the same in the gradient); here the votes are written once in their final layout and the gradient
 // reads g once. A 4x4 product is four multiply-adds of 16-lane vectors whose operands are lane permutations
-// of the two matrices (GCC vector extensions: AVX-512 / AVX2 permutes, as -march allows).
+// of the two matrices (pose_math.h).
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "op_common.h"
+#include "pose_math.h"
 
 namespace capsule_ops {
 namespace {
 
-constexpr int kSide = 4;  // a pose is 4x4
-constexpr int kEntries = kSide * kSide;
 constexpr int kCostPerVote = 64;  // multiply-adds of a 4x4 product, for the sharder
-constexpr int kChunksPerThread = 4;  // weight-gradient partial sums per thread: load balance vs. memory
-
-template <typename T>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float Vec __attribute__((vector_size(kEntries * sizeof(float))));
-  typedef int32_t Mask __attribute__((vector_size(kEntries * sizeof(float))));
-};
-template <>
-struct Lanes<double> {
-  typedef double Vec __attribute__((vector_size(kEntries * sizeof(double))));
-  typedef int64_t Mask __attribute__((vector_size(kEntries * sizeof(double))));
-};
-
-template <typename T>
-using Vec = typename Lanes<T>::Vec;
-
-template <typename T>
-inline Vec<T> Load(const T* source) {
-  Vec<T> value;
-  std::memcpy(&value, source, sizeof(value));
-  return value;
-}
-
-template <typename T>
-inline void Store(T* target, const Vec<T>& value) {
-  std::memcpy(target, &value, sizeof(value));
-}
-
-// A constant lane permutation: lane h takes lane f(h) (entry h = 4 * row + column).
-template <typename T, typename F>
-inline Vec<T> Permute(const Vec<T>& value, F f) {
-  typedef typename Lanes<T>::Mask Mask;
-  const Mask mask = {f(0), f(1), f(2),  f(3),  f(4),  f(5),  f(6),  f(7),
-                     f(8), f(9), f(10), f(11), f(12), f(13), f(14), f(15)};
-  return __builtin_shuffle(value, mask);
-}
-
-// (a @ b)[r, c] = sum_k a[r, k] b[k, c]: lane 4r+c gets a[4r+k] * b[4k+c], k = 0..3.
-template <typename T, int K>
-inline Vec<T> ProductTerm(const Vec<T>& a, const Vec<T>& b) {
-  return Permute<T>(a, [](int h) { return (h & ~3) + K; }) * Permute<T>(b, [](int h) { return 4 * K + (h & 3); });
-}
-
-template <typename T>
-inline Vec<T> Product(const Vec<T>& a, const Vec<T>& b) {
-  return ProductTerm<T, 0>(a, b) + ProductTerm<T, 1>(a, b) + ProductTerm<T, 2>(a, b) + ProductTerm<T, 3>(a, b);
-}
-
-// (g @ w^T)[r, k] = sum_c g[r, c] w[k, c]: lane 4r+k gets g[4r+c] * w[4k+c], c = 0..3.
-template <typename T, int C>
-inline Vec<T> TransposedRightTerm(const Vec<T>& g, const Vec<T>& w) {
-  return Permute<T>(g, [](int h) { return (h & ~3) + C; }) * Permute<T>(w, [](int h) { return 4 * (h & 3) + C; });
-}
-
-// (m^T @ g)[k, c] = sum_r m[r, k] g[r, c]: lane 4k+c gets m[4r+k] * g[4r+c], r = 0..3.
-template <typename T, int R>
-inline Vec<T> TransposedLeftTerm(const Vec<T>& m, const Vec<T>& g) {
-  return Permute<T>(m, [](int h) { return 4 * R + (h >> 2); }) * Permute<T>(g, [](int h) { return 4 * R + (h & 3); });
-}
+constexpr int kChunksPerThread = 4;
+constexpr int kTileChildren = 16;  // children whose pose permutations are reused across the O parent types  // weight-gradient partial sums per thread: load balance vs. memory
 
 bool CheckPosesAndWeights(OpKernelContext* context, const Tensor& poses, const Tensor& weights) {
   if (poses.dims() != 3 || poses.dim_size(2) != kEntries || weights.dims() != 3 ||
@@ -156,18 +96,24 @@ void PoseAndWeightGradients(OpKernelContext* context, const Tensor& poses, const
       for (int64_t n = chunk * np / chunks; n < (chunk + 1) * np / chunks; ++n) {
         local.Prepare(n);
         T* dm_n = dm + n * children * kEntries;
-        std::fill(dm_n, dm_n + children * kEntries, T(0));
-        for (int64_t o = 0; o < types; ++o) {
-          for (int64_t i = 0; i < children; ++i) {
-            const int64_t entry = (o * children + i) * kEntries;
-            const Vec<T> gv = local(o, i), wv = Load(w + entry), mv = Load(m + (n * children + i) * kEntries);
-            const Vec<T> pose_term = TransposedRightTerm<T, 0>(gv, wv) + TransposedRightTerm<T, 1>(gv, wv) +
-                                     TransposedRightTerm<T, 2>(gv, wv) + TransposedRightTerm<T, 3>(gv, wv);
-            const Vec<T> weight_term = TransposedLeftTerm<T, 0>(mv, gv) + TransposedLeftTerm<T, 1>(mv, gv) +
-                                       TransposedLeftTerm<T, 2>(mv, gv) + TransposedLeftTerm<T, 3>(mv, gv);
-            Store(dm_n + i * kEntries, Load(dm_n + i * kEntries) + pose_term);
-            Store(dw + entry, Load(dw + entry) + weight_term);
+        // A tile of children at a time: their poses' permutations, made once, meet the O weight matrices (the
+        // tile's u_k, L_k, S_k, dL/dM and dL/dW stay in L1).
+        for (int64_t tile = 0; tile < children; tile += kTileChildren) {
+          const int64_t count = std::min<int64_t>(kTileChildren, children - tile);
+          LeftPose<T> pose[kTileChildren];
+          Vec<T> pose_grad[kTileChildren] = {};
+          for (int64_t j = 0; j < count; ++j) pose[j] = LeftPose<T>(Load(m + (n * children + tile + j) * kEntries));
+          for (int64_t o = 0; o < types; ++o) {
+            for (int64_t j = 0; j < count; ++j) {
+              const int64_t i = tile + j, entry = (o * children + i) * kEntries;
+              const Vec<T> wv = Load(w + entry);
+              const Vec<T> gv = Source::kUsesVote ? local(o, i, Product<T>(pose[j], wv)) : local(o, i, wv);
+              pose_grad[j] += TransposedRightTerm<T, 0>(gv, wv) + TransposedRightTerm<T, 1>(gv, wv) +
+                              TransposedRightTerm<T, 2>(gv, wv) + TransposedRightTerm<T, 3>(gv, wv);
+              Store(dw + entry, Load(dw + entry) + TransposedLeftProduct<T>(pose[j], gv));
+            }
           }
+          for (int64_t j = 0; j < count; ++j) Store(dm_n + (tile + j) * kEntries, pose_grad[j]);
         }
       }
     }
@@ -189,28 +135,45 @@ struct StoredGradient {
   int64_t types, children;
   const T* position = nullptr;
   void Prepare(int64_t n) { position = g + n * types * children * kEntries; }
-  Vec<T> operator()(int64_t o, int64_t i) const { return Load(position + (o * children + i) * kEntries); }
+  static constexpr bool kUsesVote = false;
+  Vec<T> operator()(int64_t o, int64_t i, const Vec<T>&) { return Load(position + (o * children + i) * kEntries); }
 };
 
 // dL/dV of EM routing made on the fly: sum_k u_k[n, o, i] (L_k[n, o] + 2 V[n, o, i] S_k[n, o]) (kernels.cc's
-// CapsVotesGradient), so that no vote-sized gradient is ever stored.
+// CapsVotesGradient), V = M W recomputed from the pose and weight at hand: nothing vote-sized is read or stored.
 template <typename T>
 struct RoutingGradient {
-  const T* votes;
   int64_t types, children;
   std::vector<const T*> per_child, linear, square;  // u_k [NP, O or 1, C]; L_k, S_k [NP, O, 16]
   std::vector<bool> shared;                          // u_k is [NP, 1, C]
-  int64_t n = 0;
-  void Prepare(int64_t position) { n = position; }
-  Vec<T> operator()(int64_t o, int64_t i) const {
+  // The current (position, type)'s factors, gathered by SetType: u_k's row, L_k and S_k.
+  std::vector<const T*> rows;
+  std::vector<Vec<T>> lin, sq;
+  int64_t n = 0, type = -1;
+
+  void Prepare(int64_t position) {
+    n = position, type = -1;
+    rows.resize(per_child.size()), lin.resize(per_child.size()), sq.resize(per_child.size());
+  }
+  void SetType(int64_t o) {
     const int64_t block = n * types + o;
-    Vec<T> lin = {}, sq = {};
     for (size_t k = 0; k < per_child.size(); ++k) {
-      const T u = per_child[k][(shared[k] ? n : block) * children + i];
-      lin += u * Load(linear[k] + block * kEntries);
-      sq += u * Load(square[k] + block * kEntries);
+      rows[k] = per_child[k] + (shared[k] ? n : block) * children;
+      lin[k] = Load(linear[k] + block * kEntries), sq[k] = Load(square[k] + block * kEntries);
     }
-    return lin + T(2) * Load(votes + (block * children + i) * kEntries) * sq;
+    type = o;
+  }
+  static constexpr bool kUsesVote = true;
+  Vec<T> operator()(int64_t o, int64_t i, const Vec<T>& vote) {
+    if (o != type) SetType(o);
+    Vec<T> linear_sum = {}, square_sum = {};
+    const size_t rank = rows.size();
+    for (size_t k = 0; k < rank; ++k) {
+      const T u = rows[k][i];
+      linear_sum += u * lin[k];
+      square_sum += u * sq[k];
+    }
+    return linear_sum + T(2) * vote * square_sum;
   }
 };
 
@@ -239,16 +202,13 @@ class RoutingVotesBackwardOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     const Tensor& poses = context->input(0);    // [NP, C, 16]
     const Tensor& weights = context->input(1);  // [O, C, 16]
-    const Tensor& votes = context->input(2);    // [NP, O, C, 16]
     tensorflow::OpInputList per_child, linear_rows, square_rows;
     OP_REQUIRES_OK(context, context->input_list("per_child", &per_child));
     OP_REQUIRES_OK(context, context->input_list("linear_rows", &linear_rows));
     OP_REQUIRES_OK(context, context->input_list("square_rows", &square_rows));
     if (!CheckPosesAndWeights(context, poses, weights)) return;
     const int64_t np = poses.dim_size(0), children = poses.dim_size(1), types = weights.dim_size(0);
-    OP_REQUIRES(context, votes.shape() == TensorShape({np, types, children, kEntries}),
-                InvalidArgument("votes must be [NP, O, C, 16], got ", votes.shape().DebugString()));
-    RoutingGradient<T> source{votes.flat<T>().data(), types, children};
+    RoutingGradient<T> source{types, children};
     const TensorShape parent_shape({np, types, kEntries});
     for (int k = 0; k < per_child.size(); ++k) {
       const Tensor& u = per_child[k];
@@ -299,7 +259,6 @@ REGISTER_OP("CapsRoutingVotesBackward")
     .Attr("K: int >= 1")
     .Input("poses: T")            // [NP, C, 16]
     .Input("weights: T")          // [O, C, 16]
-    .Input("votes: T")            // [NP, O, C, 16], = CapsVotes(poses, weights)
     .Input("per_child: K * T")    // K x [NP, O or 1, C]
     .Input("linear_rows: K * T")  // K x [NP, O, 16]
     .Input("square_rows: K * T")  // K x [NP, O, 16]

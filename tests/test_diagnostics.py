@@ -51,6 +51,25 @@ class RoutingStatisticsTest(tf.test.TestCase):
                 self.assertLessEqual(values[(layer, "variance_p10", t)], values[(layer, "variance_p50", t)])
                 self.assertLessEqual(values[(layer, "variance_p50", t)], values[(layer, "variance_p90", t)])
                 self.assertGreaterEqual(values[(layer, "variance_p10", t)], 5e-4)  # the variance floor
+                self.assertLessEqual(values[(layer, "vote_magnitude_p50", t)], values[(layer, "vote_magnitude_p99", t)])
+
+    def test_vote_magnitudes_match_numpy(self):
+        """vote_magnitude_p50/p99 are NumPy's nearest-rank quantiles of |V| (the layer's votes, all of them at this
+        size), on the fused path too, where the votes are made only for the statistics."""
+        rng = np.random.RandomState(2)
+        poses = rng.normal(size=[2, 5, 5, 2, 4, 4]).astype(np.float32)
+        activations = rng.uniform(0.1, 0.9, size=[2, 5, 5, 2]).astype(np.float32)
+        for kernel in ("tf", "fused"):
+            with self.subTest(kernel=kernel), tf.Graph().as_default():
+                conv = cl.ConvCaps(3, 3, 2, "VALID", iterations=2, final_lambda=0.1, routing_kernel=kernel)
+                conv(tf.constant(poses), tf.constant(activations))
+                statistics = diagnostics.layer_statistics(conv)
+                with self.session() as sess:
+                    sess.run(tf.global_variables_initializer())
+                    values, votes = sess.run([statistics, conv.end_points["votes"]])
+                for name, fraction in (("vote_magnitude_p50", 0.5), ("vote_magnitude_p99", 0.99)):
+                    expected = np.quantile(np.abs(votes), fraction, method="nearest")
+                    self.assertAllClose([values[(name, t)] for t in range(2)], [expected] * 2)
 
     def test_official_form(self):
         """The official form's statistics are finite too (its R starts at 1/O, uniform over types)."""

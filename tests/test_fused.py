@@ -91,44 +91,75 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
         rows = rng.normal(size=[2, 3, 3, 4, 16]).astype(dtype)  # L and S: k x [NP, O, 16] each
         return votes, weights, linear, quadratic, constant, per_child, rows
 
-    @parameterized.parameters((np.float64, 1e-12, 4), (np.float32, 1e-5, 4), (np.float64, 1e-12, 1))
-    def test_ops_match_numpy(self, dtype, tolerance, weight_types):
-        """Weighted sums and masses (r per type or shared), quadratic forms and the votes gradient equal their
-        einsums."""
-        votes, weights, linear, quadratic, constant, per_child, rows = self._inputs(dtype, weight_types)
+    def _vote_inputs(self, dtype, factored):
+        """Votes `[3, 4, 7, 16]` as a tensor, or as `VoteFactors` (poses `[3, 7, 16]`, weights `[4, 7, 16]`)."""
+        if not factored:
+            return self._inputs(dtype)[0], self._inputs(dtype)[0]
+        rng = np.random.RandomState(5)
+        poses, weights = rng.normal(size=[3, 7, 16]).astype(dtype), rng.normal(size=[4, 7, 16]).astype(dtype)
+        votes = np.einsum("nirk,oikc->noirc", poses.reshape(3, 7, 4, 4), weights.reshape(4, 7, 4, 4))
+        return capsule_ops.VoteFactors(poses, weights), votes.reshape(3, 4, 7, 16)
+
+    @parameterized.parameters(
+        (np.float64, 1e-12, 4, False),
+        (np.float32, 1e-5, 4, False),
+        (np.float64, 1e-12, 1, False),
+        (np.float64, 1e-12, 4, True),
+        (np.float32, 1e-5, 4, True),
+        (np.float64, 1e-12, 1, True),
+    )
+    def test_ops_match_numpy(self, dtype, tolerance, weight_types, factored):
+        """Centred sums, weighted sums about a centre and masses (r per type or shared), centred quadratic forms
+        and the votes gradient equal their einsums, on stored votes and on votes recomputed from factors."""
+        _, weights, linear, quadratic, constant, per_child, rows = self._inputs(dtype, weight_types)
+        source, votes = self._vote_inputs(dtype, factored)
+        centre = np.random.RandomState(6).normal(size=[3, 4, 16]).astype(dtype)  # [NP, O, 16]
         r = np.broadcast_to(weights, votes.shape[:3])
-        forms = np.einsum("noch,noh->noc", votes, linear) + np.einsum("noch,noh->noc", votes**2, quadratic)
+        mass = np.sum(r, axis=-1, keepdims=True)  # [NP, O, 1]
+        mean = np.einsum("noc,noch->noh", r, votes) / (mass + em_routing._SAFE_DIVIDE_EPSILON)
+        about = votes - centre[:, :, None]  # [NP, O, C, 16]
+        forms = np.einsum("noch,noh->noc", about, linear) + np.einsum("noch,noh->noc", about**2, quadratic)
         expected = [
-            np.einsum("noc,noch->noh", r, votes),
-            np.einsum("noc,noch->noh", r, votes**2),
-            np.sum(r, axis=-1, keepdims=True),
+            mean,
+            np.einsum("noc,noch->noh", r, (votes - mean[:, :, None]) ** 2),
+            mass,
+            np.einsum("noc,noch->noh", r, about),
+            np.einsum("noc,noch->noh", r, about**2),
+            mass,
             forms + constant[..., None],
-            sum(
-                np.broadcast_to(u, votes.shape[:3])[..., None] * (lin[:, :, None] + 2 * votes * sq[:, :, None])
-                for u, lin, sq in zip(per_child, *rows)
-            ),
         ]
         with self.session() as sess:
             actual = sess.run(
-                list(capsule_ops.weighted_sums(votes, weights))
-                + [capsule_ops.quadratic_forms(votes, linear, quadratic, constant)]
-                + [capsule_ops.votes_gradient(votes, per_child, list(rows[0]), list(rows[1]))]
+                list(capsule_ops.centred_sums(source, weights, em_routing._SAFE_DIVIDE_EPSILON))
+                + list(capsule_ops.weighted_sums(source, weights, centre))
+                + [capsule_ops.quadratic_forms(source, linear, quadratic, constant, centre)]
             )
-        for value, target in zip(actual, expected):
+            gradient = sess.run(capsule_ops.votes_gradient(votes, per_child, list(rows[0]), list(rows[1])))
+        expected_gradient = sum(
+            np.broadcast_to(u, votes.shape[:3])[..., None] * (lin[:, :, None] + 2 * votes * sq[:, :, None])
+            for u, lin, sq in zip(per_child, *rows)
+        )
+        for value, target in zip(actual + [gradient], expected + [expected_gradient]):
             self.assertEqual(value.dtype, dtype)
             self.assertLess(_relative_error(value, target), tolerance)
 
-    @parameterized.parameters(1, 4)
-    def test_op_gradients_match_finite_differences(self, weight_types):
-        """The registered gradients of weighted_sums and quadratic_forms w.r.t. every input (float64)."""
-        votes, weights, linear, quadratic, constant, _, _ = self._inputs(np.float64, weight_types)
-        inputs = [tf.constant(x) for x in (votes, weights, linear, quadratic, constant)]
-        vote_sum, squared_sum, mass = capsule_ops.weighted_sums(inputs[0], inputs[1])
-        forms = capsule_ops.quadratic_forms(inputs[0], inputs[2], inputs[3], inputs[4])
-        loss = tf.reduce_sum(tf.sin(vote_sum)) + tf.reduce_sum(tf.cos(squared_sum)) + tf.reduce_sum(tf.sin(forms))
-        loss += tf.reduce_sum(tf.sin(2.0 * mass))
+    @parameterized.parameters((1, False), (4, False), (1, True), (4, True))
+    def test_op_gradients_match_finite_differences(self, weight_types, factored):
+        """The registered gradients of centred_sums, weighted_sums and quadratic_forms w.r.t. every input: the
+        votes or their factors, r, a, b, c and the centre (float64)."""
+        _, weights, linear, quadratic, constant, _, _ = self._inputs(np.float64, weight_types)
+        source, _ = self._vote_inputs(np.float64, factored)
+        vote_inputs = [tf.constant(x) for x in (source if factored else [source])]
+        votes = capsule_ops.VoteFactors(*vote_inputs) if factored else vote_inputs[0]
+        centre = np.random.RandomState(6).normal(size=[3, 4, 16])
+        inputs = [tf.constant(x) for x in (weights, linear, quadratic, constant, centre)]
+        mean, squares, mass = capsule_ops.centred_sums(votes, inputs[0], em_routing._SAFE_DIVIDE_EPSILON)
+        sums, about_squares, _ = capsule_ops.weighted_sums(votes, inputs[0], inputs[4])
+        forms = capsule_ops.quadratic_forms(votes, *inputs[1:])
+        loss = tf.reduce_sum(tf.sin(mean)) + tf.reduce_sum(tf.cos(squares)) + tf.reduce_sum(tf.sin(forms))
+        loss += tf.reduce_sum(tf.sin(2.0 * mass)) + tf.reduce_sum(tf.sin(sums)) + tf.reduce_sum(tf.cos(about_squares))
         with self.session():
-            for x in inputs:
+            for x in vote_inputs + inputs:
                 error = tf.test.compute_gradient_error(x, x.shape.as_list(), loss, [], delta=FINITE_DIFFERENCE_DELTA)
                 self.assertLess(error, GRADIENT_TOLERANCE, x.name)
 
@@ -152,7 +183,8 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
             self.assertLess(_relative_error(value, target), tolerance)
 
     def test_routing_votes_backward(self):
-        """routing_votes_backward equals the votes' gradient op applied to votes_gradient's dL/dV."""
+        """routing_votes_backward (votes recomputed inside) equals the votes' gradient op applied to
+        votes_gradient's dL/dV."""
         rng = np.random.RandomState(4)
         poses, weights = tf.constant(rng.normal(size=[5, 7, 16])), tf.constant(rng.normal(size=[3, 7, 16]))
         per_child = [rng.normal(size=[5, types, 7]) for types in (1, 3)]  # k = 2 x [NP, O or 1, C]
@@ -160,7 +192,7 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
         votes = capsule_ops.votes(poses, weights)
         votes_grad = capsule_ops.votes_gradient(votes, per_child, *rows)
         with self.session() as sess:
-            actual = sess.run(capsule_ops.routing_votes_backward(poses, weights, votes, per_child, *rows))
+            actual = sess.run(capsule_ops.routing_votes_backward(poses, weights, per_child, *rows))
             expected = sess.run(tf.gradients(capsule_ops.votes(poses, weights), [poses, weights], votes_grad))
         for value, target in zip(actual, expected):
             self.assertLess(_relative_error(value, target), 1e-12)
@@ -179,9 +211,14 @@ class FusedOpsTest(parameterized.TestCase, tf.test.TestCase):
         """Votes without 16 pose entries, or weights of another child count, are errors naming the shape."""
         with self.session() as sess:
             with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "votes must be"):
-                sess.run(capsule_ops.weighted_sums(np.zeros([2, 3, 4, 9]), np.zeros([2, 3, 4])))
+                sess.run(capsule_ops.centred_sums(np.zeros([2, 3, 4, 9]), np.zeros([2, 3, 4]), 0.0))
             with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "weights must be"):
-                sess.run(capsule_ops.weighted_sums(np.zeros([2, 3, 4, 16]), np.zeros([2, 3, 5])))
+                sess.run(capsule_ops.centred_sums(np.zeros([2, 3, 4, 16]), np.zeros([2, 3, 5]), 0.0))
+            with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "centre must be"):
+                sess.run(capsule_ops.weighted_sums(np.zeros([2, 3, 4, 16]), np.zeros([2, 3, 4]), np.zeros([2, 3, 9])))
+            factors = capsule_ops.VoteFactors(np.zeros([2, 4, 16]), np.zeros([3, 5, 16]))
+            with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "poses must be"):
+                sess.run(capsule_ops.centred_sums(factors, np.zeros([2, 3, 4]), 0.0))
             with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "poses must be"):
                 sess.run(capsule_ops.votes(np.zeros([2, 4, 16]), np.zeros([3, 5, 16])))
 
@@ -423,13 +460,39 @@ class BuildTest(tf.test.TestCase):
                 self.assertEqual(ops_build.NO_FP16_FLAG in command, expected)
 
     def test_model_routes_on_the_fused_kernels_by_default(self):
-        """With a compiler, the default HParams (routing_kernel 'auto') build the network on the fused ops."""
+        """With a compiler and no GPU, the default HParams (routing_kernel 'auto') build the network on the fused
+        ops that recompute the votes."""
         net = model.CapsNetEMModel(hparams.hparams_for("small"))
         net.inference(tf.zeros([2, 28, 28, 1]))
         routed = [layer for layer in net.layers if isinstance(layer, cl.RoutedCapsuleLayer)]
         self.assertEqual([layer.routing_kernel for layer in routed], ["fused"] * 3)
         op_types = {op.type for op in tf.get_default_graph().get_operations()}
-        self.assertTrue({"CapsVotes", "CapsWeightedSums", "CapsQuadraticForms"} <= op_types)
+        recomputing = {"CapsCentredSumsFromFactors", "CapsQuadraticFormsFromFactors"}
+        self.assertTrue(recomputing <= op_types)
+
+    def test_gpu_visible_picks_tf_ops(self):
+        """With a GPU visible (its count mocked): 'auto' resolves to 'tf' and builds nothing, the layers and the
+        model route on TF ops, 'fused' is a KernelChoiceError and, through main.py, a one-line usage error."""
+        import main  # here: main.py parses flags at import time only when run
+
+        with unittest.mock.patch.object(capsule_ops, "gpu_count", return_value=1):
+            with unittest.mock.patch.object(capsule_ops, "load", side_effect=AssertionError("built")):
+                self.assertEqual(capsule_ops.resolve("auto"), "tf")
+                self.assertEqual(cl.ConvCaps(3, routing_kernel="auto").routing_kernel, "tf")
+                net = model.CapsNetEMModel(hparams.hparams_for("small"))
+                net.inference(tf.zeros([2, 28, 28, 1]))
+            op_types = {op.type for op in tf.get_default_graph().get_operations()}
+            self.assertFalse({name for name in op_types if name.startswith("Caps")})
+            with self.assertRaisesRegex(capsule_ops.KernelChoiceError, "CPU kernels only and 1 GPU"):
+                capsule_ops.resolve("fused")
+            values = dict(preset="small", dataset="mnist", norb_channels=1, routing_kernel="fused")
+            with self.assertRaises(main.UsageError) as raised:
+                main.resolve_hparams(values)
+            self.assertEqual(len(str(raised.exception).splitlines()), 1)
+            self.assertTrue(str(raised.exception).startswith("--routing_kernel: "))
+            self.assertEqual(main.resolve_hparams(dict(values, routing_kernel="auto")).routing_kernel, "auto")
+        with unittest.mock.patch.object(capsule_ops, "gpu_count", return_value=0):
+            self.assertEqual(capsule_ops.resolve("fused"), "fused")
 
     def test_hparams_choice(self):
         """routing_kernel is an HParams field: 'auto' by default, one of auto/fused/tf."""
