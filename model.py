@@ -209,7 +209,7 @@ class CapsNetEMModel:
         conv_form, class_form = self._forms()
         layers = [
             cl.ReluConv(hp.conv1_filters, hp.conv1_kernel, hp.conv1_stride, hp.padding, name="relu_conv1"),
-            cl.PrimaryCaps(hp.primary_types, hp.primary_kernel, padding=hp.padding),
+            cl.PrimaryCaps(hp.primary_types, hp.primary_kernel, padding=hp.padding, name="primary_caps"),
         ]
         for name, types, kernel_size, stride in (
             ("conv_caps1", hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
