@@ -104,7 +104,7 @@ class CapsuleLayer:
         self.dtype = None if dtype is None else _float_dtype(self.name, dtype)
         self.built = False
         self.variables, self.weights_to_decay, self.losses, self.calls = [], [], [], []
-        self._scope = None
+        self._scope, self._call_points = None, {}
 
     @property
     def trainable_variables(self):
@@ -233,11 +233,32 @@ def check_capsules(layer, pose_shape, activation_shape):
         )
 
 
-def _optional_callable(layer, argument, value):
-    """`value` if None or callable; else a ValueError naming `layer` and `argument`."""
+def _initializer(layer, argument, value, default):
+    """`value` if callable, `default` if None; else a ValueError naming `layer` and `argument`."""
     if value is not None and not callable(value):
         raise ValueError("%s: %s must be an initializer (callable) or None, got %r" % (layer, argument, value))
-    return value
+    return default if value is None else value
+
+
+def _is_number(value):
+    """Whether `value` is a real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_routing(layer, routing_kernel, form, standardise_costs, beta_a_scale, final_lambda):
+    """ValueError naming `layer` and the argument for a bad routing setting of a `RoutedCapsuleLayer`."""
+    if routing_kernel not in capsule_ops.KERNELS:
+        raise ValueError("%s: routing_kernel must be one of %s, got %r" % (layer, capsule_ops.KERNELS, routing_kernel))
+    if not isinstance(form, RoutingForm):
+        raise ValueError("%s: form must be a RoutingForm, got %r" % (layer, form))
+    if not isinstance(standardise_costs, bool):
+        raise ValueError("%s: standardise_costs must be True or False, got %r" % (layer, standardise_costs))
+    if standardise_costs and form.activation != "paper":
+        raise ValueError("%s: standardise_costs applies to the paper's activation form only" % layer)
+    if not _is_number(beta_a_scale):
+        raise ValueError("%s: beta_a_scale must be a number, got %r" % (layer, beta_a_scale))
+    if not _is_number(final_lambda) or not final_lambda > 0:
+        raise ValueError("%s: final_lambda must be a number > 0, got %r" % (layer, final_lambda))
 
 
 class RoutedCapsuleLayer(CapsuleLayer):
@@ -271,37 +292,18 @@ class RoutedCapsuleLayer(CapsuleLayer):
     ):
         super().__init__(name, default_name, trainable, kernel_regularizer, dtype)
         name = self.name
-        if routing_kernel not in capsule_ops.KERNELS:
-            raise ValueError(
-                "%s: routing_kernel must be one of %s, got %r" % (name, capsule_ops.KERNELS, routing_kernel)
-            )
+        _check_routing(name, routing_kernel, form, standardise_costs, beta_a_scale, final_lambda)
         self.routing_kernel = capsule_ops.resolve(routing_kernel)  # 'auto' -> 'fused' when it builds, else 'tf'
-        if not isinstance(form, RoutingForm):
-            raise ValueError("%s: form must be a RoutingForm, got %r" % (name, form))
-        if not isinstance(standardise_costs, bool):
-            raise ValueError("%s: standardise_costs must be True or False, got %r" % (name, standardise_costs))
-        if standardise_costs and form.activation != "paper":
-            raise ValueError("%s: standardise_costs applies to the paper's activation form only" % name)
         self.standardise_costs, self.form = standardise_costs, form
         # beta_a = beta_a_scale * (the variable): the official code's activation bias enters the logit
         # scaled by 5000, so Adam moves it that much faster than the other weights; 1.0 is the plain form.
-        if isinstance(beta_a_scale, bool) or not isinstance(beta_a_scale, numbers.Real):
-            raise ValueError("%s: beta_a_scale must be a number, got %r" % (name, beta_a_scale))
         self.beta_a_scale = beta_a_scale
         self.iterations = positive_int(name, "iterations", iterations)
-        if isinstance(final_lambda, bool) or not isinstance(final_lambda, numbers.Real) or not final_lambda > 0:
-            raise ValueError("%s: final_lambda must be a number > 0, got %r" % (name, final_lambda))
         self.inverse_temps = inverse_temperatures(final_lambda, iterations)
         default_weights = tf.random_normal_initializer(stddev=_DEFAULT_WEIGHT_STDDEV)
-        self.weights_initializer = (
-            _optional_callable(name, "weights_initializer", weights_initializer) or default_weights
-        )
-        self.beta_v_initializer = (
-            _optional_callable(name, "beta_v_initializer", beta_v_initializer) or tf.zeros_initializer()
-        )
-        self.beta_a_initializer = (
-            _optional_callable(name, "beta_a_initializer", beta_a_initializer) or tf.zeros_initializer()
-        )
+        self.weights_initializer = _initializer(name, "weights_initializer", weights_initializer, default_weights)
+        self.beta_v_initializer = _initializer(name, "beta_v_initializer", beta_v_initializer, tf.zeros_initializer())
+        self.beta_a_initializer = _initializer(name, "beta_a_initializer", beta_a_initializer, tf.zeros_initializer())
 
     def _build_routing_variables(self, weight_shape, num_parents):
         self.weights = self._variable("weights", weight_shape, self.weights_initializer, decay=True)
