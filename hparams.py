@@ -380,22 +380,17 @@ def layer_kwargs(hp, layer):
     kwargs = dict(kernel_regularizer=capsule_layers.l2_regularizer(hp.weight_decay))
     if kind in ("relu_conv", "primary_caps"):
         return kwargs
-    conv_form, class_form = routing_forms(hp)
-    is_class = kind == "class_caps"
-    stddev, beta_v, beta_a = (
-        (hp.class_weight_stddev, hp.class_beta_v_init, hp.class_beta_a_init)
-        if is_class
-        else (hp.weight_stddev, hp.beta_v_init, hp.beta_a_init)
-    )
+    prefix = "class_" if kind == "class_caps" else ""  # the class layer's own lambda, initial values and form
+    value = lambda name: getattr(hp, prefix + name)  # noqa: E731
     return dict(
         kwargs,
         iterations=hp.iterations,
-        final_lambda=hp.class_final_lambda if is_class else hp.final_lambda,
-        weights_initializer=tf.random_normal_initializer(stddev=stddev),
-        beta_v_initializer=tf.constant_initializer(beta_v),
-        beta_a_initializer=tf.constant_initializer(beta_a),
+        final_lambda=value("final_lambda"),
+        weights_initializer=tf.random_normal_initializer(stddev=value("weight_stddev")),
+        beta_v_initializer=tf.constant_initializer(value("beta_v_init")),
+        beta_a_initializer=tf.constant_initializer(value("beta_a_init")),
         beta_a_scale=hp.beta_a_scale,
         standardise_costs=hp.standardise_costs,
-        form=class_form if is_class else conv_form,
+        form=routing_forms(hp)[1 if prefix else 0],
         routing_kernel=hp.routing_kernel,
     )
