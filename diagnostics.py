@@ -63,14 +63,25 @@ def _vote_magnitudes(votes):
     return tf.abs(flat[::stride])  # [n]
 
 
-def layer_statistics(layer):
-    """{(statistic, iteration): scalar tensor} of one routed layer after its call."""
-    votes_shape = layer.end_points["votes_shape"]  # [NP, O, children, 16]
+def _end_points(layer, call):
+    """The end points of `layer`'s call number `call` (as a list index: -1 the last); ValueError naming the layer
+    when it has none."""
+    if not layer.calls:
+        raise ValueError("%s: routing statistics need a layer that has been called; it has no end points" % layer.name)
+    if not -len(layer.calls) <= call < len(layer.calls):
+        raise ValueError("%s: call %d asked for, the layer was called %d times" % (layer.name, call, len(layer.calls)))
+    return layer.calls[call]
+
+
+def layer_statistics(layer, call=-1):
+    """{(statistic, iteration): scalar tensor} of one routed layer's call number `call` (-1: its last)."""
+    end_points = _end_points(layer, call)
+    votes_shape = end_points["votes_shape"]  # [NP, O, children, 16]
     children = tf.cast(votes_shape[2], tf.float32)
     statistics = {}
-    magnitudes = _vote_magnitudes(layer.end_points["votes"])  # [n]
+    magnitudes = _vote_magnitudes(end_points["votes"])  # [n]
     vote_percentiles = {name: percentile(magnitudes, fraction) for name, fraction in VOTE_PERCENTILES.items()}
-    for t, parents in enumerate(layer.end_points["parents_per_iteration"]):
+    for t, parents in enumerate(end_points["parents_per_iteration"]):
         for name, fraction in PERCENTILES.items():
             statistics[("variance_" + name, t)] = percentile(parents.variance, fraction)
             statistics[("activation_" + name, t)] = percentile(parents.activations, fraction)
@@ -81,13 +92,14 @@ def layer_statistics(layer):
     return statistics
 
 
-def routing_statistics(layers):
-    """{(layer name, statistic, iteration): scalar tensor} of every routed layer in `layers`."""
+def routing_statistics(layers, call=-1):
+    """{(layer name, statistic, iteration): scalar tensor} of every routed layer in `layers`, of each one's call
+    number `call` (-1: the last; e.g. 0 the training graph and 1 the evaluation graph of a network built twice)."""
     return {
         (layer.name,) + key: value
         for layer in layers
         if isinstance(layer, cl.RoutedCapsuleLayer)
-        for key, value in layer_statistics(layer).items()
+        for key, value in layer_statistics(layer, call).items()
     }
 
 

@@ -7,6 +7,9 @@ The network (model.py) is built from them alone. No flags are read here.
 
 import dataclasses
 
+import tensorflow.compat.v1 as tf
+
+import capsule_layers
 import capsule_ops
 import em_routing
 import receptive_field
@@ -326,3 +329,68 @@ def hparams_for(preset, routing=None, **overrides):
     if routing is not None:
         hparams = dataclasses.replace(hparams, **dict(ROUTING_FORMS[routing], routing=routing))
     return dataclasses.replace(hparams, **overrides).validate()
+
+
+# The layers' kinds that `layer_kwargs` knows, and the paper network's layer names for each.
+LAYER_KINDS = {
+    "relu_conv": "relu_conv",
+    "relu_conv1": "relu_conv",
+    "primary_caps": "primary_caps",
+    "conv_caps": "conv_caps",
+    "conv_caps1": "conv_caps",
+    "conv_caps2": "conv_caps",
+    "class_caps": "class_caps",
+}
+
+
+def routing_forms(hp):
+    """The `RoutingForm` of the conv-capsule layers and of the class layer (they differ in the mass epsilon)."""
+    conv = em_routing.RoutingForm(
+        hp.activation_form,
+        hp.mean_momentum,
+        hp.conv_mass_epsilon,
+        hp.normalise_over,
+        hp.assignment_gradient,
+        hp.cost_scale,
+    )
+    return conv, dataclasses.replace(conv, mass_epsilon=hp.class_mass_epsilon)
+
+
+def layer_kwargs(hp, layer):
+    """The keyword arguments with which `hp`'s network builds a layer of kind `layer`: its recipe, not its sizes.
+
+    Every layer gets the weight decay as `kernel_regularizer` (`capsule_layers.l2_regularizer(hp.weight_decay)`);
+    the routed layers also get iterations, final lambda, initialisers, beta_a scale, standardised costs, routing
+    form and kernel. Sizes (types, kernel, stride, padding), the name, and a class layer's `coordinate_offsets`
+    (for `coordinate_addition='official'`: `official_coordinate_offsets` of the network's own receptive fields)
+    are the caller's. E.g. `capsule_layers.conv_caps(poses, activations, 16, 3, 2, 'SAME', **layer_kwargs(hp,
+    'conv_caps'))`.
+
+    Args:
+      hp: `HParams` (e.g. `hparams_for('paper')`).
+      layer: 'relu_conv', 'primary_caps', 'conv_caps' or 'class_caps' (or the paper's 'relu_conv1',
+        'conv_caps1', 'conv_caps2').
+
+    Returns:
+      a dict of keyword arguments of that layer's class (and functional form).
+    """
+    if layer not in LAYER_KINDS:
+        raise ValueError("layer_kwargs: layer must be one of %s, got %r" % (", ".join(LAYER_KINDS), layer))
+    kind = LAYER_KINDS[layer]
+    kwargs = dict(kernel_regularizer=capsule_layers.l2_regularizer(hp.weight_decay))
+    if kind in ("relu_conv", "primary_caps"):
+        return kwargs
+    prefix = "class_" if kind == "class_caps" else ""  # the class layer's own lambda, initial values and form
+    value = lambda name: getattr(hp, prefix + name)  # noqa: E731
+    return dict(
+        kwargs,
+        iterations=hp.iterations,
+        final_lambda=value("final_lambda"),
+        weights_initializer=tf.random_normal_initializer(stddev=value("weight_stddev")),
+        beta_v_initializer=tf.constant_initializer(value("beta_v_init")),
+        beta_a_initializer=tf.constant_initializer(value("beta_a_init")),
+        beta_a_scale=hp.beta_a_scale,
+        standardise_costs=hp.standardise_costs,
+        form=routing_forms(hp)[1 if prefix else 0],
+        routing_kernel=hp.routing_kernel,
+    )

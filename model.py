@@ -14,7 +14,6 @@ Network (paper MNIST config, A=B=C=D=32, batch N):
 """
 
 import collections
-import dataclasses
 import math
 
 import tensorflow.compat.v1 as tf
@@ -32,6 +31,7 @@ from hparams import (  # noqa: F401 (re-exported: callers build a model from mod
     HParams,
     batch_size_for,
     hparams_for,
+    layer_kwargs,
     parse_bool,
 )
 
@@ -176,19 +176,6 @@ class CapsNetEMModel:
         predictions = tf.argmax(class_activations, axis=1)  # [N]
         return Inference(class_activations, class_poses, predictions, end_points)
 
-    def _forms(self):
-        """The `RoutingForm` of the conv-capsule layers and of the class layer."""
-        hp = self.hparams
-        conv = cl.RoutingForm(
-            hp.activation_form,
-            hp.mean_momentum,
-            hp.conv_mass_epsilon,
-            hp.normalise_over,
-            hp.assignment_gradient,
-            hp.cost_scale,
-        )
-        return conv, dataclasses.replace(conv, mass_epsilon=hp.class_mass_epsilon)
-
     def _coordinate_offsets(self):
         """The class layer's coordinate-addition offsets `[H, W, 16]` (None: the paper's, made by the layer)."""
         hp = self.hparams
@@ -203,52 +190,28 @@ class CapsNetEMModel:
         return cl.official_coordinate_offsets(cl.receptive_field_centres(hp.image_size, convolutions))
 
     def _layers(self):
-        """The network's layers, in order; variables are made on their first call."""
+        """The network's layers, in order; variables are made on their first call.
+
+        Each layer gets `hparams.layer_kwargs` but its `kernel_regularizer`: `loss` adds the weight decay after the
+        network, so the network's ops, and with them the seeded initial values of saved runs, stay as they were.
+        """
         hp = self.hparams
-        conv_init = lambda stddev: tf.random_normal_initializer(stddev=stddev)  # noqa: E731
-        conv_form, class_form = self._forms()
+
+        def recipe(layer):
+            return {key: value for key, value in layer_kwargs(hp, layer).items() if key != "kernel_regularizer"}
+
         layers = [
             cl.ReluConv(hp.conv1_filters, hp.conv1_kernel, hp.conv1_stride, hp.padding, name="relu_conv1"),
-            cl.PrimaryCaps(hp.primary_types, hp.primary_kernel, padding=hp.padding),
+            cl.PrimaryCaps(hp.primary_types, hp.primary_kernel, padding=hp.padding, name="primary_caps"),
         ]
         for name, types, kernel_size, stride in (
             ("conv_caps1", hp.conv_caps1_types, hp.conv_caps1_kernel, hp.conv_caps1_stride),
             ("conv_caps2", hp.conv_caps2_types, hp.conv_caps2_kernel, hp.conv_caps2_stride),
         ):
-            layers.append(
-                cl.ConvCaps(
-                    types,
-                    kernel_size,
-                    stride,
-                    hp.padding,
-                    hp.iterations,
-                    hp.final_lambda,
-                    weights_initializer=conv_init(hp.weight_stddev),
-                    beta_v_initializer=tf.constant_initializer(hp.beta_v_init),
-                    beta_a_initializer=tf.constant_initializer(hp.beta_a_init),
-                    beta_a_scale=hp.beta_a_scale,
-                    standardise_costs=hp.standardise_costs,
-                    form=conv_form,
-                    routing_kernel=hp.routing_kernel,
-                    name=name,
-                )
-            )
+            layers.append(cl.ConvCaps(types, kernel_size, stride, hp.padding, name=name, **recipe(name)))
+        offsets = self._coordinate_offsets()
         layers.append(
-            cl.ClassCaps(
-                hp.num_classes,
-                hp.iterations,
-                hp.class_final_lambda,
-                coordinate_addition=True,
-                weights_initializer=conv_init(hp.class_weight_stddev),
-                beta_v_initializer=tf.constant_initializer(hp.class_beta_v_init),
-                beta_a_initializer=tf.constant_initializer(hp.class_beta_a_init),
-                beta_a_scale=hp.beta_a_scale,
-                standardise_costs=hp.standardise_costs,
-                form=class_form,
-                routing_kernel=hp.routing_kernel,
-                coordinate_offsets=self._coordinate_offsets(),
-                name="class_caps",
-            )
+            cl.ClassCaps(hp.num_classes, coordinate_offsets=offsets, name="class_caps", **recipe("class_caps"))
         )
         return layers
 

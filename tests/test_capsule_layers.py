@@ -244,7 +244,7 @@ class ConvCapsTest(parameterized.TestCase, tf.test.TestCase):
     def _child_sums(self, layer, assignments):
         """Sums R [N*P, O, KKI] over every parent of each child: [N, H, W, I]."""
         field = layer.field
-        kk, in_types = layer.kernel_size**2, layer.input_types
+        kk, in_types = int(np.prod(layer.kernel_size)), layer.input_types
         per_offset = tf.reduce_sum(assignments, axis=1)  # [NP, KKI]
         per_offset = tf.reshape(per_offset, [-1, field.out_height, field.out_width, kk, in_types])
         return field.fold(per_offset)
@@ -552,7 +552,7 @@ class RoutingFormTest(parameterized.TestCase, tf.test.TestCase):
             np.random.RandomState(14), FORMS["official"], padding, stride, height=6
         )
         layer(tf.constant(poses), tf.constant(activations))
-        field, kk = layer.field, layer.kernel_size**2
+        field, kk = layer.field, int(np.prod(layer.kernel_size))
         r = tf.reshape(layer.end_points["assignments"], [-1, layer.types, kk, layer.input_types])  # [NP, O, KK, I]
         r = tf.reshape(tf.transpose(r, [0, 2, 1, 3]), [2, field.out_height, field.out_width, kk, -1])
         with self.session() as sess:

@@ -72,6 +72,44 @@ class ArchitectureTest(tf.test.TestCase, parameterized.TestCase):
             self.assertEqual({v.op.name.split("/")[0] for v in variables}, set(_SCOPES))
 
 
+# The paper network's variables as every saved run holds them (checkpoints and tests/fixtures load by these
+# names): (name, shape) in creation order, A=B=C=D=32, 10 classes.
+_PAPER_VARIABLES = [
+    ("relu_conv1/kernel", [5, 5, 1, 32]),
+    ("relu_conv1/bias", [32]),
+    ("primary_caps/pose_kernel", [1, 1, 32, 512]),
+    ("primary_caps/pose_bias", [512]),
+    ("primary_caps/activation_kernel", [1, 1, 32, 32]),
+    ("primary_caps/activation_bias", [32]),
+    ("conv_caps1/weights", [3, 3, 32, 32, 4, 4]),
+    ("conv_caps1/beta_v", [32]),
+    ("conv_caps1/beta_a", [32]),
+    ("conv_caps2/weights", [3, 3, 32, 32, 4, 4]),
+    ("conv_caps2/beta_v", [32]),
+    ("conv_caps2/beta_a", [32]),
+    ("class_caps/weights", [32, 10, 4, 4]),
+    ("class_caps/beta_v", [10]),
+    ("class_caps/beta_a", [10]),
+]
+_OPTIMISER_VARIABLES = ["global_step", "beta1_power", "beta2_power"]  # besides each weight's Adam and Adam_1 slots
+
+
+class SavedVariablesTest(tf.test.TestCase, parameterized.TestCase):
+    @parameterized.named_parameters(("one_graph", 1), ("micro_batches", 2))
+    def test_paper_network_variables_are_pinned(self, micro_batches):
+        """The paper network's training graph makes exactly the variables (names, shapes, order) that saved
+        runs hold: the 15 weights, their Adam slots, the global step and Adam's power accumulators."""
+        hparams = capsnet.hparams_for("paper")
+        with tf.Graph().as_default():
+            images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
+            capsnet.CapsNetEMModel(hparams, micro_batches).train(images, tf.placeholder(tf.int64, [None]))
+            weights = [(v.op.name, v.shape.as_list()) for v in tf.trainable_variables()]
+            names = sorted(v.op.name for v in tf.global_variables())
+        self.assertEqual(weights, _PAPER_VARIABLES)
+        slots = [name + suffix for name, _ in _PAPER_VARIABLES for suffix in ("", "/Adam", "/Adam_1")]
+        self.assertEqual(names, sorted(slots + _OPTIMISER_VARIABLES))
+
+
 class SpreadLossTest(tf.test.TestCase):
     def test_hand_computed(self):
         """Paper eq. 3 on two examples, margin 0.5.
