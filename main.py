@@ -97,6 +97,7 @@ OPTIMISATION_HPARAMS = define_hparam_flags(
         "learning_rate": "Initial Adam learning rate, > 0",
         "lr_decay_rate": "Learning-rate decay factor per --lr_decay_steps",
         "lr_decay_steps": "Steps per learning-rate decay, >= 0 (0: the whole run)",
+        "lr_decay_epochs": "Epochs per learning-rate decay, >= 0, in place of --lr_decay_steps (0: its steps)",
         "weight_decay": "L2 weight-decay coefficient",
         "margin_schedule": "Spread-loss margin schedule: 'sigmoid' (official code), 'linear' or 'constant' (0.2)",
         "margin_ramp_steps": "Steps of the margin ramp from 0.2 to 0.9, >= 0 (0: the whole run)",
@@ -107,7 +108,9 @@ flags.DEFINE_string("dataset", "mnist", "Dataset: " + ", ".join(data.DATASETS) +
 flags.DEFINE_string("data_dir", None, "The dataset's files, downloaded and verified when missing (./data/<dataset>).")
 flags.DEFINE_string("viewpoint_split", "none", "smallNORB novel viewpoints: 'azimuth', 'elevation' or 'none'.")
 flags.DEFINE_integer("norb_channels", 1, "smallNORB: 1 (the first image of each stereo pair) or 2 (both).")
-flags.DEFINE_integer("validation_size", 5000, "Training images held out for per-epoch validation, >= 0.")
+flags.DEFINE_integer(
+    "validation_size", None, "Training images held out for per-epoch validation, >= 0 (default: the dataset's)."
+)
 flags.DEFINE_integer("max_shift", 0, "Augmentation: training images moved by up to N pixels per axis (0: none).")
 flags.DEFINE_integer("seed", 1, "Random seed for initialisation, the validation split and shuffling.")
 # ---- run -------------------------------------------------------------------------------------------
@@ -194,13 +197,19 @@ def resolve_hparams(values):
     channels = values["norb_channels"] if values["dataset"] in data.PREPROCESSED else spec.channels
     overrides = dict(image_size=spec.image_size, image_channels=channels, num_classes=spec.num_classes)
     overrides.update({name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None})
+    if "lr_decay_steps" in overrides and "lr_decay_epochs" not in overrides:
+        overrides["lr_decay_epochs"] = 0.0  # a decay interval given in steps replaces the preset's in epochs
     overrides["routing_kernel"] = values.get("routing_kernel") or capsnet.HParams.routing_kernel
     try:
         hparams = capsnet.hparams_for(values["preset"], values.get("routing"), **overrides)
     except ValueError as error:  # a flag's value: HParams names the field, which is the flag's name
         raise UsageError("--%s" % error) from None
+    text = values.get("hparams") or ""
+    named = {item.partition("=")[0].strip() for item in text.split(",")}
+    if "lr_decay_steps" in named and "lr_decay_epochs" not in named:
+        text += ",lr_decay_epochs=0"  # as for the flag: steps given replace the preset's epochs
     try:
-        return hparams.parse(values.get("hparams") or "").validate()
+        return hparams.parse(text).validate()
     except ValueError as error:
         raise UsageError("--hparams: %s" % error) from None
 
@@ -211,7 +220,7 @@ def validate_flags(values):
         if values.get(name) is not None and values[name] <= 0:
             raise UsageError("--%s must be > 0, got %r" % (name, values[name]))
     for name in NON_NEGATIVE_FLAGS:
-        if values.get(name, 0) < 0:
+        if (values.get(name) or 0) < 0:
             raise UsageError("--%s must be >= 0, got %r" % (name, values[name]))
     if values["dataset"] not in data.DATASETS:
         raise UsageError("--dataset must be one of %s, got %r" % ("/".join(data.DATASETS), values["dataset"]))
@@ -305,7 +314,7 @@ def train(values, result_dir, resumed, monitor=None, role=None):
     hparams = run_hparams(result_dir, values) if resumed else resolve_hparams(values)
     arrays, epoch_size = cluster.share(training_data(values), role, values["async"])
     steps_per_epoch, max_steps = run_length(values, epoch_size)
-    hparams = runtime.with_run_length(hparams, max_steps)  # a new run's whole-run schedules
+    hparams = runtime.with_run_length(hparams, max_steps, epoch_size / values["batch_size"])  # schedules in steps
     start = run_dir.latest_checkpoint(result_dir)[1] if resumed else 0
     sizes = (len(arrays[0]), len(arrays[2]))
     header = (result_dir, start, max_steps, steps_per_epoch, values["batch_size"], values["dataset"]) + sizes
@@ -410,6 +419,8 @@ def parse_command_line(argv):
     values["data_dir"] = os.path.abspath(data_dir)  # saved runs work from any folder
     if values["batch_size"] is None:
         values["batch_size"] = capsnet.batch_size_for(values["preset"])
+    if values["validation_size"] is None and values["dataset"] in data.DATASETS:  # a bad dataset: validate_flags
+        values["validation_size"] = data.get(values["dataset"]).validation_size  # MNIST 5,000, smallNORB 0
     testing = parse_test_flag(values["test"])
     validate_flags(values)
     return values, {name for name in PROGRAM_FLAGS if FLAGS[name].present}, testing

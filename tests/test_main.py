@@ -274,6 +274,44 @@ def test_batch_size_default_per_preset(argv, expected):
     assert ("batch_size" in given) == ("--batch_size" in argv)
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], 5000),
+        (["--dataset", "fashion_mnist"], 5000),
+        (["--dataset", "smallnorb"], 0),
+        (["--validation_size", "8"], 8),
+    ],
+    ids=["mnist-default", "fashion_mnist-default", "smallnorb-default", "given"],
+)
+def test_validation_size_default_per_dataset(argv, expected):
+    """Without --validation_size a run holds out its dataset's default (MNIST's 5,000; smallNORB none: the paper
+    trains on all 24,300 images); a given one wins. flags.json saves the resolved value."""
+    import main
+
+    main.FLAGS.unparse_flags()
+    try:
+        values, given, _ = main.parse_command_line(["main.py"] + argv)
+    finally:
+        main.FLAGS.unparse_flags()
+    assert values["validation_size"] == expected
+    assert ("validation_size" in given) == ("--validation_size" in argv)
+
+
+def test_lr_decay_given_in_steps_replaces_the_presets_epochs():
+    """The paper preset decays every PAPER_LR_DECAY_EPOCHS; --lr_decay_steps (or lr_decay_steps in --hparams)
+    given without lr_decay_epochs means steps: the epochs are cleared, so the steps given hold."""
+    import main
+
+    values = {name: None for name in main.HPARAM_FLAGS}
+    values.update(preset="paper", routing=None, hparams="", dataset="mnist", norb_channels=1, routing_kernel="tf")
+    assert main.resolve_hparams(values).lr_decay_epochs == main.capsnet.PRESETS["paper"].lr_decay_epochs > 2
+    assert main.resolve_hparams(dict(values, lr_decay_steps=500)).lr_decay_epochs == 0
+    assert main.resolve_hparams(dict(values, hparams="lr_decay_steps=500")).lr_decay_epochs == 0
+    both = main.resolve_hparams(dict(values, lr_decay_steps=500, lr_decay_epochs=3.0))
+    assert (both.lr_decay_steps, both.lr_decay_epochs) == (500, 3.0)
+
+
 def test_paper_run_saved_before_the_routing_forms(tmp_path):
     """A paper-preset run whose flags.json predates the routing forms routed with the paper's pieces: reading it
     back gives those, not the preset's form of today ('official-activation'); its saved fields stay."""

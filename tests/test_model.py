@@ -221,6 +221,11 @@ class HParamsTest(tf.test.TestCase):
         self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (_RUN_STEPS, small.margin_ramp_steps))
         paper = capsnet.hparams_for("paper")  # its rate falls a tenth every 2 epochs at batch 32, whatever the run
         self.assertEqual(runtime.with_run_length(paper, 5 * _RUN_STEPS).lr_decay_steps, capsnet.PAPER_LR_DECAY_STEPS)
+        # ... given in epochs: with the run's steps per epoch the same 2.0015 epochs on every dataset and batch,
+        # exactly 3,440 steps on MNIST's 55,000 training images at batch 32
+        for images, batch, steps in ((55000, 32, 3440), (55000, 64, 1720), (24300, 32, 1520)):
+            resolved = runtime.with_run_length(paper, 5 * _RUN_STEPS, images / batch)
+            self.assertEqual(resolved.lr_decay_steps, steps)
         official = capsnet.HParams(margin_ramp_steps=capsnet.WHOLE_RUN)  # the official schedules: lr decay fixed
         resolved = runtime.with_run_length(official, _RUN_STEPS)
         self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (official.lr_decay_steps, _RUN_STEPS))
