@@ -51,6 +51,7 @@ class TrainingRun:
         self.history = run_dir.read_history(result_dir)
         self.stop_signals = []
         self._checkpoint_step = None  # step of the last checkpoint this process wrote
+        self._interval = []  # (loss, accuracy) of each step since the last summary: the history records their mean
 
     def save(self, step):
         """A checkpoint (TF writes it to temporary files and renames, then updates 'checkpoint' atomically),
@@ -120,8 +121,10 @@ class TrainingRun:
                 results = capsnet.run_step(self.sess, graph, fetches + ([graph.summary_op] if summarise else []))
                 elapsed = time.time() - started
                 _, loss, accuracy, step = results[:4]
+                self._interval.append((loss, accuracy))
                 if summarise:
-                    self.record(results[4], step, loss, accuracy)
+                    self.record(results[4], step, *np.mean(self._interval, axis=0))
+                    self._interval = []
                 if step % schedule.save_every_steps == 0:
                     self.save(step)
                 bar.set_postfix(
@@ -131,7 +134,8 @@ class TrainingRun:
         return step
 
     def record(self, summary, step, loss, accuracy):
-        """The summary of `step` in TensorBoard and its loss and accuracy in the history."""
+        """The summary of `step` in TensorBoard, and in the history the loss and training accuracy of the interval
+        that `step` ends (their means over its steps: one batch's accuracy of 32 or 64 images is a jagged line)."""
         self.writer.add_summary(summary, step)
         self.history["step"].append(int(step))
         self.history["loss"].append(float(loss))
