@@ -15,8 +15,6 @@ import math
 
 import tensorflow.compat.v1 as tf
 
-import capsule_layers as cl
-
 PERCENTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
 STATISTICS = (
     "variance_p10",
@@ -64,11 +62,13 @@ def layer_statistics(layer):
 
 
 def routing_statistics(layers):
-    """{(layer name, statistic, iteration): scalar tensor} of every routed layer in `layers`."""
+    """{(layer name, statistic, iteration): scalar tensor} of every routed layer in `layers`: those whose
+    end points hold the routing's parents per iteration (capsule_layers.RoutedCapsuleLayer's; found by what
+    is read, so that this module imports nothing of the layers that use it)."""
     return {
         (layer.name,) + key: value
         for layer in layers
-        if isinstance(layer, cl.RoutedCapsuleLayer)
+        if "parents_per_iteration" in getattr(layer, "end_points", {})
         for key, value in layer_statistics(layer).items()
     }
 
