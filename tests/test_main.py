@@ -97,21 +97,18 @@ def assert_png(path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """Trains 2 steps with `--test False` on tiny data; returns (workspace, run dir, CompletedProcess)."""
-    workspace = tmp_path_factory.mktemp("tiny")
-    data_dir = str(workspace / "data")
-    write_tiny_mnist(data_dir)
-    result = run_main(
-        ["--test", "False", "--data_dir", data_dir, "--result_dir", "run", "--max_steps", "2"] + SMALL_RUN,
-        cwd=workspace,
-    )
-    return workspace, str(workspace / "run"), result
+def tiny_run(tiny_trained_run, tmp_path_factory):
+    """A copy of the session's run (conftest.py), trained 2 steps with `--test False` on tiny data: (workspace, run
+    dir, the training's CompletedProcess)."""
+    workspace = tmp_path_factory.mktemp("tiny") / "workspace"
+    shutil.copytree(str(tiny_trained_run.workspace), str(workspace))
+    return workspace, str(workspace / "run"), tiny_trained_run.result
 
 
-def test_train_writes_run_directory(tiny_run):
-    """`--test False` trains: 2 steps write flags.json (resolved flags and hparams), a checkpoint of step 2
-    with its 'checkpoint' index, history.json with the step-2 validation; stdout names the steps."""
+def test_train_writes_run_directory(tiny_run, tiny_trained_run):
+    """`--test False` trains: 2 steps write flags.json (resolved flags and hparams, the absolute --data_dir
+    given), a checkpoint of step 2 with its 'checkpoint' index, history.json with the step-2 validation; stdout
+    names the steps."""
     workspace, run_dir, result = tiny_run
     assert result.returncode == 0, result.stderr
     assert "training into run at step 0 of 2" in result.stdout
@@ -124,7 +121,7 @@ def test_train_writes_run_directory(tiny_run):
         "validation_size": 16,
         "max_steps": 2,
         "result_dir": "run",
-        "data_dir": str(workspace / "data"),
+        "data_dir": tiny_trained_run.data_dir,
         "test": "False",
         "seed": 1,
         "padding": None,
