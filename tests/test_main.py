@@ -26,6 +26,9 @@ TINY_TRAIN_IMAGES = 96
 TINY_TEST_IMAGES = 40  # fewer than the evaluation batch of 100: the remainder must not be dropped
 # The fast configuration of every training run here: 80 training images -> 10 steps per epoch.
 SMALL_RUN = ["--preset", "small", "--batch_size", "8", "--validation_size", "16"]
+# The small preset's form at a quarter of its widths (A=8, B=C=D=4), where a test checks the run around the network
+# (files read and written, images counted), not the network: its steps and evaluations cost a fraction.
+TINY_NET = ["--hparams", "conv1_filters=8,primary_types=4,conv_caps1_types=4,conv_caps2_types=4"]
 _CLOSED_PORT_PROXY = "http://127.0.0.1:9"  # port 9 (discard) is closed: any download fails offline
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _SUBPROCESS_TIMEOUT_S = 600
@@ -218,7 +221,8 @@ def test_real_mnist_smoke(tmp_path):
             MNIST_DIR,
             "--result_dir",
             "run",
-        ],
+        ]
+        + TINY_NET,
         cwd=tmp_path,
     )
     assert train.returncode == 0, train.stderr
