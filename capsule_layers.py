@@ -36,9 +36,9 @@ import tensorflow.compat.v1 as tf
 
 import capsule_ops
 
-from em_routing import DEFAULT_FINAL_LAMBDA, PAPER_FORM, POSE_ENTRIES, POSE_SIZE, RoutingForm, em_routing
-from em_routing import inverse_temperatures
-from receptive_field import PatchLayout, ReceptiveField, conv_geometry, receptive_field_centres
+from routing.em_routing import DEFAULT_FINAL_LAMBDA, PAPER_FORM, POSE_ENTRIES, POSE_SIZE, RoutingForm, em_routing
+from routing.em_routing import inverse_temperatures
+from routing.receptive_field import PatchLayout, ReceptiveField, conv_geometry, receptive_field_centres
 
 # Re-exported: a network is built from capsule_layers alone.
 __all__ = ["PAPER_FORM", "POSE_ENTRIES", "POSE_SIZE", "ReceptiveField", "conv_geometry", "receptive_field_centres"]

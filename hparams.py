@@ -8,8 +8,8 @@ The network (model.py) is built from them alone. No flags are read here.
 import dataclasses
 
 import capsule_ops
-import em_routing
-import receptive_field
+from routing import em_routing
+from routing import receptive_field
 
 
 @dataclasses.dataclass(frozen=True)

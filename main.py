@@ -47,16 +47,16 @@ with quiet_native_stderr():
     tf.config.list_physical_devices()  # device probing, which logs a CUDA line on machines without a GPU
 from absl import flags  # noqa: E402
 
-import attacks  # noqa: E402
-import cluster  # noqa: E402
+from run import attacks  # noqa: E402
+from run import cluster  # noqa: E402
 import data  # noqa: E402
 import model as capsnet  # noqa: E402
-import run_dir  # noqa: E402
-import runtime  # noqa: E402
-import test_run  # noqa: E402
-import training  # noqa: E402
+from run import run_dir  # noqa: E402
+from run import runtime  # noqa: E402
+from run import test_mode  # noqa: E402
+from run import training  # noqa: E402
 from data import idx, pipeline as data_pipeline  # noqa: E402
-from run_dir import UsageError  # noqa: E402
+from run.run_dir import UsageError  # noqa: E402
 
 FLAGS = flags.FLAGS
 _FIELD_TYPES = {field.name: field.type for field in dataclasses.fields(capsnet.HParams)}
@@ -383,12 +383,12 @@ def training_run_flags(values, given):
 
 
 def test(result_dir, overrides):
-    """Evaluates DIR's latest checkpoint on the test set (test_run.py); writes JSON and pictures.
+    """Evaluates DIR's latest checkpoint on the test set (test_mode.py); writes JSON and pictures.
 
     `overrides` maps TEST_FLAGS given on the command line to their values; every other flag is the run's.
     """
     values = dict(run_dir.read_flags(result_dir, flag_defaults(), validate_flags), **overrides)
-    test_run.latest_checkpoint(result_dir)  # a run without a checkpoint is refused before the data is read
+    test_mode.latest_checkpoint(result_dir)  # a run without a checkpoint is refused before the data is read
     hparams = run_hparams(result_dir, values)
     source = None
     if values["attack_transfer_from"]:  # a bad transfer run is refused before any evaluation
@@ -396,11 +396,11 @@ def test(result_dir, overrides):
         if not os.path.isdir(source_dir):
             raise UsageError("--attack_transfer_from %s does not exist" % source_dir)
         source_values = dict(run_dir.read_flags(source_dir, flag_defaults(), validate_flags), **overrides)
-        source = test_run.attack_source(
+        source = test_mode.attack_source(
             source_dir, source_values, run_hparams(source_dir, source_values), values, hparams
         )
     images, labels = load_split(values, "test")
-    return test_run.evaluate(result_dir, values, hparams, images, labels, describe(hparams, values), source)
+    return test_mode.evaluate(result_dir, values, hparams, images, labels, describe(hparams, values), source)
 
 
 # ---- entry point -----------------------------------------------------------------------------------------

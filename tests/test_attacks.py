@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
-import attacks
+from run import attacks
 import compare_attacks
 import model as capsnet
-from run_dir import UsageError
+from run.run_dir import UsageError
 from test_main import MAIN, assert_png, main_env, read_json, run_main
 
 # A linear classifier of 2x2 images into 2 classes. For label y the cross-entropy's gradient is

@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-import cnn
+from run import cnn
 import model as capsnet
-import runtime
+from run import runtime
 from test_main import read_json, run_main
 
 # Hand count for 32x32x1 smallNORB crops and 5 classes: conv 5*5*1*32 + 32, conv 5*5*32*64 + 64,

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-import progress
+from run import progress
 from test_main import MAIN, TINY_TEST_IMAGES, assert_png, main_env, read_json, run_main, write_tiny_mnist
 from test_reliability import wait_for
 

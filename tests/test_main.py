@@ -317,7 +317,7 @@ def test_paper_run_saved_before_the_routing_forms(tmp_path):
     """A paper-preset run whose flags.json predates the routing forms routed with the paper's pieces: reading it
     back gives those, not the preset's form of today ('official-activation'); its saved fields stay."""
     import hparams
-    import run_dir
+    from run import run_dir
 
     saved = {"iterations": 3, "weight_stddev": 0.5, "learning_rate": 3e-3}  # no 'routing', no form pieces
     with open(str(tmp_path / "flags.json"), "w") as f:

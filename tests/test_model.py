@@ -12,7 +12,7 @@ import tensorflow.compat.v1 as tf
 from absl.testing import parameterized
 
 import model as capsnet
-import runtime
+from run import runtime
 
 _BATCH = 2  # images per forward pass; small enough for the paper network on two cores
 _IMAGE_SHAPE = [28, 28, 1]
@@ -205,7 +205,7 @@ class HParamsTest(tf.test.TestCase):
     def test_small_search_preset(self):
         """`small_search` (the search's best trial) is the `small` network with only fields of the search space
         changed, and valid; its margin ramps over the whole run."""
-        import search_space
+        from experiments import search_space
 
         small, searched = capsnet.PRESETS["small"], capsnet.hparams_for("small_search")
         changed = {f.name for f in dataclasses.fields(small) if getattr(small, f.name) != getattr(searched, f.name)}

@@ -11,7 +11,7 @@ import pytest
 import tensorflow.compat.v1 as tf
 
 import model as capsnet
-import runtime
+from run import runtime
 from data import mnist, pipeline
 
 MNIST_DIR = os.environ.get("MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist"))
@@ -66,7 +66,7 @@ def test_history_records_the_mean_of_each_summary_interval(tmp_path):
     history reads (2, 0.2) at step 3 and (5, 0.5) at step 6."""
     import collections
 
-    import training
+    from run import training
 
     with tf.Graph().as_default():
         global_step = tf.train.get_or_create_global_step()

@@ -8,9 +8,9 @@ import os
 
 import tensorflow.compat.v1 as tf
 
-import cnn
+from run import cnn
 import model as capsnet
-import run_dir
+from run import run_dir
 
 
 def micro_batches_for(batch_size, micro_batch_size):

@@ -14,11 +14,11 @@ import time
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-import evaluation
+from run import evaluation
 import model as capsnet
-import plots
-import progress
-import run_dir
+from run import plots
+from run import progress
+from run import run_dir
 
 MAX_CHECKPOINTS = 3  # checkpoints kept in a run directory
 EXIT_NON_FINITE = 3  # main.py's exit code when a non-finite loss or gradient stopped training
