@@ -21,11 +21,11 @@ import sys
 import main  # first: sets TensorFlow's log level before anything imports TensorFlow; defines the flags
 
 # isort: split
-import em_routing
+from routing import em_routing
 import hparams
-import plots
-import study_runs
-from run_dir import UsageError
+from run import plots
+from experiments import study_runs
+from run.run_dir import UsageError
 
 flags, FLAGS = main.flags, main.FLAGS
 

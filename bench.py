@@ -37,7 +37,7 @@ from absl import flags  # noqa: E402
 import capsule_layers as cl  # noqa: E402
 import capsule_ops  # noqa: E402
 import model as capsnet  # noqa: E402
-import runtime  # noqa: E402
+from run import runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "small", "Network preset: paper or small.")

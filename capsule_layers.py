@@ -12,8 +12,8 @@ whose `build(input_shape)` checks shapes and creates variables under the layer's
 layer object too). As `tf.layers`: unnamed layers get unique names (`conv_caps`, `conv_caps_1`), `trainable`,
 `kernel_regularizer` (losses in `tf.GraphKeys.REGULARIZATION_LOSSES`), the dtype of the input, kernel sizes and
 strides as ints or pairs, padding in either case, and a `ValueError` naming the layer and the argument for every bad
-one (layer_base.py). They are used through `tensorflow.compat.v1` in graph mode. This module imports only numpy and
-tensorflow (and the two modules above, layer_base.py and `capsule_ops`, the fused routing kernels).
+one (routing/layer_base.py). They are used through `tensorflow.compat.v1` in graph mode. This module imports only
+numpy, tensorflow, `routing` (Procedure 1, the geometry, the layers' base) and `capsule_ops` (the fused kernels).
 
 Axis glossary, one meaning per letter in every file (example: the paper's MNIST network, batch 32,
 'VALID' padding). A, B, C, D are only the paper's type counts (relu_conv1 filters, primary, conv_caps1,
@@ -41,10 +41,11 @@ import tensorflow.compat.v1 as tf
 
 import capsule_ops
 
-from em_routing import DEFAULT_FINAL_LAMBDA, PAPER_FORM, POSE_ENTRIES, POSE_SIZE, RoutingForm, inverse_temperatures
-from layer_base import CapsuleLayer, RoutedCapsuleLayer, check_capsules, check_fits, functional, padding_name
-from layer_base import positive_int, positive_pair
-from receptive_field import PatchLayout, ReceptiveField, conv_geometry, receptive_field_centres
+from routing.em_routing import DEFAULT_FINAL_LAMBDA, PAPER_FORM, POSE_ENTRIES, POSE_SIZE, RoutingForm
+from routing.em_routing import inverse_temperatures
+from routing.layer_base import CapsuleLayer, RoutedCapsuleLayer, check_capsules, check_fits, functional, padding_name
+from routing.layer_base import positive_int, positive_pair
+from routing.receptive_field import PatchLayout, ReceptiveField, conv_geometry, receptive_field_centres
 
 # Re-exported: a network is built from capsule_layers alone.
 __all__ = ["PAPER_FORM", "POSE_ENTRIES", "POSE_SIZE", "ReceptiveField", "conv_geometry", "receptive_field_centres"]

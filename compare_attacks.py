@@ -14,7 +14,7 @@ import sys
 
 from absl import flags
 
-import plots
+from run import plots
 
 RESULTS_FILE = "test_results.json"  # run_dir.RESULTS_FILE (run_dir imports TensorFlow, not needed here)
 EXIT_USAGE = 2

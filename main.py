@@ -15,22 +15,7 @@ during an evaluation (nothing written).
 import contextlib
 import os
 
-
-@contextlib.contextmanager
-def quiet_native_stderr():
-    """Sends file descriptor 2 to /dev/null for a while: TensorFlow's C++ start-up lines (CUDA probing, oneDNN
-    notice) come before its logging is set up and ignore TF_CPP_MIN_LOG_LEVEL; without this, every one-line error
-    would come with four lines of noise."""
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
+from run.progress import quiet_native_stderr  # no TensorFlow there: it quiets TensorFlow's import below
 
 # Set before TensorFlow is imported. oneDNN: decided by measurement (docs/performance.md); it is off by
 # default on CPUs without AVX-512/AMX, so set it explicitly for the same behaviour everywhere.
@@ -47,17 +32,17 @@ with quiet_native_stderr():
     tf.config.list_physical_devices()  # device probing, which logs a CUDA line on machines without a GPU
 from absl import flags  # noqa: E402
 
-import attacks  # noqa: E402
 import capsule_ops  # noqa: E402
-import cluster  # noqa: E402
+from run import attacks  # noqa: E402
+from run import cluster  # noqa: E402
 import data  # noqa: E402
 import model as capsnet  # noqa: E402
-import run_dir  # noqa: E402
-import runtime  # noqa: E402
-import test_run  # noqa: E402
-import training  # noqa: E402
+from run import run_dir  # noqa: E402
+from run import runtime  # noqa: E402
+from run import test_mode  # noqa: E402
+from run import training  # noqa: E402
 from data import idx, pipeline as data_pipeline  # noqa: E402
-from run_dir import UsageError  # noqa: E402
+from run.run_dir import UsageError  # noqa: E402
 
 FLAGS = flags.FLAGS
 _FIELD_TYPES = {field.name: field.type for field in dataclasses.fields(capsnet.HParams)}
@@ -98,6 +83,7 @@ OPTIMISATION_HPARAMS = define_hparam_flags(
         "learning_rate": "Initial Adam learning rate, > 0",
         "lr_decay_rate": "Learning-rate decay factor per --lr_decay_steps",
         "lr_decay_steps": "Steps per learning-rate decay, >= 0 (0: the whole run)",
+        "lr_decay_epochs": "Epochs per learning-rate decay, >= 0, in place of --lr_decay_steps (0: its steps)",
         "weight_decay": "L2 weight-decay coefficient",
         "margin_schedule": "Spread-loss margin schedule: 'sigmoid' (official code), 'linear' or 'constant' (0.2)",
         "margin_ramp_steps": "Steps of the margin ramp from 0.2 to 0.9, >= 0 (0: the whole run)",
@@ -108,7 +94,9 @@ flags.DEFINE_string("dataset", "mnist", "Dataset: " + ", ".join(data.DATASETS) +
 flags.DEFINE_string("data_dir", None, "The dataset's files, downloaded and verified when missing (./data/<dataset>).")
 flags.DEFINE_string("viewpoint_split", "none", "smallNORB novel viewpoints: 'azimuth', 'elevation' or 'none'.")
 flags.DEFINE_integer("norb_channels", 1, "smallNORB: 1 (the first image of each stereo pair) or 2 (both).")
-flags.DEFINE_integer("validation_size", 5000, "Training images held out for per-epoch validation, >= 0.")
+flags.DEFINE_integer(
+    "validation_size", None, "Training images held out for per-epoch validation, >= 0 (default: the dataset's)."
+)
 flags.DEFINE_integer("max_shift", 0, "Augmentation: training images moved by up to N pixels per axis (0: none).")
 flags.DEFINE_integer("crop", 0, "Augmentation: train on random N x N crops, test on the centre one (0: none).")
 flags.DEFINE_float("max_rotation", 0.0, "Augmentation: training images turned by up to N degrees (0: none).")
@@ -182,8 +170,6 @@ EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT-ended command
 NORB_CHANNELS = (1, 2)  # --norb_channels: one image of each stereo pair, or both
 VIEWPOINT_SPLITS = ("none", "azimuth", "elevation")
 MAX_CROPS = 13  # the authors' multi-crop test: the centre view and 12 diagonal shifts
-MIN_CROP = 17  # --crop: VALID padding needs 17 (conv1 5x5/2 -> 7, conv_caps1 3x3/2 -> 3, conv_caps2 3x3/1 -> 1)
-MAX_ROTATION = 180.0  # --max_rotation, degrees: every orientation
 
 
 # ---- flags -------------------------------------------------------------------------------------------
@@ -208,6 +194,8 @@ def resolve_hparams(values):
     size = values.get("crop") or spec.image_size  # --crop: the network sees the crops
     overrides = dict(image_size=size, image_channels=channels, num_classes=spec.num_classes)
     overrides.update({name: values[name] for name in HPARAM_FLAGS if values.get(name) is not None})
+    if "lr_decay_steps" in overrides and "lr_decay_epochs" not in overrides:
+        overrides["lr_decay_epochs"] = 0.0  # a decay interval given in steps replaces the preset's in epochs
     overrides["routing_kernel"] = values.get("routing_kernel") or capsnet.HParams.routing_kernel
     try:
         capsule_ops.check_choice(overrides["routing_kernel"])
@@ -217,8 +205,12 @@ def resolve_hparams(values):
         hparams = capsnet.hparams_for(values["preset"], values.get("routing"), **overrides)
     except ValueError as error:  # a flag's value: HParams names the field, which is the flag's name
         raise UsageError("--%s" % error) from None
+    text = values.get("hparams") or ""
+    named = {item.partition("=")[0].strip() for item in text.split(",")}
+    if "lr_decay_steps" in named and "lr_decay_epochs" not in named:
+        text += ",lr_decay_epochs=0"  # as for the flag: steps given replace the preset's epochs
     try:
-        return hparams.parse(values.get("hparams") or "").validate()
+        return hparams.parse(text).validate()
     except ValueError as error:
         raise UsageError("--hparams: %s" % error) from None
 
@@ -229,7 +221,7 @@ def validate_flags(values):
         if values.get(name) is not None and values[name] <= 0:
             raise UsageError("--%s must be > 0, got %r" % (name, values[name]))
     for name in NON_NEGATIVE_FLAGS:
-        if values.get(name, 0) < 0:
+        if (values.get(name) or 0) < 0:
             raise UsageError("--%s must be >= 0, got %r" % (name, values[name]))
     if values["dataset"] not in data.DATASETS:
         raise UsageError("--dataset must be one of %s, got %r" % ("/".join(data.DATASETS), values["dataset"]))
@@ -241,22 +233,12 @@ def validate_flags(values):
         raise UsageError("--multi_crop must be in 1..%d, got %r" % (MAX_CROPS, values["multi_crop"]))
     if values["norb_channels"] not in NORB_CHANNELS:
         raise UsageError("--norb_channels must be 1 or 2, got %r" % values["norb_channels"])
-    image_size = data.get(values["dataset"]).image_size
-    if not 0 <= values["max_shift"] < image_size:
-        raise UsageError("--max_shift must be in 0..%d, got %r" % (image_size - 1, values["max_shift"]))
-    check_crop_and_rotation(values, image_size)
+    try:
+        data.check_augmentation(values["dataset"], values["max_shift"], values["crop"], values["max_rotation"])
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     attacks.check_flags(values)
     runtime.check_towers(values["batch_size"], values["num_devices"], resolve_hparams(values).model)
-
-
-def check_crop_and_rotation(values, image_size):
-    """UsageError unless --crop is 0 or MIN_CROP..image_size - 1 (an IDX dataset) and --max_rotation 0..180."""
-    if values["crop"] and (values["dataset"] in data.PREPROCESSED or not MIN_CROP <= values["crop"] < image_size):
-        raise UsageError(
-            "--crop must be 0 or in %d..%d (not smallNORB), got %r" % (MIN_CROP, image_size - 1, values["crop"])
-        )
-    if not 0 <= values["max_rotation"] <= MAX_ROTATION:
-        raise UsageError("--max_rotation must be in 0..%g degrees, got %r" % (MAX_ROTATION, values["max_rotation"]))
 
 
 def flag_defaults():
@@ -271,51 +253,18 @@ def run_hparams(result_dir, values):
     return dataclasses.replace(run_dir.read_hparams(result_dir, fresh), routing_kernel=fresh.routing_kernel)
 
 
-def run_length(values, train_size):
-    """(steps per epoch, the run's last step) for `train_size` training images."""
-    steps_per_epoch = -(-train_size // values["batch_size"])
-    return steps_per_epoch, values["max_steps"] or values["epochs"] * steps_per_epoch
-
-
 # ---- graph and session ------------------------------------------------------------------------------
-
-
-def load_split(values, split):
-    """The dataset's images and labels of `split` from --data_dir (downloaded when missing), as fed."""
-    return data.load_arrays(values["dataset"], values["data_dir"], split, values["norb_channels"])
 
 
 def describe(hparams, values):
     """The network in a few words, for header lines."""
     if hparams.model == "cnn":
         return "the baseline CNN (paper section 5)"
-    kernel = capsule_ops.resolve(hparams.routing_kernel)
-    return "preset %s, routing %s, %d iterations, %s routing kernel" % (
-        values["preset"],
-        hparams.routing,
-        hparams.iterations,
-        kernel,
-    )
+    network = (values["preset"], hparams.routing, hparams.iterations, capsule_ops.resolve(hparams.routing_kernel))
+    return "preset %s, routing %s, %d iterations, %s routing kernel" % network
 
 
 # ---- training -------------------------------------------------------------------------------------------
-
-
-def training_data(values):
-    """(train images, train labels, validation images, validation labels) of the run."""
-    images, labels = load_split(values, "train")
-    masks = data.viewpoint_masks(values["dataset"], values["data_dir"], "train", values["viewpoint_split"])
-    if masks is not None:  # train on the familiar viewpoints only
-        images, labels = images[masks[0]], labels[masks[0]]
-    if values["validation_size"] >= len(images):
-        raise UsageError(
-            "--validation_size must be smaller than the %d training images in %s, got %d"
-            % (len(images), values["data_dir"], values["validation_size"])
-        )
-    train_x, train_y, val_x, val_y = data_pipeline.split_train_validation(
-        images, labels, values["validation_size"], values["seed"]
-    )
-    return train_x, train_y, data.for_evaluation(values["dataset"], val_x, values["crop"]), val_y
 
 
 def build_training(values, hparams, role):
@@ -339,9 +288,9 @@ def train(values, result_dir, resumed, monitor=None, role=None):
     each accuracy; main.py's own command passes none. `role` (a `cluster.Role`) trains as a worker of a cluster.
     """
     hparams = run_hparams(result_dir, values) if resumed else resolve_hparams(values)
-    arrays, epoch_size = cluster.share(training_data(values), role, values["async"])
-    steps_per_epoch, max_steps = run_length(values, epoch_size)
-    hparams = runtime.with_run_length(hparams, max_steps)  # a new run's whole-run schedules
+    arrays, epoch_size = cluster.share(training.training_data(values), role, values["async"])
+    steps_per_epoch, max_steps = training.run_length(values, epoch_size)
+    hparams = runtime.with_run_length(hparams, max_steps, epoch_size / values["batch_size"])  # schedules in steps
     start = run_dir.latest_checkpoint(result_dir)[1] if resumed else 0
     sizes = (len(arrays[0]), len(arrays[2]))
     header = (result_dir, start, max_steps, steps_per_epoch, values["batch_size"], values["dataset"]) + sizes
@@ -418,13 +367,13 @@ def tested_run_flags(result_dir, overrides, data_dir):
 
 
 def test(result_dir, overrides, data_dir):
-    """Evaluates DIR's latest checkpoint on the test set (test_run.py); writes JSON and pictures.
+    """Evaluates DIR's latest checkpoint on the test set (test_mode.py); writes JSON and pictures.
 
     `overrides` maps TEST_FLAGS given on the command line to their values; every other flag is the run's but
     the data folder, `data_dir` (this command's) where the run's own is not on this machine.
     """
     values = tested_run_flags(result_dir, overrides, data_dir)
-    test_run.latest_checkpoint(result_dir)  # a run without a checkpoint is refused before the data is read
+    test_mode.latest_checkpoint(result_dir)  # a run without a checkpoint is refused before the data is read
     hparams = run_hparams(result_dir, values)
     source = None
     if values["attack_transfer_from"]:  # a bad transfer run is refused before any evaluation
@@ -432,13 +381,13 @@ def test(result_dir, overrides, data_dir):
         if not os.path.isdir(source_dir):
             raise UsageError("--attack_transfer_from %s does not exist" % source_dir)
         source_values = tested_run_flags(source_dir, overrides, data_dir)
-        source = test_run.attack_source(
+        source = test_mode.attack_source(
             source_dir, source_values, run_hparams(source_dir, source_values), values, hparams
         )
-    images, labels = load_split(values, "test")
+    images, labels = training.load_split(values, "test")
     if values["test_images"]:
         images, labels = images[: values["test_images"]], labels[: values["test_images"]]
-    return test_run.evaluate(result_dir, values, hparams, images, labels, describe(hparams, values), source)
+    return test_mode.evaluate(result_dir, values, hparams, images, labels, describe(hparams, values), source)
 
 
 # ---- entry point -----------------------------------------------------------------------------------------
@@ -457,6 +406,8 @@ def parse_command_line(argv):
     values["data_dir"] = os.path.abspath(data_dir)  # saved runs work from any folder
     if values["batch_size"] is None:
         values["batch_size"] = capsnet.batch_size_for(values["preset"])
+    if values["validation_size"] is None and values["dataset"] in data.DATASETS:  # a bad dataset: validate_flags
+        values["validation_size"] = data.get(values["dataset"]).validation_size  # MNIST 5,000, smallNORB 0
     testing = parse_test_flag(values["test"])
     validate_flags(values)
     return values, {name for name in PROGRAM_FLAGS if FLAGS[name].present}, testing

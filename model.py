@@ -19,7 +19,7 @@ import math
 import tensorflow.compat.v1 as tf
 
 import capsule_layers as cl
-import diagnostics
+from routing import diagnostics
 from hparams import (  # noqa: F401 (re-exported: callers build a model from model.py alone)
     CENTRED_BETA_V,
     COORDINATE_FORMS,

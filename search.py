@@ -44,11 +44,11 @@ import warnings
 import optuna
 
 import main  # before TensorFlow comes in any other way: it silences TF's start-up lines; it defines the flags
-import search_space
-import search_study
-import study_runs
+from experiments import search_space
+from experiments import search_study
+from experiments import study_runs
 from data import idx
-from run_dir import UsageError
+from run.run_dir import UsageError
 
 flags, FLAGS = main.flags, main.FLAGS
 

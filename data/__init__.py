@@ -13,6 +13,7 @@ from data import fashion_mnist, mnist, smallnorb
 from data.spec import DatasetSpec
 
 __all__ = ["DATASETS", "DatasetSpec", "get", "load_arrays", "for_evaluation", "evaluation_views", "PREPROCESSED"]
+__all__ += ["check_augmentation"]
 
 DATASETS = {spec.name: spec for spec in (mnist.SPEC, fashion_mnist.SPEC, smallnorb.SPEC)}
 
@@ -33,6 +34,9 @@ def get(name):
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name]
 
+
+MIN_CROP = 17  # --crop: VALID padding needs 17 (conv1 5x5/2 -> 7, conv_caps1 3x3/2 -> 3, conv_caps2 3x3/1 -> 1)
+MAX_ROTATION = 180.0  # --max_rotation, degrees: every orientation
 
 # Datasets fed to the network as preprocessed float images (data.pipeline.build_preprocessed_pipeline).
 PREPROCESSED = (smallnorb.SPEC.name,)
@@ -69,6 +73,19 @@ def for_evaluation(name, images, crop=0):
     from data import smallnorb_preprocess  # needs TensorFlow
 
     return smallnorb_preprocess.centre_crop(images)
+
+
+def check_augmentation(name, max_shift, crop, max_rotation):
+    """ValueError naming the flag unless the training augmentation suits dataset `name`: --max_shift below its
+    image size, --crop 0 or MIN_CROP..its size - 1 (not smallNORB, cropped by its own preprocessing), and
+    --max_rotation within 0..MAX_ROTATION degrees."""
+    size = get(name).image_size
+    if not 0 <= max_shift < size:
+        raise ValueError("--max_shift must be in 0..%d, got %r" % (size - 1, max_shift))
+    if crop and (name in PREPROCESSED or not MIN_CROP <= crop < size):
+        raise ValueError("--crop must be 0 or in %d..%d (not smallNORB), got %r" % (MIN_CROP, size - 1, crop))
+    if not 0 <= max_rotation <= MAX_ROTATION:
+        raise ValueError("--max_rotation must be in 0..%g degrees, got %r" % (MAX_ROTATION, max_rotation))
 
 
 def _window(images, size, offset):

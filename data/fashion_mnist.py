@@ -104,12 +104,14 @@ def load(data_dir, split):
     return load_split(data_dir, *_SPLIT_FILES[split], IMAGE_SIZE, NUM_CLASSES)
 
 
+VALIDATION_SIZE = 5000  # default --validation_size: as MNIST, whose format and size it shares
 SPEC = DatasetSpec(
     name=NAME,
     image_size=IMAGE_SIZE,
     channels=CHANNELS,
     num_classes=NUM_CLASSES,
     class_names=CLASS_NAMES,
+    validation_size=VALIDATION_SIZE,
     ensure=ensure,
     load=load,
 )

@@ -242,12 +242,14 @@ def viewpoint_split(info, kind):
     return familiar, ~familiar
 
 
+VALIDATION_SIZE = 0  # default --validation_size: the paper trains on all 24,300 training images
 SPEC = DatasetSpec(
     name=NAME,
     image_size=IMAGE_SIZE,
     channels=CHANNELS,
     num_classes=NUM_CLASSES,
     class_names=CLASS_NAMES,
+    validation_size=VALIDATION_SIZE,
     ensure=ensure,
     load=load,
 )

@@ -7,7 +7,7 @@ its `SPEC` without importing the package it is part of (no import cycle).
 import collections
 
 DatasetSpec = collections.namedtuple(
-    "DatasetSpec", ["name", "image_size", "channels", "num_classes", "class_names", "ensure", "load"]
+    "DatasetSpec", ["name", "image_size", "channels", "num_classes", "class_names", "validation_size", "ensure", "load"]
 )
 DatasetSpec.__doc__ = """A dataset as the training code sees it.
 
@@ -17,6 +17,9 @@ Attributes:
     channels: colour channels per pixel (1 for grayscale).
     num_classes: C.
     class_names: C display names, in class-index order.
+    validation_size: training images held out for validation when --validation_size is not given (MNIST's
+        5,000, the 55,000/5,000 split of the official TensorFlow tutorials; smallNORB 0, the paper trains on
+        all 24,300).
     ensure: callable(data_dir) that makes sure the files are in `data_dir` (downloading missing ones)
         and raises `data.idx.DataError` when it cannot.
     load: callable(data_dir, split) returning (uint8 images, int64 labels [N]) for the split 'train'

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow.compat.v1 as tf  # noqa: E402
 
 import capsule_layers as cl  # noqa: E402
-import diagnostics  # noqa: E402
+from routing import diagnostics  # noqa: E402
 import hparams  # noqa: E402
 import model  # noqa: E402
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
-import attacks
+from run import attacks
 import compare_attacks
 import model as capsnet
-from run_dir import UsageError
-from test_main import MAIN, SMALL_RUN, assert_png, main_env, read_json, run_main, write_tiny_mnist
+from run.run_dir import UsageError
+from test_main import MAIN, assert_png, main_env, read_json, run_main
 
 # A linear classifier of 2x2 images into 2 classes. For label y the cross-entropy's gradient is
 # p_other * (w_other - w_y), so its sign is sign(w_other - w_y) whatever the probabilities.
@@ -165,14 +165,13 @@ def test_flag_checks():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Tiny data, a 2-step capsule run 'caps' and a 2-step CNN run 'cnn': the workspace."""
+def runs(tiny_trained_run, tiny_trained_cnn, tmp_path_factory):
+    """Tiny data, a 2-step capsule run 'caps' and a 2-step CNN run 'cnn' (copies of the session's runs on the
+    same tiny data, conftest.py): the workspace."""
     workspace = tmp_path_factory.mktemp("attacks")
-    write_tiny_mnist(str(workspace / "data"))
-    for name, extra in (("caps", []), ("cnn", ["--model", "cnn"])):
-        args = ["--data_dir", "data", "--result_dir", name, "--max_steps", "2"] + SMALL_RUN + extra
-        result = run_main(args, cwd=workspace)
-        assert result.returncode == 0, result.stderr
+    shutil.copytree(tiny_trained_run.data_dir, str(workspace / "data"))
+    for name, trained in (("caps", tiny_trained_run), ("cnn", tiny_trained_cnn)):
+        shutil.copytree(os.path.join(str(trained.workspace), "run"), str(workspace / name))
     return workspace
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 import capsule_layers as cl
-import em_routing
+from routing import em_routing
 import numpy_reference as ref
 
 CONFIGS = list(itertools.product(("VALID", "SAME"), (1, 2)))  # (padding, stride)

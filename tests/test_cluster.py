@@ -18,7 +18,7 @@ import time
 
 import tensorflow.compat.v1 as tf
 
-import cluster
+from run import cluster
 import main
 from test_main import MAIN, main_env, run_main, write_tiny_mnist
 

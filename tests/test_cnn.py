@@ -1,14 +1,15 @@
 """Tests of cnn.py, the paper's baseline CNN, and of `--model cnn` through main.py."""
 
 import os
+import shutil
 
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-import cnn
+from run import cnn
 import model as capsnet
-import runtime
-from test_main import SMALL_RUN, read_json, run_main, write_tiny_mnist
+from run import runtime
+from test_main import read_json, run_main
 
 # Hand count for 32x32x1 smallNORB crops and 5 classes: conv 5*5*1*32 + 32, conv 5*5*32*64 + 64,
 # dense 8*8*64*1024 + 1024, dense 1024*5 + 5 -- the paper's "4.2M parameters".
@@ -59,13 +60,11 @@ class CNNBaselineTest(tf.test.TestCase):
         self.assertTrue(all(not np.array_equal(b, a) for b, a in zip(before, after)))
 
 
-def test_main_trains_and_tests_the_cnn(tmp_path):
-    """`--model cnn` trains and tests through main.py like the capsule network; the header names it and test
-    mode has no routing statistics or iteration sweep."""
-    write_tiny_mnist(str(tmp_path / "data"))
-    train = run_main(
-        ["--model", "cnn", "--data_dir", "data", "--result_dir", "run", "--max_steps", "2"] + SMALL_RUN, cwd=tmp_path
-    )
+def test_main_trains_and_tests_the_cnn(tmp_path, tiny_trained_cnn):
+    """`--model cnn` trains (the session's 2-step CNN run, conftest.py) and tests through main.py like the capsule
+    network; the header names it and test mode has no routing statistics or iteration sweep."""
+    shutil.copytree(os.path.join(str(tiny_trained_cnn.workspace), "run"), str(tmp_path / "run"))
+    train = tiny_trained_cnn.result
     assert train.returncode == 0, train.stderr
     assert "the baseline CNN" in train.stdout
     assert read_json(str(tmp_path / "run" / "flags.json"))["hparams"]["model"] == "cnn"

@@ -10,7 +10,7 @@ import data
 from data import smallnorb
 from data import smallnorb_preprocess as prep
 from test_datasets import _norb_arrays, _write_fashion_split, _write_norb_split
-from test_main import SMALL_RUN, read_json, run_main
+from test_main import SMALL_RUN, TINY_NET, read_json, run_main
 
 NORB_PAIRS = 48  # a few dozen 96x96 stereo pairs per split
 
@@ -34,7 +34,7 @@ def test_train_and_test(tmp_path, dataset, channels):
         _write_norb_split(data_dir, "test", _norb_arrays(NORB_PAIRS, seed=2), compressed=False)
         test_images, size, classes = NORB_PAIRS, 32, 5
     args = ["--dataset", dataset, "--data_dir", data_dir, "--norb_channels", str(channels), "--max_steps", "2"]
-    train = run_main(args + ["--result_dir", "run"] + SMALL_RUN, cwd=tmp_path)
+    train = run_main(args + ["--result_dir", "run"] + SMALL_RUN + TINY_NET, cwd=tmp_path)
     assert train.returncode == 0, train.stderr
     training_images = 96 - 16 if dataset == "fashion_mnist" else NORB_PAIRS - 16  # SMALL_RUN holds 16 out
     assert "%s: %d training, 16 validation images" % (dataset, training_images) in train.stdout
@@ -62,7 +62,8 @@ def test_viewpoints_and_multi_crop(tmp_path):
     familiar, novel = (int(mask.sum()) for mask in smallnorb.viewpoint_split(test_arrays[2], "azimuth"))
     args = ["--dataset", "smallnorb", "--data_dir", data_dir, "--viewpoint_split", "azimuth", "--max_steps", "2"]
     train = run_main(
-        args + ["--result_dir", "run", "--preset", "small", "--batch_size", "4", "--validation_size", "4"], cwd=tmp_path
+        args + ["--result_dir", "run", "--preset", "small", "--batch_size", "4", "--validation_size", "4"] + TINY_NET,
+        cwd=tmp_path,
     )
     assert train.returncode == 0, train.stderr
     assert "smallnorb: %d training, 4 validation images" % (familiar_train - 4) in train.stdout

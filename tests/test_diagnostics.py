@@ -4,8 +4,8 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 import capsule_layers as cl
-import em_routing
-import diagnostics
+from routing import em_routing
+from routing import diagnostics
 
 
 class PercentileTest(tf.test.TestCase):

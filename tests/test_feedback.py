@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-import progress
-from test_main import MAIN, SMALL_RUN, TINY_TEST_IMAGES, assert_png, main_env, read_json, run_main, write_tiny_mnist
+from run import progress
+from test_main import MAIN, TINY_TEST_IMAGES, assert_png, main_env, read_json, run_main, write_tiny_mnist
 from test_reliability import wait_for
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "run_before_restructure")
@@ -23,12 +23,10 @@ SLOW_TEST_IMAGES = 4000  # an evaluation long enough to be interrupted in the mi
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-step small run on tiny data: (workspace, run dir name)."""
-    workspace = tmp_path_factory.mktemp("feedback")
-    write_tiny_mnist(str(workspace / "data"))
-    result = run_main(["--data_dir", "data", "--result_dir", "run", "--max_steps", "2"] + SMALL_RUN, cwd=workspace)
-    assert result.returncode == 0, result.stderr
+def trained(tiny_trained_run, tmp_path_factory):
+    """A 2-step small run on tiny data (a copy of the session's run, conftest.py): (workspace, run dir name)."""
+    workspace = tmp_path_factory.mktemp("feedback") / "workspace"
+    shutil.copytree(str(tiny_trained_run.workspace), str(workspace))
     return workspace, "run"
 
 

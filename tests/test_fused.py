@@ -14,7 +14,7 @@ import tensorflow.compat.v1 as tf
 
 import capsule_layers as cl
 import capsule_ops
-import em_routing
+from routing import em_routing
 import hparams
 import model
 import numpy_reference as ref

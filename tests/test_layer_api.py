@@ -8,7 +8,7 @@ import tensorflow.compat.v1 as tf
 
 import capsule_layers as cl
 import capsule_ops
-import diagnostics
+from routing import diagnostics
 import hparams
 import model as capsnet
 

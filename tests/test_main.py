@@ -26,6 +26,9 @@ TINY_TRAIN_IMAGES = 96
 TINY_TEST_IMAGES = 40  # fewer than the evaluation batch of 100: the remainder must not be dropped
 # The fast configuration of every training run here: 80 training images -> 10 steps per epoch.
 SMALL_RUN = ["--preset", "small", "--batch_size", "8", "--validation_size", "16"]
+# The small preset's form at a quarter of its widths (A=8, B=C=D=4), where a test checks the run around the network
+# (files read and written, images counted), not the network: its steps and evaluations cost a fraction.
+TINY_NET = ["--hparams", "conv1_filters=8,primary_types=4,conv_caps1_types=4,conv_caps2_types=4"]
 _CLOSED_PORT_PROXY = "http://127.0.0.1:9"  # port 9 (discard) is closed: any download fails offline
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _SUBPROCESS_TIMEOUT_S = 600
@@ -97,21 +100,18 @@ def assert_png(path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """Trains 2 steps with `--test False` on tiny data; returns (workspace, run dir, CompletedProcess)."""
-    workspace = tmp_path_factory.mktemp("tiny")
-    data_dir = str(workspace / "data")
-    write_tiny_mnist(data_dir)
-    result = run_main(
-        ["--test", "False", "--data_dir", data_dir, "--result_dir", "run", "--max_steps", "2"] + SMALL_RUN,
-        cwd=workspace,
-    )
-    return workspace, str(workspace / "run"), result
+def tiny_run(tiny_trained_run, tmp_path_factory):
+    """A copy of the session's run (conftest.py), trained 2 steps with `--test False` on tiny data: (workspace, run
+    dir, the training's CompletedProcess)."""
+    workspace = tmp_path_factory.mktemp("tiny") / "workspace"
+    shutil.copytree(str(tiny_trained_run.workspace), str(workspace))
+    return workspace, str(workspace / "run"), tiny_trained_run.result
 
 
-def test_train_writes_run_directory(tiny_run):
-    """`--test False` trains: 2 steps write flags.json (resolved flags and hparams), a checkpoint of step 2
-    with its 'checkpoint' index, history.json with the step-2 validation; stdout names the steps."""
+def test_train_writes_run_directory(tiny_run, tiny_trained_run):
+    """`--test False` trains: 2 steps write flags.json (resolved flags and hparams, the absolute --data_dir
+    given), a checkpoint of step 2 with its 'checkpoint' index, history.json with the step-2 validation; stdout
+    names the steps."""
     workspace, run_dir, result = tiny_run
     assert result.returncode == 0, result.stderr
     assert "training into run at step 0 of 2" in result.stdout
@@ -124,7 +124,7 @@ def test_train_writes_run_directory(tiny_run):
         "validation_size": 16,
         "max_steps": 2,
         "result_dir": "run",
-        "data_dir": str(workspace / "data"),
+        "data_dir": tiny_trained_run.data_dir,
         "test": "False",
         "seed": 1,
         "padding": None,
@@ -221,7 +221,8 @@ def test_real_mnist_smoke(tmp_path):
             MNIST_DIR,
             "--result_dir",
             "run",
-        ],
+        ]
+        + TINY_NET,
         cwd=tmp_path,
     )
     assert train.returncode == 0, train.stderr
@@ -274,11 +275,49 @@ def test_batch_size_default_per_preset(argv, expected):
     assert ("batch_size" in given) == ("--batch_size" in argv)
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], 5000),
+        (["--dataset", "fashion_mnist"], 5000),
+        (["--dataset", "smallnorb"], 0),
+        (["--validation_size", "8"], 8),
+    ],
+    ids=["mnist-default", "fashion_mnist-default", "smallnorb-default", "given"],
+)
+def test_validation_size_default_per_dataset(argv, expected):
+    """Without --validation_size a run holds out its dataset's default (MNIST's 5,000; smallNORB none: the paper
+    trains on all 24,300 images); a given one wins. flags.json saves the resolved value."""
+    import main
+
+    main.FLAGS.unparse_flags()
+    try:
+        values, given, _ = main.parse_command_line(["main.py"] + argv)
+    finally:
+        main.FLAGS.unparse_flags()
+    assert values["validation_size"] == expected
+    assert ("validation_size" in given) == ("--validation_size" in argv)
+
+
+def test_lr_decay_given_in_steps_replaces_the_presets_epochs():
+    """The paper preset decays every PAPER_LR_DECAY_EPOCHS; --lr_decay_steps (or lr_decay_steps in --hparams)
+    given without lr_decay_epochs means steps: the epochs are cleared, so the steps given hold."""
+    import main
+
+    values = {name: None for name in main.HPARAM_FLAGS}
+    values.update(preset="paper", routing=None, hparams="", dataset="mnist", norb_channels=1, routing_kernel="tf")
+    assert main.resolve_hparams(values).lr_decay_epochs == main.capsnet.PRESETS["paper"].lr_decay_epochs > 2
+    assert main.resolve_hparams(dict(values, lr_decay_steps=500)).lr_decay_epochs == 0
+    assert main.resolve_hparams(dict(values, hparams="lr_decay_steps=500")).lr_decay_epochs == 0
+    both = main.resolve_hparams(dict(values, lr_decay_steps=500, lr_decay_epochs=3.0))
+    assert (both.lr_decay_steps, both.lr_decay_epochs) == (500, 3.0)
+
+
 def test_paper_run_saved_before_the_routing_forms(tmp_path):
     """A paper-preset run whose flags.json predates the routing forms routed with the paper's pieces: reading it
     back gives those, not the preset's form of today ('official-activation'); its saved fields stay."""
     import hparams
-    import run_dir
+    from run import run_dir
 
     saved = {"iterations": 3, "weight_stddev": 0.5, "learning_rate": 3e-3}  # no 'routing', no form pieces
     with open(str(tmp_path / "flags.json"), "w") as f:

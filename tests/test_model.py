@@ -12,11 +12,14 @@ import tensorflow.compat.v1 as tf
 from absl.testing import parameterized
 
 import model as capsnet
-import runtime
+from run import runtime
 
 _BATCH = 2  # images per forward pass; small enough for the paper network on two cores
 _IMAGE_SHAPE = [28, 28, 1]
 _RUN_STEPS = 100  # a run length for the schedules that span the run
+# The small preset's form at a quarter of its widths (A=8, B=C=D=4): where a test checks how the graph is run (micro-
+# batches, a training step), not how wide it is, its forward and backward passes cost a fraction.
+_NARROW = dict(conv1_filters=8, primary_types=4, conv_caps1_types=4, conv_caps2_types=4)
 _POSE = 4 * 4  # entries of a 4x4 pose matrix
 # Trainable parameters stated in model.py's PRESETS comments and main.py's start-up line.
 _DOCUMENTED_PARAMETERS = {"paper": 318964, "small": 68444}
@@ -240,7 +243,7 @@ class HParamsTest(tf.test.TestCase):
     def test_small_search_preset(self):
         """`small_search` (the search's best trial) is the `small` network with only fields of the search space
         changed, and valid; its margin ramps over the whole run."""
-        import search_space
+        from experiments import search_space
 
         small, searched = capsnet.PRESETS["small"], capsnet.hparams_for("small_search")
         changed = {f.name for f in dataclasses.fields(small) if getattr(small, f.name) != getattr(searched, f.name)}
@@ -259,6 +262,11 @@ class HParamsTest(tf.test.TestCase):
         self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (_RUN_STEPS, small.margin_ramp_steps))
         paper = capsnet.hparams_for("paper")  # its rate falls a tenth every 2 epochs at batch 32, whatever the run
         self.assertEqual(runtime.with_run_length(paper, 5 * _RUN_STEPS).lr_decay_steps, capsnet.PAPER_LR_DECAY_STEPS)
+        # ... given in epochs: with the run's steps per epoch the same 2.0015 epochs on every dataset and batch,
+        # exactly 3,440 steps on MNIST's 55,000 training images at batch 32
+        for images, batch, steps in ((55000, 32, 3440), (55000, 64, 1720), (24300, 32, 1520)):
+            resolved = runtime.with_run_length(paper, 5 * _RUN_STEPS, images / batch)
+            self.assertEqual(resolved.lr_decay_steps, steps)
         official = capsnet.HParams(margin_ramp_steps=capsnet.WHOLE_RUN)  # the official schedules: lr decay fixed
         resolved = runtime.with_run_length(official, _RUN_STEPS)
         self.assertEqual((resolved.lr_decay_steps, resolved.margin_ramp_steps), (official.lr_decay_steps, _RUN_STEPS))
@@ -300,7 +308,7 @@ class MicroBatchTest(tf.test.TestCase, parameterized.TestCase):
         random = np.random.RandomState(2)
         feed_images = random.uniform(size=[batch] + _IMAGE_SHAPE)
         feed_labels = random.randint(10, size=batch)
-        hparams = capsnet.hparams_for("small")
+        hparams = capsnet.hparams_for("small", **_NARROW)
         with tf.Graph().as_default():
             images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
             labels = tf.placeholder(tf.int64, [None])
@@ -327,11 +335,11 @@ class MicroBatchTest(tf.test.TestCase, parameterized.TestCase):
 
 class TrainStepTest(tf.test.TestCase):
     def _build(self):
-        """Small-preset training graph on placeholders; returns (images, labels, TrainGraph)."""
+        """Training graph of the small preset's form, narrowed, on placeholders: (images, labels, TrainGraph)."""
         tf.set_random_seed(1)
         images = tf.placeholder(tf.float32, [None] + _IMAGE_SHAPE)
         labels = tf.placeholder(tf.int64, [None])
-        hparams = runtime.with_run_length(capsnet.hparams_for("small"), _RUN_STEPS)
+        hparams = runtime.with_run_length(capsnet.hparams_for("small", **_NARROW), _RUN_STEPS)
         graph = capsnet.CapsNetEMModel(hparams).train(images, labels)
         return images, labels, graph
 

@@ -10,7 +10,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-import plots  # noqa: E402  (needs the repo root on sys.path)
+from run import plots  # noqa: E402  (needs the repo root on sys.path)
 from data import mnist, pipeline  # noqa: E402
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # PNG spec, section 5.2: file signature.

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-import run_dir
+from run import run_dir
 from test_main import MNIST_DIR, REPO_ROOT, SMALL_RUN, TINY_TEST_IMAGES, read_json, run_main, write_tiny_mnist
 
 PRETRAINED = sorted(glob.glob(os.path.join(REPO_ROOT, "pretrained", "*", run_dir.SHIPPED_FILE)))

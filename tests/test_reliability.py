@@ -73,13 +73,10 @@ def wait_for(condition, process, what):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A folder holding tiny data in data/ and a small run in run/ trained for 2 steps."""
-    root = tmp_path_factory.mktemp("trained")
-    write_tiny_mnist(str(root / "data"))
-    result = run_main(["--data_dir", "data", "--result_dir", "run", "--max_steps", "2"] + SMALL_RUN, cwd=root)
-    assert result.returncode == 0, result.stderr
-    return root
+def trained(tiny_trained_run):
+    """A folder holding tiny data in data/ and a small run in run/ trained for 2 steps: the session's run
+    (conftest.py), which the `workspace` fixture copies for each test."""
+    return tiny_trained_run.workspace
 
 
 @pytest.fixture

@@ -261,7 +261,7 @@ def test_bad_flags_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
 def test_default_space_samples_each_form_its_own_ranges():
     """With the default space, a trial of one routing form samples that form's '<form>.<field>' parameters only,
     each inside the form's range, and they map back to plain HParams fields."""
-    import search_space
+    from experiments import search_space
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(12):
@@ -278,7 +278,7 @@ def test_default_space_samples_each_form_its_own_ranges():
 def test_trial_overrides_come_after_the_command():
     """A trial's fields follow the command's --hparams (replacing the same names); a searched margin schedule
     ramps over the run unless the command sets the ramp."""
-    import search_study
+    from experiments import search_study
 
     values = {"hparams": "weight_decay=0, learning_rate=0.1", "margin_ramp_steps": None}
     params = {"routing": "official", "official.beta_v_init": 0.5, "learning_rate": 0.01, "margin_schedule": "linear"}

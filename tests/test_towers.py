@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 import model as capsnet
-import runtime
+from run import runtime
 from test_main import run_main, write_tiny_mnist
 
 _BATCH = 4  # images per step: 2 per tower

@@ -11,7 +11,7 @@ import pytest
 import tensorflow.compat.v1 as tf
 
 import model as capsnet
-import runtime
+from run import runtime
 from data import mnist, pipeline
 
 MNIST_DIR = os.environ.get("MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist"))
@@ -58,3 +58,37 @@ def test_short_run_learns_without_non_finite_steps():
     print("accuracy after %d steps: %.3f" % (TRAIN_STEPS, accuracy))
     assert np.all(np.isfinite(losses))
     assert accuracy >= MIN_ACCURACY
+
+
+def test_history_records_the_mean_of_each_summary_interval(tmp_path):
+    """At every summary step the history holds the mean loss and training accuracy of the interval's steps,
+    not the last batch's: with loss = step and accuracy = step / 10 at steps 1..6 and summaries every 3, the
+    history reads (2, 0.2) at step 3 and (5, 0.5) at step 6."""
+    import collections
+
+    from run import training
+
+    with tf.Graph().as_default():
+        global_step = tf.train.get_or_create_global_step()
+        train_op = tf.assign_add(global_step, 1)
+        with tf.control_dependencies([train_op]):
+            loss = tf.cast(global_step.read_value(), tf.float32)  # the step this run ends at
+        images_in = tf.placeholder(tf.float32, [None, 1])
+        labels_in = tf.placeholder(tf.int64, [None])
+        iterator = tf.data.Dataset.from_tensor_slices((images_in, labels_in)).make_initializable_iterator()
+        fields = ["train_op", "loss", "accuracy", "global_step", "summary_op", "finite_checks"]
+        graph = collections.namedtuple("Graph", fields)(
+            train_op, loss, loss / 10.0, global_step, tf.summary.scalar("loss", loss), {}
+        )
+        pipeline = collections.namedtuple("Pipeline", ["train_iterator", "images_in", "labels_in"])(
+            iterator, images_in, labels_in
+        )
+        data = (np.zeros([6, 1], np.float32), np.zeros([6], np.int64), np.zeros([0, 1]), np.zeros([0]))
+        schedule = training.Schedule(1, 6, 6, 100, 3, True)
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            run = training.TrainingRun(str(tmp_path), sess, graph, None, pipeline, data, schedule)
+            assert run.run(0) == 6
+    assert run.history["step"] == [3, 6]
+    np.testing.assert_allclose(run.history["loss"], [2.0, 5.0])
+    np.testing.assert_allclose(run.history["train_accuracy"], [0.2, 0.5])

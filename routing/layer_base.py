@@ -13,8 +13,8 @@ import numbers
 import tensorflow.compat.v1 as tf
 
 import capsule_ops
-from em_routing import PAPER_FORM, POSE_SIZE, RoutingForm, em_routing, inverse_temperatures
-from receptive_field import VALID_PADDINGS, conv_geometry
+from routing.em_routing import PAPER_FORM, POSE_SIZE, RoutingForm, em_routing, inverse_temperatures
+from routing.receptive_field import VALID_PADDINGS, conv_geometry
 
 # Default initialisers. Each vote entry is a sum of 4 products, so N(0, 0.5^2) weights keep the
 # vote scale equal to the pose scale.

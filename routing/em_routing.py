@@ -23,7 +23,7 @@ import math
 import tensorflow.compat.v1 as tf
 
 import capsule_ops
-from vote_contractions import FusedVoteContractions, VoteContractions
+from routing.vote_contractions import FusedVoteContractions, VoteContractions
 
 POSE_SIZE = 4  # a pose is a 4x4 matrix (paper section 2)
 POSE_ENTRIES = POSE_SIZE * POSE_SIZE

@@ -43,11 +43,11 @@ import tensorflow.compat.v1 as tf
 
 import data
 import model as capsnet
-import progress
-import run_dir
-import runtime
+from run import progress
+from run import run_dir
+from run import runtime
 from data import pipeline as data_pipeline
-from run_dir import UsageError
+from run.run_dir import UsageError
 
 ATTACKS = ("none", "fgsm", "bim")
 TARGETS = ("none", "random", "least_likely")  # none: untargeted

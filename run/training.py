@@ -14,11 +14,13 @@ import time
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-import evaluation
+import data
 import model as capsnet
-import plots
-import progress
-import run_dir
+from data import pipeline as data_pipeline
+from run import evaluation
+from run import plots
+from run import progress
+from run import run_dir
 
 MAX_CHECKPOINTS = 3  # checkpoints kept in a run directory
 EXIT_NON_FINITE = 3  # main.py's exit code when a non-finite loss or gradient stopped training
@@ -51,6 +53,7 @@ class TrainingRun:
         self.history = run_dir.read_history(result_dir)
         self.stop_signals = []
         self._checkpoint_step = None  # step of the last checkpoint this process wrote
+        self._interval = []  # (loss, accuracy) of each step since the last summary: the history records their mean
 
     def save(self, step):
         """A checkpoint (TF writes it to temporary files and renames, then updates 'checkpoint' atomically),
@@ -120,8 +123,10 @@ class TrainingRun:
                 results = capsnet.run_step(self.sess, graph, fetches + ([graph.summary_op] if summarise else []))
                 elapsed = time.time() - started
                 _, loss, accuracy, step = results[:4]
+                self._interval.append((loss, accuracy))
                 if summarise:
-                    self.record(results[4], step, loss, accuracy)
+                    self.record(results[4], step, *np.mean(self._interval, axis=0))
+                    self._interval = []
                 if step % schedule.save_every_steps == 0:
                     self.save(step)
                 bar.set_postfix(
@@ -131,7 +136,8 @@ class TrainingRun:
         return step
 
     def record(self, summary, step, loss, accuracy):
-        """The summary of `step` in TensorBoard and its loss and accuracy in the history."""
+        """The summary of `step` in TensorBoard, and in the history the loss and training accuracy of the interval
+        that `step` ends (their means over its steps: one batch's accuracy of 32 or 64 images is a jagged line)."""
         self.writer.add_summary(summary, step)
         self.history["step"].append(int(step))
         self.history["loss"].append(float(loss))
@@ -151,3 +157,34 @@ class TrainingRun:
         self.writer.add_summary(summary, step)
         progress.write("step %d: validation accuracy %.2f%% on %d images" % (step, 100 * accuracy, len(labels)))
         return accuracy
+
+
+# ---- the run's data and length (main.py passes its flag values) ----------------------------------------
+
+
+def run_length(values, train_size):
+    """(steps per epoch, the run's last step) for `train_size` training images."""
+    steps_per_epoch = -(-train_size // values["batch_size"])
+    return steps_per_epoch, values["max_steps"] or values["epochs"] * steps_per_epoch
+
+
+def load_split(values, split):
+    """The dataset's images and labels of `split` from --data_dir (downloaded when missing), as fed."""
+    return data.load_arrays(values["dataset"], values["data_dir"], split, values["norb_channels"])
+
+
+def training_data(values):
+    """(train images, train labels, validation images, validation labels) of the run."""
+    images, labels = load_split(values, "train")
+    masks = data.viewpoint_masks(values["dataset"], values["data_dir"], "train", values["viewpoint_split"])
+    if masks is not None:  # train on the familiar viewpoints only
+        images, labels = images[masks[0]], labels[masks[0]]
+    if values["validation_size"] >= len(images):
+        raise run_dir.UsageError(
+            "--validation_size must be smaller than the %d training images in %s, got %d"
+            % (len(images), values["data_dir"], values["validation_size"])
+        )
+    train_x, train_y, val_x, val_y = data_pipeline.split_train_validation(
+        images, labels, values["validation_size"], values["seed"]
+    )
+    return train_x, train_y, data.for_evaluation(values["dataset"], val_x, values["crop"]), val_y

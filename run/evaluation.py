@@ -9,11 +9,11 @@ import os
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-import diagnostics
-import plots
-import progress
-import run_dir
-import runtime
+from routing import diagnostics
+from run import plots
+from run import progress
+from run import run_dir
+from run import runtime
 from data import pipeline as data_pipeline
 
 SAMPLE_IMAGES = 100  # images in the test-sample picture

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 import capsule_ops
-from em_routing import _safe_log
+from routing.em_routing import _safe_log
 
 VALID_PADDINGS = ("VALID", "SAME")
 

@@ -16,7 +16,7 @@ import dataclasses
 import json
 
 import hparams
-from run_dir import UsageError
+from run.run_dir import UsageError
 
 KINDS = ("log", "uniform", "int", "choice")
 

@@ -8,9 +8,9 @@ import os
 
 import tensorflow.compat.v1 as tf
 
-import cnn
+from run import cnn
 import model as capsnet
-import run_dir
+from run import run_dir
 
 
 def micro_batches_for(batch_size, micro_batch_size):
@@ -101,8 +101,15 @@ def _tower_device(device):
     return place
 
 
-def with_run_length(hparams, steps):
-    """`hparams` with every schedule length that stands for the whole run (model.WHOLE_RUN) set to `steps`."""
+def with_run_length(hparams, steps, epoch_steps=None):
+    """`hparams` with its schedule lengths in steps for a run of `steps` steps.
+
+    A length that stands for the whole run (model.WHOLE_RUN) becomes `steps`; with `epoch_steps` (training images
+    / batch size: steps per epoch, unrounded), a learning-rate decay given in epochs (`lr_decay_epochs` > 0)
+    becomes round(lr_decay_epochs * epoch_steps) steps. Without it, `lr_decay_steps` stays as it is.
+    """
+    if hparams.lr_decay_epochs > 0 and epoch_steps is not None:
+        hparams = dataclasses.replace(hparams, lr_decay_steps=max(1, round(hparams.lr_decay_epochs * epoch_steps)))
     lengths = {
         name: steps for name in ("lr_decay_steps", "margin_ramp_steps") if getattr(hparams, name) == capsnet.WHOLE_RUN
     }

@@ -20,11 +20,11 @@ import warnings
 import optuna
 
 import hparams
-import search_space
-import study_runs
-import training
+from experiments import search_space
+from experiments import study_runs
+from run import training
 from data import idx
-from run_dir import UsageError
+from run.run_dir import UsageError
 
 INTERRUPTED = "interrupted"  # the fail_reason of a trial stopped by Ctrl-C or SIGTERM: queued again, not counted
 MISSED_BEATS = 3  # a trial silent for this many heartbeat intervals is taken as killed

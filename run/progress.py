@@ -6,6 +6,8 @@ with `quiet` or when stderr is not a terminal (a background run writing a log fi
 every tenth of the pass, so logs stay readable.
 """
 
+import contextlib
+import os
 import sys
 import time
 
@@ -76,3 +78,19 @@ def progress(total, desc, unit, quiet=False, initial=0):
 def write(message):
     """Prints a line without breaking a bar in progress."""
     tqdm.write(message)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Sends file descriptor 2 to /dev/null for a while: TensorFlow's C++ start-up lines (CUDA probing, oneDNN
+    notice) come before its logging is set up and ignore TF_CPP_MIN_LOG_LEVEL; without this, every one-line error
+    would come with four lines of noise."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

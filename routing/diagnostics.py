@@ -18,7 +18,7 @@ import math
 
 import tensorflow.compat.v1 as tf
 
-import capsule_layers as cl
+from routing.layer_base import RoutedCapsuleLayer
 
 PERCENTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
 STATISTICS = (
@@ -98,7 +98,7 @@ def routing_statistics(layers, call=-1):
     return {
         (layer.name,) + key: value
         for layer in layers
-        if isinstance(layer, cl.RoutedCapsuleLayer)
+        if isinstance(layer, RoutedCapsuleLayer)
         for key, value in layer_statistics(layer, call).items()
     }
 

@@ -186,7 +186,8 @@ def plot_training_curves(history, path):
     """Saves loss and accuracy curves as a two-panel PNG.
 
     Args:
-        history: dict of equal-length lists 'step', 'loss', 'train_accuracy', and
+        history: dict of equal-length lists 'step', 'loss', 'train_accuracy' (training.py records at each
+            summary step the mean of its interval's steps), and
             optionally 'val_step' with 'val_accuracy' (equal length to each other).
         path: output PNG path.
 
@@ -200,12 +201,12 @@ def plot_training_curves(history, path):
         raise ValueError("history lists must pair up: step/loss/train_accuracy, val_step/val_accuracy")
     figure = _new_figure(_CURVES_FIGSIZE_IN)
     loss_axes = figure.add_subplot(1, 2, 1)
-    loss_axes.plot(steps, loss, label="train loss")
+    loss_axes.plot(steps, loss, label="train loss (mean over each summary interval)")
     loss_axes.set_xlabel("step")
     loss_axes.set_ylabel("loss")
     loss_axes.legend()
     acc_axes = figure.add_subplot(1, 2, 2)
-    acc_axes.plot(steps, train_acc, label="train accuracy")
+    acc_axes.plot(steps, train_acc, label="train accuracy (mean over each summary interval)")
     if val_steps:
         acc_axes.plot(val_steps, val_acc, marker="o", label="validation accuracy")
     acc_axes.set_xlabel("step")

@@ -23,10 +23,10 @@ import time
 
 import tensorflow.compat.v1 as tf
 
-import progress
-import run_dir
-import runtime
-import training
+from run import progress
+from run import run_dir
+from run import runtime
+from run import training
 from model import NonFiniteError, run_step
 
 TF_CONFIG = "TF_CONFIG"  # the environment variable of cluster managers (e.g. a Kubernetes TFJob)

@@ -10,12 +10,12 @@ import os
 
 import numpy as np
 
-import attacks
+from run import attacks
 import data
-import evaluation
-import plots
-import run_dir
-import runtime
+from run import evaluation
+from run import plots
+from run import run_dir
+from run import runtime
 
 
 def settings(values):

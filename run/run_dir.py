@@ -94,11 +94,14 @@ def read_hparams(result_dir, fallback):
     """The HParams saved in DIR/flags.json when the run started (schedule lengths included), so that later
     changes to a preset never change a saved run. A field the file lacks (the run predates it) takes its
     value from `fallback`, the HParams its saved flags resolve to today; a run saved without a routing form
-    predates the forms and routed with the paper's pieces (whatever its preset's form is today)."""
+    predates the forms and routed with the paper's pieces (whatever its preset's form is today), and one saved
+    without `lr_decay_epochs` decayed every saved `lr_decay_steps`."""
     saved = _read_section(result_dir, "hparams")
     fields = {field.name for field in dataclasses.fields(capsnet.HParams)}
     if "routing" not in saved:
         fallback = dataclasses.replace(fallback, routing="paper", **capsnet.ROUTING_FORMS["paper"])
+    if "lr_decay_epochs" not in saved:  # it predates decay intervals in epochs: its saved lr_decay_steps held
+        fallback = dataclasses.replace(fallback, lr_decay_epochs=0.0)
     try:
         return dataclasses.replace(fallback, **{name: saved[name] for name in fields & set(saved)}).validate()
     except (ValueError, TypeError) as error:
