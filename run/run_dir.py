@@ -267,9 +267,9 @@ def _results_of_step(result_dir, step):
     return results if isinstance(results, dict) and results.get("global_step") == step else None
 
 
-if __name__ == "__main__":  # python run_dir.py RUN_DIR pretrained/NAME
+if __name__ == "__main__":  # python -m run.run_dir RUN_DIR pretrained/NAME
     if len(sys.argv) != 3:
-        sys.exit("usage: python run_dir.py RUN_DIR DESTINATION (copies RUN_DIR's latest checkpoint there)")
+        sys.exit("usage: python -m run.run_dir RUN_DIR DESTINATION (copies RUN_DIR's latest checkpoint there)")
     try:
         print("shipped step %d of %s into %s" % (ship(sys.argv[1], sys.argv[2]), sys.argv[1], sys.argv[2]))
     except UsageError as error:
