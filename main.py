@@ -363,7 +363,7 @@ def tested_run_flags(result_dir, overrides, data_dir):
     """The flag values test mode evaluates `result_dir` with: the run's, `overrides`, the data found here."""
     saved = run_dir.read_flags(result_dir, flag_defaults(), validate_flags)
     found = run_dir.data_dir_for(saved["data_dir"], data_dir, "data_dir" in overrides)
-    return dict(saved, **overrides, data_dir=found)
+    return dict(saved, **dict(overrides, data_dir=found))  # --data_dir given or not: the folder found
 
 
 def test(result_dir, overrides, data_dir):
