@@ -352,27 +352,27 @@ def training_run_flags(values, given):
     merged = run_dir.merge_resumed_flags(
         saved, dict(values, result_dir=result_dir), given, RUN_DEFINING_FLAGS, RUN_LENGTH_FLAGS
     )
-    data_dir = run_dir.data_dir_for(saved["data_dir"], values["data_dir"], "data_dir" in given)
+    data_dir = run_dir.data_dir_for(saved, values["data_dir"] if "data_dir" in given else None)
     return result_dir, dict(merged, result_dir=result_dir, data_dir=data_dir), True
 
 
 # ---- test -----------------------------------------------------------------------------------------------
 
 
-def tested_run_flags(result_dir, overrides, data_dir):
+def tested_run_flags(result_dir, overrides):
     """The flag values test mode evaluates `result_dir` with: the run's, `overrides`, the data found here."""
     saved = run_dir.read_flags(result_dir, flag_defaults(), validate_flags)
-    found = run_dir.data_dir_for(saved["data_dir"], data_dir, "data_dir" in overrides)
+    found = run_dir.data_dir_for(saved, overrides.get("data_dir"))
     return dict(saved, **dict(overrides, data_dir=found))  # --data_dir given or not: the folder found
 
 
-def test(result_dir, overrides, data_dir):
+def test(result_dir, overrides):
     """Evaluates DIR's latest checkpoint on the test set (test_mode.py); writes JSON and pictures.
 
-    `overrides` maps TEST_FLAGS given on the command line to their values; every other flag is the run's but
-    the data folder, `data_dir` (this command's) where the run's own is not on this machine.
+    `overrides` maps TEST_FLAGS given on the command line to their values; every other flag is the run's, and
+    the data folder `run_dir.data_dir_for`'s (the run's own where it is on this machine).
     """
-    values = tested_run_flags(result_dir, overrides, data_dir)
+    values = tested_run_flags(result_dir, overrides)
     test_mode.latest_checkpoint(result_dir)  # a run without a checkpoint is refused before the data is read
     hparams = run_hparams(result_dir, values)
     source = None
@@ -380,7 +380,7 @@ def test(result_dir, overrides, data_dir):
         source_dir = values["attack_transfer_from"]
         if not os.path.isdir(source_dir):
             raise UsageError("--attack_transfer_from %s does not exist" % source_dir)
-        source_values = tested_run_flags(source_dir, overrides, data_dir)
+        source_values = tested_run_flags(source_dir, overrides)
         source = test_mode.attack_source(
             source_dir, source_values, run_hparams(source_dir, source_values), values, hparams
         )
@@ -402,8 +402,8 @@ def parse_command_line(argv):
     if len(remaining) > 1:
         raise UsageError("unexpected arguments: %s (flags take the form --name=value)" % " ".join(remaining[1:]))
     values = {name: FLAGS[name].value for name in PROGRAM_FLAGS}
-    data_dir = values["data_dir"] or os.path.join(".", "data", values["dataset"])
-    values["data_dir"] = os.path.abspath(data_dir)  # saved runs work from any folder
+    given_dir = values["data_dir"]
+    values["data_dir"] = os.path.abspath(given_dir) if given_dir else run_dir.default_data_dir(values["dataset"])
     if values["batch_size"] is None:
         values["batch_size"] = capsnet.batch_size_for(values["preset"])
     if values["validation_size"] is None and values["dataset"] in data.DATASETS:  # a bad dataset: validate_flags
@@ -426,7 +426,7 @@ def main(argv):
         if testing:
             run_dir.check_test_flags(values["result_dir"], given, TEST_FLAGS)
             overrides = {name: values[name] for name in TEST_FLAGS if name in given}
-            return test(values["result_dir"], overrides, values["data_dir"])
+            return test(values["result_dir"], overrides)
         role = cluster.join(values, os.environ.get(cluster.TF_CONFIG))  # with its server started
         if role and role.job_name == "ps":
             return cluster.run_ps(role)

@@ -187,11 +187,18 @@ def test_output_dir(result_dir, output_dir):
     return result_dir
 
 
-def data_dir_for(saved_dir, command_dir, given):
-    """The data folder of a resumed or tested run: this command's --data_dir when given, else the run's saved
-    folder when it exists here, else this command's default (./data/<dataset>), so that a run copied to another
-    machine (a shipped network, a resumed checkpoint) finds its data there."""
-    return saved_dir if not given and os.path.isdir(saved_dir) else command_dir
+def default_data_dir(dataset):
+    """./data/<dataset>, absolute: --data_dir's default (saved runs work from any folder)."""
+    return os.path.abspath(os.path.join(".", "data", dataset))
+
+
+def data_dir_for(saved, given_dir):
+    """The data folder of a resumed or tested run whose saved flags are `saved`: `given_dir` (this command's
+    --data_dir) when given, else the run's saved folder when it exists here, else ./data/<its dataset>, so that a
+    run copied to another machine (a shipped network, a resumed checkpoint) finds its data there."""
+    if given_dir:
+        return given_dir
+    return saved["data_dir"] if os.path.isdir(saved["data_dir"]) else default_data_dir(saved["dataset"])
 
 
 def latest_checkpoint(result_dir):

@@ -103,6 +103,22 @@ def test_output_dir_and_test_images(shipped, tmp_path):
     assert snapshot(source) == before
 
 
+@pytest.mark.parametrize("case", ["given", "saved_exists", "saved_missing"])
+def test_data_dir_for(tmp_path, monkeypatch, case):
+    """The data folder of a resumed or tested run: --data_dir when given, else the saved one when it exists, else
+    ./data/<the run's dataset> (smallNORB's, whatever this command's --dataset default is)."""
+    monkeypatch.chdir(tmp_path)
+    saved = {"dataset": "smallnorb", "data_dir": str(tmp_path / ("norb" if case == "saved_exists" else "gone"))}
+    os.makedirs(str(tmp_path / "norb"))
+    given = str(tmp_path / "mine") if case == "given" else None
+    expected = {
+        "given": given,
+        "saved_exists": saved["data_dir"],
+        "saved_missing": str(tmp_path / "data" / "smallnorb"),
+    }
+    assert run_dir.data_dir_for(saved, given) == expected[case]
+
+
 def test_a_copy_on_another_machine_finds_its_data_and_resumes(shipped, tmp_path):
     """A shipped folder copied where its saved data folder does not exist reads ./data/<dataset> instead, in
     test mode and when resumed, and resumes from its step with its schedules."""
