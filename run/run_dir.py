@@ -243,35 +243,34 @@ def ship(result_dir, destination):
     checkpoint, step = latest_checkpoint(result_dir)
     if checkpoint is None:
         raise UsageError("%s holds no checkpoint" % result_dir)
-    results = _results_of_step(result_dir, step)
+    results = read_results(result_dir)
+    tested = results.get("global_step") == step  # a report of an earlier checkpoint is not shipped
     staging = destination.rstrip(os.sep) + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     prefix = os.path.basename(checkpoint)
+    described = (FLAGS_FILE, HISTORY_FILE, CURVES_FILE) + ((RESULTS_FILE,) + TEST_PICTURES if tested else ())
     for name in os.listdir(result_dir):
-        if name.startswith(prefix + ".") or name in (FLAGS_FILE, HISTORY_FILE, CURVES_FILE):
-            shutil.copy2(os.path.join(result_dir, name), staging)
-    for name in (RESULTS_FILE,) + TEST_PICTURES if results else ():
-        if os.path.exists(os.path.join(result_dir, name)):
+        if name.startswith(prefix + ".") or name in described:
             shutil.copy2(os.path.join(result_dir, name), staging)
     with open(os.path.join(staging, "checkpoint"), "w") as f:  # the state file, relative: the folder may move
         f.write('model_checkpoint_path: "%s"\nall_model_checkpoint_paths: "%s"\n' % (prefix, prefix))
     shipped = {"source": os.path.abspath(result_dir), "global_step": step}
-    shipped.update({key: results.get(key) for key in ("accuracy", "n", "first_images")} if results else {})
+    shipped.update({key: results.get(key) for key in ("accuracy", "n", "first_images")} if tested else {})
     write_json_atomically(os.path.join(staging, SHIPPED_FILE), shipped)
     shutil.rmtree(destination, ignore_errors=True)
     os.replace(staging, destination)
     return step
 
 
-def _results_of_step(result_dir, step):
-    """DIR's test_results.json when it describes the checkpoint of `step`, else None."""
+def read_results(result_dir):
+    """DIR's test_results.json as a dict, or {} when it is absent or unreadable (a later report replaces it)."""
     try:
         with open(os.path.join(result_dir, RESULTS_FILE)) as f:
             results = json.load(f)
     except (OSError, ValueError):
-        return None
-    return results if isinstance(results, dict) and results.get("global_step") == step else None
+        return {}
+    return results if isinstance(results, dict) else {}
 
 
 if __name__ == "__main__":  # python -m run.run_dir RUN_DIR pretrained/NAME

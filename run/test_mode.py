@@ -5,7 +5,6 @@ test-time iteration sweep, the adversarial attacks and the report (evaluation.re
 flags and the run's saved values and passes them here as plain values; no flags are read here.
 """
 
-import json
 import os
 
 import numpy as np
@@ -115,14 +114,8 @@ def evaluate(result_dir, values, hparams, loaded, labels, network, source=None):
 
 def _attacks_section(result_dir, key, entry):
     """The `attacks` section: the entries of DIR's test_results.json for the same checkpoint, and `entry`."""
-    path = os.path.join(result_dir, run_dir.RESULTS_FILE)
-    previous = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                previous = json.load(f).get("attacks") or {}
-        except (OSError, ValueError, AttributeError):  # unreadable: start a new section
-            previous = {}
+    previous = run_dir.read_results(result_dir).get("attacks")
+    previous = previous if isinstance(previous, dict) else {}  # unreadable: start a new section
     section = {
         name: old
         for name, old in previous.items()
